@@ -316,6 +316,11 @@ def read_gct(path: str | os.PathLike) -> InMemoryMatrix:
     return InMemoryMatrix(data, body[id_col].values, sample_cols, row_meta, col_meta, path)
 
 
+#: Gene annotation columns that may be numeric but are never samples (GEUVADIS, GTEx GCT, ...).
+ANNOTATION_COLUMNS = {"gene_symbol", "symbol", "description", "name", "chr", "chrom", "chromosome", "coord",
+                      "start", "end", "stop", "strand", "length", "gene_name", "gene_type", "entrez", "gene_id"}
+
+
 def read_tsv(path: str | os.PathLike, id_column: str | int = 0) -> InMemoryMatrix:
     """Read a genes x samples table (TSV/CSV, optionally gzipped).
 
@@ -333,11 +338,9 @@ def read_tsv(path: str | os.PathLike, id_column: str | int = 0) -> InMemoryMatri
     if id_name not in df.columns:
         raise InputError(f"{path}: id column {id_name!r} not found; columns start {list(df.columns[:5])}")
     rest = df.drop(columns=[id_name])
-    numeric = [c for c in rest.columns if pd.api.types.is_numeric_dtype(rest[c])]
+    numeric = [c for c in rest.columns
+               if pd.api.types.is_numeric_dtype(rest[c]) and str(c).lower() not in ANNOTATION_COLUMNS]
     meta = [c for c in rest.columns if c not in numeric]
-    # Coordinates and similar numeric annotations sit before the samples.
-    while numeric and meta and rest.columns.get_loc(numeric[0]) < rest.columns.get_loc(meta[-1]):
-        meta.append(numeric.pop(0))
     if not numeric:
         raise InputError(f"{path}: no numeric sample columns found; expected genes as rows and samples as columns")
     data = rest[numeric].to_numpy(dtype=np.float32).T

@@ -1,0 +1,25 @@
+# dgex: D-GEX (Chen et al. 2016) as a Snakemake experiment grid.
+#   snakemake --cores 2                                  # embedded demo (config/config.yaml)
+#   snakemake --cores 8 --configfile config/paper.yaml   # the paper's data and grid
+# Rules live in workflow/rules/<stage>.smk; input functions in common.smk.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/acquire.smk"
+include: "workflow/rules/preprocess.smk"
+
+
+rule all:
+    input:
+        all_outputs(),
+    default_target: True

@@ -1,0 +1,439 @@
+"""Stage ``preprocess``: raw GEO / 1000G / GTEx inputs -> one processed dataset.
+
+The recipe (RECIPE.md, from the authors' reference code):
+
+1. GEO probe level -> gene level: a gene is the mean of its HG-U133A probes
+   (optionally after quantile-normalising samples that are not yet normalised).
+2. De-duplicate GEO: MiniBatchKMeans (K=100) on the gene-level profiles, then
+   within each cluster drop one profile of every pair closer than Euclidean 1.0.
+3. RNA-seq (1000G, GTEx): each sample is mapped by rank onto the GEO reference
+   distribution (the mean sorted GEO profile).
+4. Standardise per gene, ``(x - mean) / (std + 1e-3)``, with each source's own
+   statistics (GEO: all profiles, as in the paper, or training only).
+5. Seeded splits: GEO tr/va/te; 1000G = cross-platform va; GTEx = te.
+   Target genes are randomly split into parts (halves), one network each.
+
+GEO is streamed in chunks of samples through a temporary gene-level work file,
+so memory stays bounded at the paper's 129k x 22k scale.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+from sklearn.cluster import MiniBatchKMeans
+from tqdm.auto import tqdm
+
+from . import DATASET_FORMAT, __version__
+from .dataset import encode
+from .errors import InputError
+from .genes import aggregation_matrix, assign_parts, load_gene_map, select_targets, strip_version
+from .io import Matrix, atomic_path, check_finite, open_matrix, write_json
+
+log = logging.getLogger(__name__)
+
+#: Log2 expression from microarrays stays below this; larger values mean a linear scale.
+MAX_LOG2_VALUE = 30.0
+
+
+# --------------------------------------------------------------------------- #
+# building blocks (pure functions on arrays)
+# --------------------------------------------------------------------------- #
+def quantile_map(block: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Map each row of ``block`` by rank onto the sorted ``reference`` distribution.
+
+    ``block`` is ``(n_samples, n_features)``, ``reference`` ``(n_features,)``
+    (sorted ascending).  Tied values get the mean of the reference values
+    over their rank range, so equal inputs stay equal (e.g. a gene that is both
+    a landmark and a target in RNA-seq).  Fully vectorised.
+    """
+    block = np.asarray(block)
+    n, g = block.shape
+    if reference.shape != (g,):
+        raise ValueError(f"reference has {reference.shape[0]} values, block has {g} features")
+    order = np.argsort(block, axis=1, kind="stable")
+    srt = np.take_along_axis(block, order, axis=1)
+    pos = np.broadcast_to(np.arange(g), (n, g))
+    new_group = np.ones((n, g), dtype=bool)
+    new_group[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    # start of each tie group: running max of the positions where a group begins
+    start = np.maximum.accumulate(np.where(new_group, pos, 0), axis=1)
+    # end (exclusive) of each tie group: reversed running min of the next group's starts
+    ends_at = np.full((n, g), g)
+    ends_at[:, :-1] = np.where(new_group[:, 1:], pos[:, 1:], g)
+    end = np.minimum.accumulate(ends_at[:, ::-1], axis=1)[:, ::-1]
+    csum = np.concatenate([[0.0], np.cumsum(reference, dtype=np.float64)])
+    values = (csum[end] - csum[start]) / (end - start)
+    out = np.empty((n, g), dtype=np.float64)
+    np.put_along_axis(out, order, values, axis=1)
+    return out
+
+
+def find_duplicates(profiles: np.ndarray, threshold: float, block_rows: int = 1024) -> np.ndarray:
+    """Drop mask ``(n,)``: profile j is dropped if an earlier profile i < j lies closer than ``threshold``.
+
+    ``profiles`` is ``(n, n_genes)``.  Distances are computed in float64 on
+    centred data, in row blocks, so memory is ``block_rows * n``.
+    """
+    x = np.asarray(profiles, dtype=np.float64)
+    x = x - x.mean(axis=0)
+    n = x.shape[0]
+    sq = np.einsum("ij,ij->i", x, x)
+    drop = np.zeros(n, dtype=bool)
+    thr2 = float(threshold) ** 2
+    for s in range(0, n, block_rows):
+        e = min(n, s + block_rows)
+        d2 = sq[s:e, None] + sq[None, :] - 2.0 * (x[s:e] @ x.T)
+        close = d2 < thr2
+        # keep only pairs (i, j) with j > i
+        close &= np.arange(n)[None, :] > np.arange(s, e)[:, None]
+        drop |= close.any(axis=0)
+    return drop
+
+
+def split_indices(n: int, va_fraction: float, te_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """Seeded random GEO split of ``n`` profiles; each split's indices sorted ascending."""
+    n_va, n_te = int(round(va_fraction * n)), int(round(te_fraction * n))
+    if n - n_va - n_te < 1 or (va_fraction > 0 and n_va < 1) or (te_fraction > 0 and n_te < 1):
+        raise InputError(
+            f"{n} GEO profiles are too few for validation/test fractions {va_fraction}/{te_fraction}; "
+            f"provide more profiles or change the fractions"
+        )
+    perm = np.random.default_rng(seed).permutation(n)
+    return {
+        "geo-va": np.sort(perm[:n_va]),
+        "geo-te": np.sort(perm[n_va:n_va + n_te]),
+        "geo-tr": np.sort(perm[n_va + n_te:]),
+    }
+
+
+def check_scale(block: np.ndarray, path) -> None:
+    """Reject GEO values that are clearly not log2 expression (linear scale, z-scores)."""
+    top = float(np.nanmax(block))
+    if top > MAX_LOG2_VALUE:
+        raise InputError(
+            f"{path}: values up to {top:.4g} look linear-scale, expected log2 expression (~2-16); "
+            f"log2-transform them (set log2: true for this input, or pass --geo-log2)"
+        )
+    med = float(np.nanmedian(block))
+    if med < 1.0:
+        raise InputError(
+            f"{path}: median value {med:.3g} looks like z-scores or log ratios, expected log2 expression "
+            f"(~4-15); use the un-standardised expression matrix"
+        )
+
+
+def standardise(x: np.ndarray, mean: np.ndarray, std: np.ndarray, epsilon: float) -> np.ndarray:
+    """``(x - mean) / (std + epsilon)`` as float32; ``x`` is ``(n, G)``."""
+    return ((x - mean) / (std + epsilon)).astype(np.float32)
+
+
+def _progress(it, total, desc, enabled):
+    return tqdm(it, total=total, desc=desc, unit="chunk", disable=not enabled, leave=False)
+
+
+# --------------------------------------------------------------------------- #
+# gene tables
+# --------------------------------------------------------------------------- #
+def load_genes(landmarks, targets, max_targets, target_seed, target_parts, part_seed):
+    """Landmark and target tables; targets carry ``part`` and ``overlap`` and are sorted by part."""
+    lm = load_gene_map(landmarks, "landmark")
+    tg = select_targets(load_gene_map(targets, "target"), max_targets, target_seed)
+    tg["part"] = assign_parts(len(tg), target_parts, part_seed)
+    tg = tg.sort_values("part", kind="stable").reset_index(drop=True)
+    tg["overlap"] = tg["ensembl"].isin(set(lm["ensembl"]))
+    return lm, tg
+
+
+def _probe_positions(matrix: Matrix, lm: pd.DataFrame, tg: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
+    """Positions in ``matrix`` of every probe the maps use; error naming the missing ones."""
+    index = pd.Index(matrix.row_ids)
+    problems = []
+    for role, table in (("landmark", lm), ("target", tg)):
+        probes = pd.Index(table["probes"].explode().unique())
+        missing = probes[index.get_indexer(probes) < 0]
+        if len(missing):
+            problems.append(f"{len(missing)} of {len(probes)} {role} probes (e.g. {', '.join(missing[:6])})")
+    if problems:
+        raise InputError(
+            f"{matrix.path}: missing " + " and ".join(problems)
+            + "; the GEO input must be an HG-U133A probe-level matrix with these probe ids as rows"
+        )
+    probes = list(dict.fromkeys(lm["probes"].explode().tolist() + tg["probes"].explode().tolist()))
+    return index.get_indexer(probes), probes
+
+
+def _gene_keys(table: pd.DataFrame, id_type: str) -> np.ndarray:
+    column = {"ensembl": "ensembl", "entrez": "entrez", "symbol": "symbol"}.get(id_type)
+    if column is None:
+        raise InputError(f"id type {id_type!r} is not supported for RNA-seq inputs; use ensembl, entrez or symbol")
+    return table[column].astype(str).values
+
+
+def rnaseq_gene_matrix(matrix: Matrix, genes: pd.DataFrame, id_type: str) -> np.ndarray:
+    """Gene-level RNA-seq values for ``genes`` (landmarks then targets): ``(n_samples, L+T)``."""
+    ids = strip_version(matrix.row_ids) if id_type == "ensembl" else np.asarray(matrix.row_ids, dtype=str)
+    index = pd.Index(ids)
+    if not index.is_unique:
+        n_dup = int(index.duplicated().sum())
+        log.warning("%s: %d repeated gene ids after id normalisation; using the first of each", matrix.path, n_dup)
+    keys = _gene_keys(genes, id_type)
+    first = pd.Series(np.arange(len(index)), index=index)
+    first = first[~index.duplicated()]
+    pos = first.reindex(keys).values
+    missing = keys[np.isnan(pos)]
+    if len(missing):
+        raise InputError(
+            f"{matrix.path}: {len(np.unique(missing))} of {len(np.unique(keys))} genes missing "
+            f"(e.g. {', '.join(map(str, missing[:8]))}); check the id type (--*-id-type) or use a matrix "
+            f"that covers all landmark and target genes"
+        )
+    data = matrix.read(pos.astype(np.int64)).astype(np.float64)
+    check_finite(data, matrix.col_ids, matrix.path)
+    return data
+
+
+# --------------------------------------------------------------------------- #
+# the stage
+# --------------------------------------------------------------------------- #
+def preprocess(*, geo, output, summary=None, geo_quantile_normalize=False, geo_log2=False,
+               g1000=None, g1000_id_type="ensembl", gtex=None, gtex_id_type="ensembl",
+               landmarks="builtin", targets="builtin", max_targets=None, target_seed=0,
+               target_parts=2, part_seed=0, dedup=True, dedup_clusters=100, dedup_threshold=1.0,
+               standardize="transductive", epsilon=1e-3, va_fraction=0.1, te_fraction=0.1,
+               split_seed=0, seed=0, chunk_size=4096, memory_mb=2048, progress=True) -> dict:
+    """Build the processed dataset ``output`` (HDF5, see :mod:`dgex.dataset`) and its JSON ``summary``."""
+    params = {k: v for k, v in locals().items() if k not in ("progress",)}
+    t0 = time.time()
+    output = Path(output)
+    summary_path = Path(summary) if summary else output.with_suffix(".json")
+    if standardize not in ("transductive", "inductive"):
+        raise InputError(f"standardize must be 'transductive' or 'inductive', got {standardize!r}")
+
+    lm, tg = load_genes(landmarks, targets, max_targets, target_seed, target_parts, part_seed)
+    genes = pd.concat([lm, tg], ignore_index=True)
+    L, T = len(lm), len(tg)
+    G = L + T
+    log.info("genes: %d landmarks, %d targets (%d also landmarks) in %d parts", L, T, int(tg["overlap"].sum()),
+             target_parts)
+
+    matrix = open_matrix(geo)
+    with ExitStack() as stack:
+        stack.callback(matrix.close)
+        probe_pos, probe_ids = _probe_positions(matrix, lm, tg)
+        agg = aggregation_matrix(genes, probe_ids)
+        n_geo = matrix.n_cols
+        if n_geo < 3:
+            raise InputError(f"{geo}: only {n_geo} GEO samples; need at least 3 (train/validation/test)")
+        log.info("GEO input %s: %d probes x %d samples", geo, matrix.n_rows, n_geo)
+        n_chunks = -(-n_geo // chunk_size)
+
+        def raw_chunks(desc):
+            for start, stop, block in _progress(matrix.iter_samples(chunk_size), n_chunks, desc, progress):
+                if geo_log2:
+                    block = np.log2(np.maximum(block, 0) + 1.0)
+                check_finite(block, matrix.col_ids[start:stop], geo)
+                yield start, stop, block
+
+        # -- optional quantile normalisation: reference = mean sorted profile over all probes
+        probe_reference = None
+        if geo_quantile_normalize:
+            acc = np.zeros(matrix.n_rows)
+            for _, _, block in raw_chunks("quantile reference"):
+                acc += np.sort(block, axis=1).sum(axis=0)
+            probe_reference = acc / n_geo
+
+        # -- pass 1: gene-level work file + MiniBatchKMeans
+        output.parent.mkdir(parents=True, exist_ok=True)
+        work_path = output.with_name(f".{output.name}.{os.getpid()}.work.h5")
+        stack.callback(lambda: work_path.unlink(missing_ok=True))
+        work = stack.enter_context(h5py.File(work_path, "w"))
+        gene_ds = work.create_dataset("genes", shape=(n_geo, G), dtype=np.float32,
+                                      chunks=(max(1, min(n_geo, (1 << 22) // (4 * G))), G))
+        k = min(dedup_clusters, n_geo)
+        kmeans = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=max(1024, 3 * k), n_init=3)
+        pending = []
+        checked_scale = False
+        for start, stop, block in raw_chunks("gene means"):
+            if not checked_scale:
+                check_scale(block, geo)
+                checked_scale = True
+            if probe_reference is not None:
+                block = quantile_map(block, probe_reference)
+            gene_block = np.asarray(block[:, probe_pos] @ agg, dtype=np.float32)
+            gene_ds[start:stop] = gene_block
+            if dedup:
+                pending.append(gene_block)
+                if sum(len(b) for b in pending) >= k:
+                    kmeans.partial_fit(np.concatenate(pending))
+                    pending = []
+        if dedup and pending and hasattr(kmeans, "cluster_centers_"):
+            kmeans.partial_fit(np.concatenate(pending))
+
+        # -- pass 2: de-duplicate within clusters
+        keep = np.ones(n_geo, dtype=bool)
+        if dedup:
+            labels = np.concatenate([kmeans.predict(gene_ds[s:e]) for s, e in _spans(n_geo, chunk_size)])
+            keep = ~_dedup_by_cluster(gene_ds, labels, dedup_threshold, memory_mb, chunk_size, progress)
+        kept = np.flatnonzero(keep)
+        n_removed = int(n_geo - kept.size)
+        log.info("de-duplication: removed %d of %d GEO profiles (K=%d, threshold %.3g)", n_removed, n_geo, k,
+                 dedup_threshold)
+
+        # -- splits over the kept profiles
+        split_pos = split_indices(kept.size, va_fraction, te_fraction, split_seed)
+        split_rows = {name: kept[pos] for name, pos in split_pos.items()}  # rows of the work file
+        split_of = np.full(n_geo, -1)
+        for i, name in enumerate(("geo-tr", "geo-va", "geo-te")):
+            split_of[split_rows[name]] = i
+
+        # -- pass 3: statistics and the GEO quantile reference
+        stat_rows = keep if standardize == "transductive" else (split_of == 0)
+        s1, s2, qsum = np.zeros(G), np.zeros(G), np.zeros(G)
+        for s, e in _spans(n_geo, chunk_size):
+            block = gene_ds[s:e].astype(np.float64)
+            sel = block[stat_rows[s:e]]
+            s1 += sel.sum(axis=0)
+            s2 += (sel * sel).sum(axis=0)
+            qsum += np.sort(block[keep[s:e]], axis=1).sum(axis=0)
+        n_stat = int(stat_rows.sum())
+        geo_mean = s1 / n_stat
+        geo_std = np.sqrt(np.maximum(s2 / n_stat - geo_mean ** 2, 0.0))
+        gene_reference = qsum / kept.size
+
+        # -- RNA-seq sources: rank-map onto the GEO reference, standardise with their own statistics
+        rnaseq = {}
+        for name, path, id_type in (("1000g", g1000, g1000_id_type), ("gtex", gtex, gtex_id_type)):
+            if not path:
+                continue
+            with open_matrix(path) as rmat:
+                values = quantile_map(rnaseq_gene_matrix(rmat, genes, id_type), gene_reference)
+                rnaseq[name] = (values, rmat.col_ids)
+            log.info("%s input %s: %d samples mapped onto the GEO reference", name, path, values.shape[0])
+
+        # -- pass 4: write the dataset
+        with atomic_path(output) as tmp, h5py.File(tmp, "w") as out:
+            out.attrs["format"] = DATASET_FORMAT
+            out.attrs["dgex_version"] = __version__
+            out.attrs["standardize"] = standardize
+            out.attrs["epsilon"] = epsilon
+            out.attrs["params"] = json.dumps(params, default=str)
+            _write_genes(out, lm, tg)
+            dsets = {}
+            for i, name in enumerate(("geo-tr", "geo-va", "geo-te")):
+                n = len(split_rows[name])
+                grp = out.create_group(f"splits/{name}")
+                grp["ids"] = encode(matrix.col_ids[split_rows[name]])
+                dsets[i] = (grp.create_dataset("X", (n, L), np.float32, chunks=_chunks(n, L)),
+                            grp.create_dataset("Y", (n, T), np.float32, chunks=_chunks(n, T)))
+            cursor = {0: 0, 1: 0, 2: 0}
+            for s, e in _progress(_spans(n_geo, chunk_size), n_chunks, "write", progress):
+                z = standardise(gene_ds[s:e].astype(np.float64), geo_mean, geo_std, epsilon)
+                which = split_of[s:e]
+                for i in range(3):
+                    rows = z[which == i]
+                    if len(rows):
+                        x_ds, y_ds = dsets[i]
+                        x_ds[cursor[i]:cursor[i] + len(rows)] = rows[:, :L]
+                        y_ds[cursor[i]:cursor[i] + len(rows)] = rows[:, L:]
+                        cursor[i] += len(rows)
+            _write_stats(out, "geo", geo_mean, geo_std)
+            for name, (values, ids) in rnaseq.items():
+                mean, std = values.mean(axis=0), values.std(axis=0)
+                z = standardise(values, mean, std, epsilon)
+                grp = out.create_group("splits/1000g-va" if name == "1000g" else "splits/gtex-te")
+                grp["ids"] = encode(ids)
+                grp.create_dataset("X", data=z[:, :L])
+                grp.create_dataset("Y", data=z[:, L:])
+                _write_stats(out, name, mean, std)
+            out["reference/gene_quantiles"] = gene_reference
+            if probe_reference is not None:
+                out["reference/probe_quantiles"] = probe_reference
+                out["reference/probe_ids"] = encode(matrix.row_ids)
+
+    counts = {name: int(len(rows)) for name, rows in split_rows.items()}
+    counts.update({("1000g-va" if n == "1000g" else "gtex-te"): int(v[0].shape[0]) for n, v in rnaseq.items()})
+    result = {
+        "output": str(output),
+        "dgex_version": __version__,
+        "format": DATASET_FORMAT,
+        "inputs": {"geo": str(geo), "1000g": g1000 and str(g1000), "gtex": gtex and str(gtex)},
+        "geo_profiles_in": int(n_geo),
+        "duplicates_removed": n_removed,
+        "geo_profiles_kept": int(kept.size),
+        "splits": counts,
+        "genes": {
+            "landmarks": L,
+            "targets": T,
+            "overlap": int(tg["overlap"].sum()),
+            "parts": {int(p): int(c) for p, c in tg["part"].value_counts().sort_index().items()},
+        },
+        "standardize": standardize,
+        "seconds": round(time.time() - t0, 2),
+        "params": params,
+    }
+    write_json(summary_path, result)
+    log.info("wrote %s (%s) in %.1f s", output, ", ".join(f"{k} {v}" for k, v in counts.items()), result["seconds"])
+    return result
+
+
+def _spans(n: int, size: int):
+    return [(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+def _chunks(n: int, width: int):
+    return (max(1, min(n, (1 << 20) // (4 * max(1, width)) or 1)), width) if n else None
+
+
+def _write_genes(out: h5py.File, lm: pd.DataFrame, tg: pd.DataFrame) -> None:
+    for role, table in (("landmark", lm), ("target", tg)):
+        for col in ("ensembl", "symbol", "entrez"):
+            out[f"genes/{role}/{col}"] = encode(table[col].values)
+    out["genes/target/part"] = tg["part"].values.astype(np.int64)
+    out["genes/target/overlap"] = tg["overlap"].values.astype(bool)
+
+
+def _write_stats(out: h5py.File, source: str, mean: np.ndarray, std: np.ndarray) -> None:
+    out[f"stats/{source}/mean"] = mean
+    out[f"stats/{source}/std"] = std
+
+
+def _dedup_by_cluster(gene_ds, labels: np.ndarray, threshold: float, memory_mb: int, chunk_size: int,
+                      progress: bool) -> np.ndarray:
+    """Drop mask over all rows of ``gene_ds`` ``(n, G)``: duplicates found within each cluster.
+
+    Clusters are processed in groups that fit the memory budget; each group
+    is gathered with one sequential pass over the work file.
+    """
+    n, G = gene_ds.shape
+    budget_rows = max(1, (memory_mb << 20) // (2 * 8 * G))  # float64 copy + gather buffer
+    sizes = np.bincount(labels)
+    groups, current, rows = [], [], 0
+    for c in np.argsort(-sizes):
+        if sizes[c] == 0:
+            continue
+        if current and rows + sizes[c] > budget_rows:
+            groups.append(current)
+            current, rows = [], 0
+        current.append(c)
+        rows += sizes[c]
+    if current:
+        groups.append(current)
+    drop = np.zeros(n, dtype=bool)
+    for group in tqdm(groups, desc="de-duplicate", unit="group", disable=not progress, leave=False):
+        member = np.isin(labels, group)
+        idx = np.flatnonzero(member)
+        gathered = np.concatenate([gene_ds[s:e][member[s:e]] for s, e in _spans(n, chunk_size)])
+        glabels = labels[idx]
+        for c in group:
+            sel = glabels == c
+            drop[idx[sel]] = find_duplicates(gathered[sel], threshold)
+    return drop
