@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -213,6 +214,16 @@ def preprocess(*, geo, output, summary=None, geo_quantile_normalize=False, geo_l
     """Build the processed dataset ``output`` (HDF5, see :mod:`dgex.dataset`) and its JSON ``summary``."""
     params = {k: v for k, v in locals().items() if k not in ("progress",)}
     t0 = time.time()
+    timings: dict[str, float] = {}
+    tick = [t0]
+
+    def phase(name):
+        now = time.time()
+        timings[name] = round(now - tick[0], 3)
+        tick[0] = now
+        log.debug("phase %s: %.2f s, peak RSS %.0f MB", name, timings[name],
+                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
     output = Path(output)
     summary_path = Path(summary) if summary else output.with_suffix(".json")
     if standardize not in ("transductive", "inductive"):
@@ -250,6 +261,7 @@ def preprocess(*, geo, output, summary=None, geo_quantile_normalize=False, geo_l
             for _, _, block in raw_chunks("quantile reference"):
                 acc += np.sort(block, axis=1).sum(axis=0)
             probe_reference = acc / n_geo
+            phase("quantile_reference")
 
         # -- pass 1: gene-level work file + MiniBatchKMeans
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -277,6 +289,7 @@ def preprocess(*, geo, output, summary=None, geo_quantile_normalize=False, geo_l
                     pending = []
         if dedup and pending and hasattr(kmeans, "cluster_centers_"):
             kmeans.partial_fit(np.concatenate(pending))
+        phase("gene_means_kmeans")
 
         # -- pass 2: de-duplicate within clusters
         keep = np.ones(n_geo, dtype=bool)
@@ -284,6 +297,7 @@ def preprocess(*, geo, output, summary=None, geo_quantile_normalize=False, geo_l
             labels = np.concatenate([kmeans.predict(gene_ds[s:e]) for s, e in _spans(n_geo, chunk_size)])
             keep = ~_dedup_by_cluster(gene_ds, labels, dedup_threshold, memory_mb, chunk_size, progress)
         kept = np.flatnonzero(keep)
+        phase("dedup")
         n_removed = int(n_geo - kept.size)
         log.info("de-duplication: removed %d of %d GEO profiles (K=%d, threshold %.3g)", n_removed, n_geo, k,
                  dedup_threshold)
@@ -308,6 +322,7 @@ def preprocess(*, geo, output, summary=None, geo_quantile_normalize=False, geo_l
         geo_mean = s1 / n_stat
         geo_std = np.sqrt(np.maximum(s2 / n_stat - geo_mean ** 2, 0.0))
         gene_reference = qsum / kept.size
+        phase("statistics")
 
         # -- RNA-seq sources: rank-map onto the GEO reference, standardise with their own statistics
         rnaseq = {}
@@ -318,6 +333,7 @@ def preprocess(*, geo, output, summary=None, geo_quantile_normalize=False, geo_l
                 values = quantile_map(rnaseq_gene_matrix(rmat, genes, id_type), gene_reference)
                 rnaseq[name] = (values, rmat.col_ids)
             log.info("%s input %s: %d samples mapped onto the GEO reference", name, path, values.shape[0])
+        phase("rnaseq")
 
         # -- pass 4: write the dataset
         with atomic_path(output) as tmp, h5py.File(tmp, "w") as out:
@@ -358,6 +374,7 @@ def preprocess(*, geo, output, summary=None, geo_quantile_normalize=False, geo_l
             if probe_reference is not None:
                 out["reference/probe_quantiles"] = probe_reference
                 out["reference/probe_ids"] = encode(matrix.row_ids)
+        phase("write")
 
     counts = {name: int(len(rows)) for name, rows in split_rows.items()}
     counts.update({("1000g-va" if n == "1000g" else "gtex-te"): int(v[0].shape[0]) for n, v in rnaseq.items()})
@@ -378,6 +395,7 @@ def preprocess(*, geo, output, summary=None, geo_quantile_normalize=False, geo_l
         },
         "standardize": standardize,
         "seconds": round(time.time() - t0, 2),
+        "timings": timings,
         "params": params,
     }
     write_json(summary_path, result)
