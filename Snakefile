@@ -13,6 +13,12 @@ configfile: "config/config.yaml"
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
+# `--resources gpu=N` caps concurrent GPU jobs per machine (local scope);
+# each training job leases its own device itself (Snakemake does not).
+resource_scopes:
+    gpu="local",
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/acquire.smk"

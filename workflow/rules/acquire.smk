@@ -23,14 +23,14 @@ rule acquire:
     conda:
         "../../envs/dgex.yaml"
     shell:
-        "{DGEX} acquire --url {params.url:q} --output {output:q} {params.verify} --no-progress > {log} 2>&1"
+        "python -m dgex acquire --url {params.url:q} --output {output:q} {params.verify} --no-progress > {log} 2>&1"
 
 
 rule decompress_gctx:
     input:
         str(Path(RESOURCES, "download", "{source}", "{name}.gctx.gz")),
     output:
-        str(Path(RESOURCES, "download", "{source}", "{name}.gctx")),
+        str(Path(RESOURCES, "unpacked", "{source}", "{name}.gctx")),
     log:
         str(Path(RESOURCES, "logs", "decompress_{source}_{name}.log")),
     threads: 1

@@ -5,11 +5,6 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-# Run the checkout's own dgex, whichever environment executes the job.
-SRC = str(Path(workflow.basedir) / "src")
-os.environ["PYTHONPATH"] = SRC + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
-
-
 def _uses_conda():
     try:
         return "conda" in str(workflow.deployment_settings.deployment_method).lower()
@@ -17,9 +12,15 @@ def _uses_conda():
         return False
 
 
-# Under --software-deployment-method conda the rule's env provides python; otherwise
-# use the interpreter that runs Snakemake (the project venv), so jobs need no activated env.
-DGEX = "python -m dgex" if _uses_conda() else f"{shlex.quote(sys.executable)} -m dgex"
+# Jobs run `python -m dgex`: the checkout's src/ goes on PYTHONPATH and the
+# interpreter that runs Snakemake (the project venv) first on PATH, so jobs need
+# no activated environment. Under --software-deployment-method conda the rule's
+# env provides python instead.
+SRC = str(Path(workflow.basedir) / "src")
+_prefix = f"export PYTHONPATH={shlex.quote(SRC)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "  # braces doubled twice: f-string, then Snakemake
+if not _uses_conda():
+    _prefix += f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH; "
+shell.prefix(_prefix)
 
 RESULTS = str(Path(config.get("results_dir", "results")) / config["name"])
 RESOURCES = config.get("resources_dir", "resources")
@@ -49,7 +50,7 @@ def input_path(source):
         return cfg["path"]
     name = Path(urlparse(cfg["url"]).path).name or f"{source}.dat"
     if name.endswith(".gctx.gz"):  # GCTX (HDF5) cannot be read compressed: see rule decompress_gctx
-        name = name[: -len(".gz")]
+        return str(Path(RESOURCES, "unpacked", source, name[: -len(".gz")]))
     return str(Path(RESOURCES, "download", source, name))
 
 

@@ -21,7 +21,7 @@ rule demo_data:
             ]
             + ([f"--max-targets {config['genes']['max_targets']}"] if config["genes"].get("max_targets") else [])
         ),
-        outdir=out("demo"),
+        outdir=lambda wc, output: os.path.dirname(output.geo),
     log:
         out("logs", "demo_data.log"),
     benchmark:
@@ -33,4 +33,4 @@ rule demo_data:
     conda:
         "../../envs/dgex.yaml"
     shell:
-        "{DGEX} demo-data --output-dir {params.outdir} {params.args} > {log} 2>&1"
+        "python -m dgex demo-data --output-dir {params.outdir} {params.args} > {log} 2>&1"

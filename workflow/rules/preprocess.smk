@@ -20,5 +20,5 @@ rule preprocess:
     conda:
         "../../envs/dgex.yaml"
     shell:
-        "{DGEX} preprocess --geo {input.geo:q} {params.args} --output {output.dataset:q} "
+        "python -m dgex preprocess --geo {input.geo:q} {params.args} --output {output.dataset:q} "
         "--summary {output.summary:q} --no-progress > {log} 2>&1"
