@@ -119,7 +119,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="processed dataset (.h5)")
     p.add_argument("--summary", default=None, help="JSON summary (default: OUTPUT with .json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # ---------------------------------------------------------------- train
+    p = sub.add_parser("train", help="train one D-GEX network (one grid point x one target part)",
+                       description="Train D-GEX with the paper's recipe (SGD momentum 0.5, batch 200, 3x deep "
+                                   "learning rates, 0.9 decay on a 5,000-profile training monitor) and keep the "
+                                   "best epochs by GEO-va and by 1000G-va. Writes best_*.pt, history.csv, "
+                                   "per_gene.csv and run.json into OUTPUT_DIR.")
+    p.add_argument("--dataset", required=True, help="processed dataset from `dgex preprocess`")
+    p.add_argument("--output-dir", required=True, help="run folder")
+    p.add_argument("--layers", type=_positive_int, required=True, help="hidden layers (paper: 1, 2, 3)")
+    p.add_argument("--units", type=_positive_int, required=True, help="units per hidden layer (paper: 3000, 6000, 9000)")
+    p.add_argument("--dropout", type=_fraction, required=True, help="dropout rate in [0, 1) (paper: 0, 0.1, 0.25)")
+    p.add_argument("--part", type=_part, required=True, help="target part (half) 0, 1, ... or 'all' for one joint network")
+    p.add_argument("--epochs", type=_positive_int, default=200, help="epochs (default 200)")
+    p.add_argument("--batch-size", type=_positive_int, default=200, help="mini-batch size (default 200)")
+    p.add_argument("--lr", type=_positive_float, default=None, help="base learning rate (default 5e-4 for 1 layer, 3e-4 deeper)")
+    p.add_argument("--momentum", type=_fraction, default=0.5, help="classical momentum (default 0.5)")
+    p.add_argument("--lr-decay", type=_positive_float, default=0.9, help="factor when the monitored MAE rises (default 0.9)")
+    p.add_argument("--lr-min", type=_positive_float, default=1e-5, help="learning-rate floor (default 1e-5)")
+    p.add_argument("--monitor-size", type=_positive_int, default=5000, help="training profiles monitored for the decay rule (default 5000)")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="sgd (paper) or adamw")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--precision", choices=("32", "tf32", "bf16-mixed"), default="32", help="numeric precision (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and dropout (default 0)")
+    p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.ckpt if present")
+    p.add_argument("--keep-last", action="store_true", help="keep last.ckpt after success (default: delete it)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    # ---------------------------------------------------------------- baseline
+    p = sub.add_parser(
+        "baseline", help="fit a comparison method (LR, LR-L2, LR-L1, KNN-GE) and score it on every split",
+        description="Train a baseline on GEO-tr, choose its hyper-parameter by the overall MAE on GEO-va "
+                    "(and, if present, on 1000G-va for the cross-platform task), and score each chosen model "
+                    "on GEO-va, GEO-te, 1000G-va and GTEx-te. Writes per_gene.csv, metrics.json and run.json "
+                    "into OUTPUT_DIR.")
+    p.add_argument("method", metavar="{lr,ridge,lasso,knn}",
+                   help="lr: least squares (LR); ridge: L2 penalty (LR-L2); lasso: L1 penalty per gene (LR-L1); "
+                        "knn: mean of the k nearest landmark genes (KNN-GE)")
+    p.add_argument("--dataset", required=True, help="processed dataset from `dgex preprocess`")
+    p.add_argument("--output-dir", required=True, help="run folder")
+    p.add_argument("--lambdas", type=float, nargs="+", default=None, metavar="L",
+                   help="penalty grid for ridge/lasso, per-sample scale: ridge (1/n)RSS + L|w|^2 "
+                        "(sklearn alpha = n_train*L), lasso (1/2n)RSS + L|w|_1 (sklearn alpha = L). "
+                        "Default ridge: logspace(-4, 2, 13); lasso: sqrt(2 ln(landmarks)/n_train) * 2^-(0.5..4.5)")
+    p.add_argument("--ks", type=int, nargs="+", default=None, metavar="K",
+                   help="k grid for knn (default 1 2 3 5 10 15 20 30 50 100)")
+    p.add_argument("--n-jobs", type=int, default=-1,
+                   help="threads for the per-gene lasso fits (default -1: all cores); other methods ignore it")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
+
+
+def _part(text: str):
+    if text == "all":
+        return None
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a part number >= 0 or 'all', got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,6 +210,13 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         kwargs["progress"] = not kwargs.pop("no_progress")
         kwargs["dedup"] = not kwargs.pop("no_dedup")
         preprocess(**kwargs)
+    elif args.command == "train":
+        from .train import train
+        kwargs["progress"] = not kwargs.pop("no_progress")
+        train(**kwargs)
+    elif args.command == "baseline":
+        from .baselines import run_baseline
+        run_baseline(**kwargs)
     return 0
 
 

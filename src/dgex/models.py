@@ -1,0 +1,85 @@
+"""The D-GEX network as a plain ``nn.Module`` (training lives in :mod:`dgex.train`).
+
+Architecture (RECIPE.md, from the authors' code): landmark input -> 1..n fully
+connected tanh hidden layers of equal width -> linear output (one target part).
+Dropout is applied to the *inputs* of hidden layers 2..n and of the output
+layer, never to the landmark input.  Hidden weights are drawn from
+U[+-sqrt(6 / (fan_in + fan_out))] (Glorot), output weights from U[+-1e-4],
+biases are zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+#: Output-layer weights are initialised in U[-OUTPUT_INIT, OUTPUT_INIT].
+OUTPUT_INIT = 1e-4
+#: Hidden layers 2.. and the output layer's weights learn this many times faster.
+DEEP_LR_MULTIPLIER = 3.0
+
+
+class DGEX(nn.Module):
+    """Multi-task feed-forward regressor ``(batch, n_in) -> (batch, n_out)``."""
+
+    def __init__(self, n_in: int, n_out: int, n_layers: int, n_units: int, dropout: float = 0.0):
+        super().__init__()
+        if n_layers < 1 or n_units < 1 or n_in < 1 or n_out < 1:
+            raise ValueError(f"invalid network shape: {n_in} -> {n_layers} x {n_units} -> {n_out}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.n_in, self.n_out, self.n_layers, self.n_units, self.dropout_rate = n_in, n_out, n_layers, n_units, dropout
+        widths = [n_in] + [n_units] * n_layers
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.output = nn.Linear(n_units, n_out)
+        self.drop = nn.Dropout(dropout)  # inverted dropout: scales kept units by 1/(1-p) in training
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            for layer in self.hidden:
+                bound = math.sqrt(6.0 / (layer.in_features + layer.out_features))
+                layer.weight.uniform_(-bound, bound)
+                layer.bias.zero_()
+            self.output.weight.uniform_(-OUTPUT_INIT, OUTPUT_INIT)
+            self.output.bias.zero_()
+
+    def forward(self, x: torch.Tensor, return_hidden: bool = False):
+        """Predictions ``(batch, n_out)``; with ``return_hidden`` also each hidden layer's activations."""
+        acts = []
+        h = torch.tanh(self.hidden[0](x))  # no dropout on the landmark input
+        acts.append(h)
+        for layer in self.hidden[1:]:
+            h = torch.tanh(layer(self.drop(h)))
+            acts.append(h)
+        y = self.output(self.drop(h))
+        return (y, acts) if return_hidden else y
+
+    def param_groups(self, base_lr: float) -> list[dict]:
+        """Optimizer groups: base rate for layer 1 and all biases, 3x for the weights of later layers.
+
+        Each group carries ``lr_scale`` so a learning-rate schedule can keep the ratio.
+        """
+        deep_weights = [layer.weight for layer in self.hidden[1:]] + [self.output.weight]
+        deep_ids = {id(p) for p in deep_weights}
+        base = [p for p in self.parameters() if id(p) not in deep_ids]
+        return [
+            {"params": base, "lr": base_lr, "lr_scale": 1.0, "name": "base"},
+            {"params": deep_weights, "lr": base_lr * DEEP_LR_MULTIPLIER, "lr_scale": DEEP_LR_MULTIPLIER,
+             "name": "deep_weights"},
+        ]
+
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_sample(self) -> int:
+        """Multiply-adds x 2 of one forward pass; training (fwd + bwd) is ~3x this."""
+        widths = [self.n_in] + [self.n_units] * self.n_layers + [self.n_out]
+        return 2 * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+
+
+def default_learning_rate(n_layers: int) -> float:
+    """The paper's base learning rate: 5e-4 for one hidden layer, 3e-4 for deeper networks."""
+    return 5e-4 if n_layers == 1 else 3e-4

@@ -1,0 +1,482 @@
+"""Stage ``train``: one D-GEX network (one grid point x one target part) with Lightning.
+
+The recipe (RECIPE.md) in one place:
+
+* mini-batches of 200, plain SGD with classical momentum 0.5
+  (``v <- 0.5 v - lr * grad; w <- w + v``, as in Pylearn2);
+* base learning rate 5e-4 (one hidden layer) or 3e-4 (deeper), 3x for the
+  weights of hidden layers 2.. and the output layer (:meth:`DGEX.param_groups`);
+* loss = squared error summed over output genes, averaged over the batch;
+* after every epoch: MAE on a fixed subset of 5,000 training profiles (eval
+  mode); if it rose versus the previous epoch the learning rate is multiplied
+  by 0.9, never below 1e-5 (this is not ``ReduceLROnPlateau``);
+* after every epoch: MAE on GEO-va, GEO-te, 1000G-va, GTEx-te; the best epoch
+  by GEO-va and the best by 1000G-va are each kept as a checkpoint.
+
+Data live on the training device as tensors and are sliced by a shuffled
+index per batch (no DataLoader workers in the hot loop).  A Lightning
+checkpoint ``last.ckpt`` written after every epoch, including every random
+generator state, makes ``--resume`` continue bit-identically after a crash.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .dataset import ProcessedDataset
+from .errors import ConfigError, DgexError, InputError
+from .io import atomic_path, write_json
+from .metrics import per_gene_frame, write_per_gene
+from .models import DGEX, default_learning_rate
+
+log = logging.getLogger(__name__)
+
+EVAL_SPLITS = ("geo-va", "geo-te", "1000g-va", "gtex-te")
+SELECTIONS = ("geo-va", "1000g-va")
+PRECISIONS = ("32", "tf32", "bf16-mixed")
+OPTIMIZERS = ("sgd", "adamw")
+
+
+class TrainingDiverged(DgexError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one run; defaults are the paper's."""
+
+    layers: int
+    units: int
+    dropout: float
+    part: int | None  # target part (half); None = all targets jointly
+    epochs: int = 200
+    batch_size: int = 200
+    lr: float | None = None  # None: 5e-4 for 1 layer, 3e-4 otherwise
+    momentum: float = 0.5
+    lr_decay: float = 0.9
+    lr_min: float = 1e-5
+    monitor_size: int = 5000
+    optimizer: str = "sgd"
+    weight_decay: float = 0.0
+    precision: str = "32"
+    seed: int = 0
+    eval_batch_size: int = 8192
+
+    def __post_init__(self):
+        problems = []
+        if self.layers < 1:
+            problems.append(f"--layers must be >= 1 (got {self.layers})")
+        if self.units < 1:
+            problems.append(f"--units must be >= 1 (got {self.units})")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"--dropout must be in [0, 1) (got {self.dropout})")
+        if self.part is not None and self.part < 0:
+            problems.append(f"--part must be >= 0 or 'all' (got {self.part})")
+        if self.epochs < 1 or self.batch_size < 1 or self.monitor_size < 1:
+            problems.append("--epochs, --batch-size and --monitor-size must be >= 1")
+        if self.lr is not None and not self.lr > 0:
+            problems.append(f"--lr must be > 0 (got {self.lr})")
+        if not 0.0 <= self.momentum < 1.0:
+            problems.append(f"--momentum must be in [0, 1) (got {self.momentum})")
+        if not 0.0 < self.lr_decay <= 1.0:
+            problems.append(f"--lr-decay must be in (0, 1] (got {self.lr_decay})")
+        if self.precision not in PRECISIONS:
+            problems.append(f"--precision must be one of {', '.join(PRECISIONS)} (got {self.precision})")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"--optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer})")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    @property
+    def base_lr(self) -> float:
+        return self.lr if self.lr is not None else default_learning_rate(self.layers)
+
+    def resume_key(self) -> dict:
+        """Everything that must match for ``--resume`` to continue the same run (``epochs`` may grow)."""
+        d = asdict(self)
+        d.pop("epochs")
+        d.pop("eval_batch_size")
+        return d
+
+
+# --------------------------------------------------------------------------- #
+# optimizer and learning-rate rule
+# --------------------------------------------------------------------------- #
+class ClassicalMomentumSGD(torch.optim.Optimizer):
+    """Pylearn2's momentum rule: ``v <- mu v - lr g``; ``w <- w + v``.
+
+    Unlike ``torch.optim.SGD`` (``v <- mu v + g; w <- w - lr v``), the learning
+    rate sits inside the velocity, which differs once the rate decays.
+    """
+
+    def __init__(self, params, lr: float, momentum: float):
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            bufs = []
+            for p in params:
+                state = self.state[p]
+                if "velocity" not in state:
+                    state["velocity"] = torch.zeros_like(p)
+                bufs.append(state["velocity"])
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, grads, alpha=-group["lr"])
+            torch._foreach_add_(params, bufs)
+        return loss
+
+
+def decayed_lr(lr: float, monitor_mae: float, previous_mae: float | None, decay: float, lr_min: float) -> float:
+    """The paper's rule: if the monitored training MAE rose, ``lr *= decay`` (floor ``lr_min``)."""
+    if previous_mae is not None and monitor_mae > previous_mae:
+        return max(lr * decay, lr_min)
+    return lr
+
+
+def batch_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over output genes, averaged over the batch (the paper's eq. 3)."""
+    return (pred.float() - target.float()).pow(2).sum(dim=1).mean()
+
+
+# --------------------------------------------------------------------------- #
+# data
+# --------------------------------------------------------------------------- #
+class ShuffledBatches:
+    """Mini-batches of device tensors, reshuffled each epoch by a seeded generator.
+
+    Iterating yields ``(x, y)`` with ``x`` ``(batch, n_in)`` and ``y`` ``(batch, n_out)``;
+    the last, smaller batch is kept.  The generator state is checkpointed.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(self.x.shape[0] / self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(self.x.shape[0], generator=self.generator).to(self.x.device)
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s:s + self.batch_size]
+            yield self.x.index_select(0, idx), self.y.index_select(0, idx)
+
+
+def load_training_data(dataset: ProcessedDataset, part: int | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{split: (X, Y)}`` for every split in the dataset; ``Y`` restricted to target ``part``."""
+    if part is not None and part >= dataset.genes().n_parts:
+        raise ConfigError(f"--part {part} does not exist: the dataset has target parts 0..{dataset.genes().n_parts - 1}")
+    return {s: (dataset.X(s), dataset.Y(s, part)) for s in dataset.splits}
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda requested but no CUDA device is available; use --device cpu or auto")
+    return torch.device(device)
+
+
+# --------------------------------------------------------------------------- #
+# the Lightning module
+# --------------------------------------------------------------------------- #
+def _lightning():
+    import pytorch_lightning as pl
+
+    return pl
+
+
+def build_task(cfg: TrainConfig, data: dict, device: torch.device, run_dir: Path, gene_table):
+    """The LightningModule for one run (built lazily so importing dgex.train stays light)."""
+    pl = _lightning()
+
+    class DGEXTask(pl.LightningModule):
+        """Trains :class:`DGEX` with the paper's recipe and tracks the best epochs."""
+
+        def __init__(self):
+            super().__init__()
+            x_tr, y_tr = data["geo-tr"]
+            self.cfg = cfg
+            self.model = DGEX(x_tr.shape[1], y_tr.shape[1], cfg.layers, cfg.units, cfg.dropout)
+            self.automatic_optimization = True
+            self.lr = cfg.base_lr
+            self.previous_monitor: float | None = None
+            self.best = {s: {"mae": math.inf, "epoch": None} for s in SELECTIONS if s in data}
+            self.history: list[dict] = []
+            self._epoch_loss = None
+            self._epoch_start = None
+            self._tensors = {s: (torch.as_tensor(x, device=device), torch.as_tensor(y, device=device))
+                             for s, (x, y) in data.items()}
+            gen = np.random.default_rng(cfg.seed)
+            n_tr = x_tr.shape[0]
+            self._monitor_idx = torch.as_tensor(np.sort(gen.choice(n_tr, size=min(cfg.monitor_size, n_tr),
+                                                                   replace=False)), device=device)
+            self.batches = ShuffledBatches(*self._tensors["geo-tr"], cfg.batch_size, cfg.seed)
+
+        # -- optimisation
+        def configure_optimizers(self):
+            groups = self.model.param_groups(self.lr)
+            if cfg.optimizer == "adamw":
+                for g in groups:
+                    g.pop("name", None)
+                return torch.optim.AdamW(groups, lr=self.lr, weight_decay=cfg.weight_decay)
+            return ClassicalMomentumSGD(groups, lr=self.lr, momentum=cfg.momentum)
+
+        def train_dataloader(self):
+            return self.batches
+
+        def on_train_epoch_start(self):
+            self._epoch_loss = torch.zeros((), device=device)
+            self._epoch_start = time.time()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = batch_loss(self.model(x), y)
+            self._epoch_loss += loss.detach() * x.shape[0]
+            return loss
+
+        # -- evaluation
+        @torch.no_grad()
+        def predict_split(self, split: str) -> torch.Tensor:
+            x, _ = self._tensors[split]
+            return self._predict(x)
+
+        @torch.no_grad()
+        def _predict(self, x: torch.Tensor) -> torch.Tensor:
+            was_training = self.model.training
+            self.model.eval()
+            out = torch.cat([self.model(x[s:s + cfg.eval_batch_size]).float()
+                             for s in range(0, x.shape[0], cfg.eval_batch_size)])
+            self.model.train(was_training)
+            return out
+
+        def _mae(self, x, y) -> float:
+            return float((self._predict(x) - y).abs().mean())
+
+        def on_train_epoch_end(self):
+            epoch = self.current_epoch
+            n_tr = self._tensors["geo-tr"][0].shape[0]
+            train_loss = float(self._epoch_loss) / n_tr
+            if not math.isfinite(train_loss):
+                raise TrainingDiverged(
+                    f"training diverged at epoch {epoch + 1}: loss is {train_loss} at learning rate {self.lr:.3g}; "
+                    f"lower --lr (the best checkpoints so far are kept in {run_dir})"
+                )
+            x_tr, y_tr = self._tensors["geo-tr"]
+            monitor = self._mae(x_tr.index_select(0, self._monitor_idx), y_tr.index_select(0, self._monitor_idx))
+            row = {"epoch": epoch + 1, "lr": self.lr, "train_loss": train_loss, "monitor_mae": monitor}
+            for split in EVAL_SPLITS:
+                if split in self._tensors:
+                    row[split] = self._mae(*self._tensors[split])
+            for sel, best in self.best.items():
+                if row[sel] < best["mae"]:
+                    best.update(mae=row[sel], epoch=epoch + 1)
+                    _save_weights(run_dir / f"best_{sel}.pt", self.model, cfg, epoch + 1, row)
+            # the paper's decay rule, applied for the next epoch
+            self.lr = decayed_lr(self.lr, monitor, self.previous_monitor, cfg.lr_decay, cfg.lr_min)
+            self.previous_monitor = monitor
+            for group in self.trainer.optimizers[0].param_groups:
+                group["lr"] = self.lr * group.get("lr_scale", 1.0)
+            row["seconds"] = time.time() - self._epoch_start
+            self.history.append(row)
+            _write_history(run_dir / "history.csv", self.history)
+            # the resumable state, after everything above was updated
+            with atomic_path(run_dir / "last.ckpt") as tmp:
+                self.trainer.save_checkpoint(tmp)
+
+        # -- resumable state beyond Lightning's own
+        def on_save_checkpoint(self, checkpoint):
+            checkpoint["dgex"] = {
+                "config": cfg.resume_key(),
+                "lr": self.lr,
+                "previous_monitor": self.previous_monitor,
+                "best": self.best,
+                "history": self.history,
+                "batch_generator": self.batches.generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            }
+
+        def on_load_checkpoint(self, checkpoint):
+            state = checkpoint.get("dgex")
+            if state is None:
+                raise InputError(f"{run_dir / 'last.ckpt'} is not a dgex checkpoint; delete it to start afresh")
+            if state["config"] != cfg.resume_key():
+                diff = {k: (state["config"].get(k), v) for k, v in cfg.resume_key().items()
+                        if state["config"].get(k) != v}
+                raise ConfigError(
+                    f"cannot resume {run_dir}: hyper-parameters differ from the checkpoint "
+                    f"({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in diff.items())}); "
+                    f"use the same settings or delete the run folder"
+                )
+            self.lr = state["lr"]
+            self.previous_monitor = state["previous_monitor"]
+            self.best = state["best"]
+            self.history = state["history"]
+            self.batches.generator.set_state(state["batch_generator"])
+            torch.set_rng_state(state["torch_rng"])
+            if state["cuda_rng"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    return DGEXTask()
+
+
+def _save_weights(path: Path, model: DGEX, cfg: TrainConfig, epoch: int, row: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "config": asdict(cfg), "epoch": epoch, "metrics": row,
+                    "shape": [model.n_in, model.n_out, model.n_layers, model.n_units],
+                    "dgex_version": __version__}, tmp)
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
+
+
+def load_weights(path: str | Path, n_in: int | None = None, n_out: int | None = None) -> tuple[DGEX, dict]:
+    """Rebuild a network from a ``best_*.pt`` file; check it fits ``n_in`` landmarks / ``n_out`` targets."""
+    path = Path(path)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise InputError(f"{path}: cannot read checkpoint ({exc}); retrain the run") from None
+    shape_in, shape_out, layers, units = blob["shape"]
+    if (n_in is not None and n_in != shape_in) or (n_out is not None and n_out != shape_out):
+        raise InputError(
+            f"{path}: network maps {shape_in} -> {shape_out} genes but the dataset has {n_in} landmarks -> "
+            f"{n_out} targets; use the dataset the model was trained on"
+        )
+    model = DGEX(shape_in, shape_out, layers, units, blob["config"]["dropout"])
+    model.load_state_dict(blob["state_dict"])
+    model.eval()
+    return model, blob
+
+
+# --------------------------------------------------------------------------- #
+# the stage
+# --------------------------------------------------------------------------- #
+def train(*, dataset, output_dir, layers, units, dropout, part, epochs=200, batch_size=200, lr=None,
+          momentum=0.5, lr_decay=0.9, lr_min=1e-5, monitor_size=5000, optimizer="sgd", weight_decay=0.0,
+          precision="32", seed=0, device="auto", resume=False, keep_last=False, progress=True,
+          threads=None) -> dict:
+    """Train one network and write its checkpoints, per-gene metrics, history and ``run.json``."""
+    cfg = TrainConfig(layers=layers, units=units, dropout=dropout, part=part, epochs=epochs, batch_size=batch_size,
+                      lr=lr, momentum=momentum, lr_decay=lr_decay, lr_min=lr_min, monitor_size=monitor_size,
+                      optimizer=optimizer, weight_decay=weight_decay, precision=precision, seed=seed)
+    run_dir = Path(output_dir)
+    last = run_dir / "last.ckpt"
+    if resume and not last.exists():
+        log.info("no checkpoint in %s: starting from scratch", run_dir)
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        for stale in ("last.ckpt", "best_geo-va.pt", "best_1000g-va.pt", "history.csv", "per_gene.csv", "run.json"):
+            (run_dir / stale).unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if threads:
+        torch.set_num_threads(int(threads))
+    dev = pick_device(device)
+    if precision == "tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+    else:
+        torch.set_float32_matmul_precision("highest")
+
+    with ProcessedDataset(dataset) as ds:
+        if not ds.has("geo-tr") or not ds.has("geo-va"):
+            raise InputError(f"{dataset}: needs geo-tr and geo-va splits; rerun `dgex preprocess`")
+        data = load_training_data(ds, part)
+        genes = ds.genes()
+    targets = genes.targets if part is None else genes.targets[genes.targets["part"] == part].reset_index(drop=True)
+
+    pl = _lightning()
+    pl.seed_everything(seed, workers=True, verbose=False)
+    task = build_task(cfg, data, dev, run_dir, targets)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="gpu" if dev.type == "cuda" else "cpu",
+        devices=1,
+        precision="bf16-mixed" if precision == "bf16-mixed" else "32-true",
+        deterministic=dev.type == "cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        default_root_dir=str(run_dir),
+    )
+    t0 = time.time()
+    trainer.fit(task, ckpt_path=str(last) if resume and last.exists() else None)
+    wall = time.time() - t0
+    if not task.history:
+        raise DgexError(f"training of {run_dir} ran no epoch")
+
+    # evaluate the selected models on every evaluation split
+    frames = []
+    for sel in SELECTIONS:
+        path = run_dir / f"best_{sel}.pt"
+        if sel not in task.best or not path.exists():
+            continue
+        model, _ = load_weights(path, *data["geo-tr"][0].shape[1:], *data["geo-tr"][1].shape[1:])
+        model.to(dev)
+        for split in EVAL_SPLITS:
+            if split not in data:
+                continue
+            x, y = data[split]
+            with torch.no_grad():
+                xt = torch.as_tensor(x, device=dev)
+                pred = torch.cat([model(xt[s:s + cfg.eval_batch_size]).float()
+                                  for s in range(0, len(xt), cfg.eval_batch_size)]).cpu().numpy()
+            frames.append(per_gene_frame(targets, "D-GEX", sel, split, y, pred))
+    import pandas as pd
+
+    write_per_gene(run_dir / "per_gene.csv", pd.concat(frames, ignore_index=True))
+    n_tr = data["geo-tr"][0].shape[0]
+    epochs_run = len(task.history)
+    train_seconds = sum(r["seconds"] for r in task.history)
+    model = task.model
+    summary = {
+        "dgex_version": __version__,
+        "config": asdict(cfg),
+        "base_lr": cfg.base_lr,
+        "final_lr": task.lr,
+        "dataset": str(dataset),
+        "n_train": n_tr,
+        "n_landmarks": model.n_in,
+        "n_targets": model.n_out,
+        "parameters": model.n_parameters(),
+        "epochs": epochs_run,
+        "best": task.best,
+        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        "wall_seconds": wall,
+        "profiles_per_second": n_tr * len(task.history) / max(train_seconds, 1e-9),
+        "train_flops_per_sample": 3 * model.flops_per_sample(),
+    }
+    write_json(run_dir / "run.json", summary)
+    if not keep_last:
+        last.unlink(missing_ok=True)
+    log.info("trained %dx%d dropout %.2f part %s: best geo-va %.4f (epoch %s) in %.1f s", layers, units, dropout,
+             "all" if part is None else part, task.best["geo-va"]["mae"], task.best["geo-va"]["epoch"], wall)
+    return summary
