@@ -198,12 +198,19 @@ def pick_device(device: str = "auto") -> torch.device:
 # the Lightning module
 # --------------------------------------------------------------------------- #
 def _lightning():
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     import pytorch_lightning as pl
+
+    # Lightning's INFO banners (GPU/TPU available, tips) are noise in per-run logs
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     return pl
 
 
-def build_task(cfg: TrainConfig, data: dict, device: torch.device, run_dir: Path, gene_table):
+def build_task(cfg: TrainConfig, data: dict, device: torch.device, run_dir: Path, gene_ids: dict):
     """The LightningModule for one run (built lazily so importing dgex.train stays light)."""
     pl = _lightning()
 
@@ -288,7 +295,7 @@ def build_task(cfg: TrainConfig, data: dict, device: torch.device, run_dir: Path
             for sel, best in self.best.items():
                 if row[sel] < best["mae"]:
                     best.update(mae=row[sel], epoch=epoch + 1)
-                    _save_weights(run_dir / f"best_{sel}.pt", self.model, cfg, epoch + 1, row)
+                    _save_weights(run_dir / f"best_{sel}.pt", self.model, cfg, epoch + 1, row, gene_ids)
             # the paper's decay rule, applied for the next epoch
             self.lr = decayed_lr(self.lr, monitor, self.previous_monitor, cfg.lr_decay, cfg.lr_min)
             self.previous_monitor = monitor
@@ -305,6 +312,7 @@ def build_task(cfg: TrainConfig, data: dict, device: torch.device, run_dir: Path
         def on_save_checkpoint(self, checkpoint):
             checkpoint["dgex"] = {
                 "config": cfg.resume_key(),
+                "genes": gene_ids,
                 "lr": self.lr,
                 "previous_monitor": self.previous_monitor,
                 "best": self.best,
@@ -326,6 +334,11 @@ def build_task(cfg: TrainConfig, data: dict, device: torch.device, run_dir: Path
                     f"({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in diff.items())}); "
                     f"use the same settings or delete the run folder"
                 )
+            if state.get("genes") != gene_ids:
+                raise InputError(
+                    f"cannot resume {run_dir}: the checkpoint was trained on other landmark/target genes than "
+                    f"this dataset; use the original dataset or delete the run folder"
+                )
             self.lr = state["lr"]
             self.previous_monitor = state["previous_monitor"]
             self.best = state["best"]
@@ -338,10 +351,10 @@ def build_task(cfg: TrainConfig, data: dict, device: torch.device, run_dir: Path
     return DGEXTask()
 
 
-def _save_weights(path: Path, model: DGEX, cfg: TrainConfig, epoch: int, row: dict) -> None:
+def _save_weights(path: Path, model: DGEX, cfg: TrainConfig, epoch: int, row: dict, gene_ids: dict) -> None:
     with atomic_path(path) as tmp:
         torch.save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "config": asdict(cfg), "epoch": epoch, "metrics": row,
+                    "config": asdict(cfg), "epoch": epoch, "metrics": dict(row), "genes": gene_ids,
                     "shape": [model.n_in, model.n_out, model.n_layers, model.n_units],
                     "dgex_version": __version__}, tmp)
 
@@ -354,8 +367,14 @@ def _write_history(path: Path, history: list[dict]) -> None:
         w.writerows(history)
 
 
-def load_weights(path: str | Path, n_in: int | None = None, n_out: int | None = None) -> tuple[DGEX, dict]:
-    """Rebuild a network from a ``best_*.pt`` file; check it fits ``n_in`` landmarks / ``n_out`` targets."""
+def load_weights(path: str | Path, n_in: int | None = None, n_out: int | None = None,
+                 gene_ids: dict | None = None) -> tuple[DGEX, dict]:
+    """Rebuild a network from a ``best_*.pt`` file.
+
+    Checks that it fits ``n_in`` landmarks / ``n_out`` targets and, given
+    ``gene_ids`` (``{"landmarks": [...], "targets": [...]}``, Ensembl ids in
+    column order), that the checkpoint was trained on exactly those genes.
+    """
     path = Path(path)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=False)
@@ -367,6 +386,15 @@ def load_weights(path: str | Path, n_in: int | None = None, n_out: int | None = 
             f"{path}: network maps {shape_in} -> {shape_out} genes but the dataset has {n_in} landmarks -> "
             f"{n_out} targets; use the dataset the model was trained on"
         )
+    if gene_ids is not None and "genes" in blob:
+        for role in ("landmarks", "targets"):
+            want, have = list(gene_ids[role]), list(blob["genes"][role])
+            if want != have:
+                diff = sorted(set(want) ^ set(have))
+                what = (f"{len(diff)} genes differ, e.g. {', '.join(diff[:5])}" if diff
+                        else "same genes in a different order")
+                raise InputError(f"{path}: {role} of the checkpoint do not match the dataset ({what}); "
+                                 f"use the dataset the model was trained on")
     model = DGEX(shape_in, shape_out, layers, units, blob["config"]["dropout"])
     model.load_state_dict(blob["state_dict"])
     model.eval()
@@ -408,10 +436,11 @@ def train(*, dataset, output_dir, layers, units, dropout, part, epochs=200, batc
         data = load_training_data(ds, part)
         genes = ds.genes()
     targets = genes.targets if part is None else genes.targets[genes.targets["part"] == part].reset_index(drop=True)
+    gene_ids = {"landmarks": genes.landmarks["ensembl"].tolist(), "targets": targets["ensembl"].tolist()}
 
     pl = _lightning()
     pl.seed_everything(seed, workers=True, verbose=False)
-    task = build_task(cfg, data, dev, run_dir, targets)
+    task = build_task(cfg, data, dev, run_dir, gene_ids)
     trainer = pl.Trainer(
         max_epochs=epochs,
         accelerator="gpu" if dev.type == "cuda" else "cpu",
@@ -439,7 +468,7 @@ def train(*, dataset, output_dir, layers, units, dropout, part, epochs=200, batc
         path = run_dir / f"best_{sel}.pt"
         if sel not in task.best or not path.exists():
             continue
-        model, _ = load_weights(path, *data["geo-tr"][0].shape[1:], *data["geo-tr"][1].shape[1:])
+        model, _ = load_weights(path, gene_ids=gene_ids)
         model.to(dev)
         for split in EVAL_SPLITS:
             if split not in data:
