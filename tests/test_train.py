@@ -100,6 +100,7 @@ def test_adamw_option_trains(toy, tmp_path):
 def test_kill_dash_nine_then_resume_reaches_the_same_result(toy, tmp_path):
     args = ["train", "--dataset", toy["path"], "--layers", "2", "--units", "64", "--dropout", "0.1", "--part", "1",
             "--epochs", "14", "--batch-size", "10", "--monitor-size", "100", "--seed", "5", "--threads", "1",
+            "--checkpoint-interval", "0",
             "--no-progress"]
     ref = run_dgex(*args, "--output-dir", tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr

@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.ckpt if present")
     p.add_argument("--keep-last", action="store_true", help="keep last.ckpt after success (default: delete it)")
+    p.add_argument("--checkpoint-interval", type=float, default=60.0,
+                   help="seconds between resumable checkpoints (last.ckpt + best weights; default 60, 0 = every epoch)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     # ---------------------------------------------------------------- baseline

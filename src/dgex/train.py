@@ -72,6 +72,7 @@ class TrainConfig:
     precision: str = "32"
     seed: int = 0
     eval_batch_size: int = 8192
+    checkpoint_interval: float = 60.0  # seconds between resumable checkpoints
 
     def __post_init__(self):
         problems = []
@@ -107,6 +108,7 @@ class TrainConfig:
         d = asdict(self)
         d.pop("epochs")
         d.pop("eval_batch_size")
+        d.pop("checkpoint_interval")
         return d
 
 
@@ -236,6 +238,8 @@ def build_task(cfg: TrainConfig, data: dict, device: torch.device, run_dir: Path
             self._monitor_idx = torch.as_tensor(np.sort(gen.choice(n_tr, size=min(cfg.monitor_size, n_tr),
                                                                    replace=False)), device=device)
             self.batches = ShuffledBatches(*self._tensors["geo-tr"], cfg.batch_size, cfg.seed)
+            self._best_state: dict = {}
+            self._last_save = time.time()
 
         # -- optimisation
         def configure_optimizers(self):
@@ -282,6 +286,7 @@ def build_task(cfg: TrainConfig, data: dict, device: torch.device, run_dir: Path
             n_tr = self._tensors["geo-tr"][0].shape[0]
             train_loss = float(self._epoch_loss) / n_tr
             if not math.isfinite(train_loss):
+                self.flush_best()
                 raise TrainingDiverged(
                     f"training diverged at epoch {epoch + 1}: loss is {train_loss} at learning rate {self.lr:.3g}; "
                     f"lower --lr (the best checkpoints so far are kept in {run_dir})"
@@ -295,7 +300,9 @@ def build_task(cfg: TrainConfig, data: dict, device: torch.device, run_dir: Path
             for sel, best in self.best.items():
                 if row[sel] < best["mae"]:
                     best.update(mae=row[sel], epoch=epoch + 1)
-                    _save_weights(run_dir / f"best_{sel}.pt", self.model, cfg, epoch + 1, row, gene_ids)
+                    # kept on the device; written with the next checkpoint (large nets improve every epoch)
+                    self._best_state[sel] = ({k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                                             epoch + 1, dict(row))
             # the paper's decay rule, applied for the next epoch
             self.lr = decayed_lr(self.lr, monitor, self.previous_monitor, cfg.lr_decay, cfg.lr_min)
             self.previous_monitor = monitor
@@ -304,9 +311,20 @@ def build_task(cfg: TrainConfig, data: dict, device: torch.device, run_dir: Path
             row["seconds"] = time.time() - self._epoch_start
             self.history.append(row)
             _write_history(run_dir / "history.csv", self.history)
-            # the resumable state, after everything above was updated
-            with atomic_path(run_dir / "last.ckpt") as tmp:
-                self.trainer.save_checkpoint(tmp)
+            # the resumable state, after everything above was updated; at most every
+            # checkpoint_interval seconds because a paper-size checkpoint is gigabytes
+            final = epoch + 1 >= self.trainer.max_epochs
+            if final or time.time() - self._last_save >= cfg.checkpoint_interval:
+                self.flush_best()
+                with atomic_path(run_dir / "last.ckpt") as tmp:
+                    self.trainer.save_checkpoint(tmp)
+                self._last_save = time.time()
+
+        def flush_best(self):
+            """Write the best-so-far weights kept in memory to best_<selection>.pt."""
+            for sel, (state, epoch, row) in self._best_state.items():
+                _save_weights(run_dir / f"best_{sel}.pt", state, self.model, cfg, epoch, row, gene_ids)
+            self._best_state.clear()
 
         # -- resumable state beyond Lightning's own
         def on_save_checkpoint(self, checkpoint):
@@ -351,9 +369,10 @@ def build_task(cfg: TrainConfig, data: dict, device: torch.device, run_dir: Path
     return DGEXTask()
 
 
-def _save_weights(path: Path, model: DGEX, cfg: TrainConfig, epoch: int, row: dict, gene_ids: dict) -> None:
+def _save_weights(path: Path, state: dict, model: DGEX, cfg: TrainConfig, epoch: int, row: dict,
+                  gene_ids: dict) -> None:
     with atomic_path(path) as tmp:
-        torch.save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        torch.save({"state_dict": {k: v.cpu() for k, v in state.items()},
                     "config": asdict(cfg), "epoch": epoch, "metrics": dict(row), "genes": gene_ids,
                     "shape": [model.n_in, model.n_out, model.n_layers, model.n_units],
                     "dgex_version": __version__}, tmp)
@@ -407,11 +426,12 @@ def load_weights(path: str | Path, n_in: int | None = None, n_out: int | None = 
 def train(*, dataset, output_dir, layers, units, dropout, part, epochs=200, batch_size=200, lr=None,
           momentum=0.5, lr_decay=0.9, lr_min=1e-5, monitor_size=5000, optimizer="sgd", weight_decay=0.0,
           precision="32", seed=0, device="auto", resume=False, keep_last=False, progress=True,
-          threads=None) -> dict:
+          threads=None, checkpoint_interval=60.0) -> dict:
     """Train one network and write its checkpoints, per-gene metrics, history and ``run.json``."""
     cfg = TrainConfig(layers=layers, units=units, dropout=dropout, part=part, epochs=epochs, batch_size=batch_size,
                       lr=lr, momentum=momentum, lr_decay=lr_decay, lr_min=lr_min, monitor_size=monitor_size,
-                      optimizer=optimizer, weight_decay=weight_decay, precision=precision, seed=seed)
+                      optimizer=optimizer, weight_decay=weight_decay, precision=precision, seed=seed,
+                      checkpoint_interval=checkpoint_interval)
     run_dir = Path(output_dir)
     last = run_dir / "last.ckpt"
     if resume and not last.exists():
