@@ -89,6 +89,80 @@ def preprocess_args():
     return " ".join(shlex.quote(str(a)) for a in args)
 
 
+# --------------------------------------------------------------------------- #
+# the training grid
+# --------------------------------------------------------------------------- #
+N_LANDMARKS = 943
+N_TARGETS_ALL = 9520
+
+
+def fmt_dropout(rate):
+    """Dropout as it appears in paths and wildcards: 0, 0.1, 0.25."""
+    return f"{float(rate):g}"
+
+
+def grid_points():
+    """(layers, units, dropout) of every grid point, dropout formatted for paths."""
+    g = config["grid"]
+    return [(l, u, fmt_dropout(d)) for l in g["layers"] for u in g["units"] for d in g["dropout"]]
+
+
+def target_parts():
+    return ["all"] if config["grid"]["joint"] else [str(k) for k in range(config["genes"]["parts"])]
+
+
+def dgex_run_dir(layers, units, dropout, part):
+    return out("runs", "dgex", f"{layers}x{units}_d{dropout}", f"part{part}")
+
+
+def dgex_runs():
+    """run.json of every training of the grid."""
+    return [str(Path(dgex_run_dir(l, u, d, p), "run.json")) for l, u, d in grid_points() for p in target_parts()]
+
+
+def baseline_runs():
+    return [out("runs", "baselines", m, "run.json") for m in config["baselines"]["methods"]]
+
+
+def train_args(wc):
+    """`dgex train` flags from the train config (the grid point comes from the wildcards)."""
+    t = config["train"]
+    args = [
+        "--epochs", t["epochs"], "--batch-size", t["batch_size"], "--momentum", t["momentum"],
+        "--lr-decay", t["lr_decay"], "--lr-min", t["lr_min"], "--monitor-size", t["monitor_size"],
+        "--optimizer", t["optimizer"], "--weight-decay", t["weight_decay"], "--precision", t["precision"],
+        "--seed", t["seed"], "--device", t["device"],
+    ]
+    if t.get("lr"):
+        args += ["--lr", t["lr"]]
+    return " ".join(shlex.quote(str(a)) for a in args)
+
+
+def _n_targets_per_part():
+    n = config["genes"].get("max_targets") or N_TARGETS_ALL
+    return n if config["grid"]["joint"] else -(-n // config["genes"]["parts"])
+
+
+def _parameters(layers, units):
+    layers, units = int(layers), int(units)
+    return N_LANDMARKS * units + (layers - 1) * units * units + units * _n_targets_per_part()
+
+
+def _size_ratio(wc):
+    """Parameter count of this network relative to the smallest of the grid (>= 1)."""
+    g = config["grid"]
+    return _parameters(wc.layers, wc.units) / _parameters(min(g["layers"]), min(g["units"]))
+
+
+def train_mem_mb(wc):
+    # weights, gradients, momentum and the best copy: 4 x 4 bytes per parameter, plus the data
+    return int(config["train"]["mem_mb"] + 16 * _parameters(wc.layers, wc.units) / 1e6)
+
+
+def train_runtime(wc):
+    return int(config["train"]["runtime"] * _size_ratio(wc)) + 1
+
+
 def all_outputs():
-    """Final targets of the workflow (grows as stages are added)."""
-    return [out("data", "dataset.h5"), out("data", "dataset.json")]
+    """Final targets of the workflow."""
+    return [out("data", "dataset.h5"), out("data", "dataset.json")] + dgex_runs() + baseline_runs()
