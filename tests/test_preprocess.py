@@ -231,3 +231,17 @@ def test_preprocess_real_u133a_profiles(tmp_path, shared_data):
         # after quantile normalisation every sample has the same probe-value distribution
         ref = ds.reference("probe_quantiles")
         assert ref.shape == (22283,) and 0 < ref[0] < ref[-1] < 17
+
+
+def test_genome_wide_targets_are_every_probe_the_landmarks_do_not_use():
+    from dgex.genes import ALL_PROBES, load_gene_map
+    from dgex.preprocess import load_genes
+
+    lm, tg = load_genes("builtin", ALL_PROBES, None, 0, 4, 0)
+    lm_probes = set(lm["probes"].explode())
+    assert len(tg) > 20000 and tg["ensembl"].is_unique
+    assert not set(tg["ensembl"]) & lm_probes
+    assert not tg["ensembl"].str.startswith("AFFX").any()
+    assert sorted(tg["part"].unique()) == [0, 1, 2, 3]
+    with pytest.raises(Exception, match="only be used for targets"):
+        load_gene_map(ALL_PROBES, "landmark")

@@ -75,8 +75,34 @@ def _entrez_for(probes: pd.Series) -> pd.Series:
     return best.reindex(probes.index).fillna("")
 
 
+#: Target spec for the genome-wide model: every HG-U133A probe as its own target.
+ALL_PROBES = "u133a-probes"
+
+
+def all_probe_targets() -> pd.DataFrame:
+    """One target per HG-U133A probe (Affymetrix controls excluded), as the paper's L1000 model.
+
+    The ``ensembl`` column holds the probe id here (the unique id of a target);
+    ``symbol``/``entrez`` come from the probe annotation ('' where none).
+    """
+    ann = probe_annotation()
+    ann = ann[~ann.index.str.startswith("AFFX")]
+    entrez = ann["entrez"].where(ann["entrez"] != "-666", "").fillna("")
+    symbol = ann["symbol"].where(ann["entrez"] != "-666", ann.index.to_series()).fillna("")
+    return pd.DataFrame({"symbol": symbol.values, "ensembl": ann.index.values,
+                         "probes": [(p,) for p in ann.index], "entrez": entrez.values})
+
+
 def load_gene_map(spec: str | Path, role: str) -> pd.DataFrame:
-    """Load the ``role`` ('landmark' or 'target') map; ``spec`` is 'builtin' or a path."""
+    """Load the ``role`` ('landmark' or 'target') map.
+
+    ``spec`` is 'builtin' (D-GEX's map_lm.txt / map_tg.txt), a path to a map in
+    that format, or, for targets, :data:`ALL_PROBES` (every U133A probe).
+    """
+    if str(spec) == ALL_PROBES:
+        if role != "target":
+            raise InputError(f"'{ALL_PROBES}' can only be used for targets; use 'builtin' or a map file for landmarks")
+        return all_probe_targets()
     if str(spec) == BUILTIN:
         spec = data_path("map_lm.txt" if role == "landmark" else "map_tg.txt")
     df = read_gene_map(spec)

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from . import DATASET_FORMAT, __version__
 from .dataset import encode
 from .errors import InputError
-from .genes import aggregation_matrix, assign_parts, load_gene_map, select_targets, strip_version
+from .genes import ALL_PROBES, aggregation_matrix, assign_parts, load_gene_map, select_targets, strip_version
 from .io import Matrix, atomic_path, check_finite, open_matrix, write_json
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,10 @@ def _progress(it, total, desc, enabled):
 def load_genes(landmarks, targets, max_targets, target_seed, target_parts, part_seed):
     """Landmark and target tables; targets carry ``part`` and ``overlap`` and are sorted by part."""
     lm = load_gene_map(landmarks, "landmark")
-    tg = select_targets(load_gene_map(targets, "target"), max_targets, target_seed)
+    tg = load_gene_map(targets, "target")
+    if str(targets) == ALL_PROBES:  # the genome-wide model predicts every probe the landmarks do not use
+        tg = tg[~tg["ensembl"].isin(set(lm["probes"].explode()))].reset_index(drop=True)
+    tg = select_targets(tg, max_targets, target_seed)
     tg["part"] = assign_parts(len(tg), target_parts, part_seed)
     tg = tg.sort_values("part", kind="stable").reset_index(drop=True)
     tg["overlap"] = tg["ensembl"].isin(set(lm["ensembl"]))
