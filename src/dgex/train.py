@@ -426,7 +426,7 @@ def load_weights(path: str | Path, n_in: int | None = None, n_out: int | None = 
 def train(*, dataset, output_dir, layers, units, dropout, part, epochs=200, batch_size=200, lr=None,
           momentum=0.5, lr_decay=0.9, lr_min=1e-5, monitor_size=5000, optimizer="sgd", weight_decay=0.0,
           precision="32", seed=0, device="auto", resume=False, keep_last=False, progress=True,
-          threads=None, checkpoint_interval=60.0) -> dict:
+          threads=None, checkpoint_interval=60.0, gpu_lock_dir=None) -> dict:
     """Train one network and write its checkpoints, per-gene metrics, history and ``run.json``."""
     cfg = TrainConfig(layers=layers, units=units, dropout=dropout, part=part, epochs=epochs, batch_size=batch_size,
                       lr=lr, momentum=momentum, lr_decay=lr_decay, lr_min=lr_min, monitor_size=monitor_size,
@@ -442,90 +442,101 @@ def train(*, dataset, output_dir, layers, units, dropout, part, epochs=200, batc
     run_dir.mkdir(parents=True, exist_ok=True)
     if threads:
         torch.set_num_threads(int(threads))
-    dev = pick_device(device)
-    if precision == "tf32":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.set_float32_matmul_precision("high")
-    else:
-        torch.set_float32_matmul_precision("highest")
+    lease = None
+    if device in ("auto", "cuda"):  # a specific cuda:N was chosen by the user: no lease
+        from .devices import lease_gpu
 
-    with ProcessedDataset(dataset) as ds:
-        if not ds.has("geo-tr") or not ds.has("geo-va"):
-            raise InputError(f"{dataset}: needs geo-tr and geo-va splits; rerun `dgex preprocess`")
-        data = load_training_data(ds, part)
-        genes = ds.genes()
-    targets = genes.targets if part is None else genes.targets[genes.targets["part"] == part].reset_index(drop=True)
-    gene_ids = {"landmarks": genes.landmarks["ensembl"].tolist(), "targets": targets["ensembl"].tolist()}
+        # sets CUDA_VISIBLE_DEVICES before CUDA starts and logs the GPU (or SLURM's); held until train returns
+        lease = lease_gpu(gpu_lock_dir)
+    try:
+        dev = pick_device(device)
+        if precision == "tf32":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.set_float32_matmul_precision("high")
+        else:
+            torch.set_float32_matmul_precision("highest")
 
-    pl = _lightning()
-    pl.seed_everything(seed, workers=True, verbose=False)
-    task = build_task(cfg, data, dev, run_dir, gene_ids)
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="gpu" if dev.type == "cuda" else "cpu",
-        devices=1,
-        precision="bf16-mixed" if precision == "bf16-mixed" else "32-true",
-        deterministic=dev.type == "cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=progress,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        use_distributed_sampler=False,
-        default_root_dir=str(run_dir),
-    )
-    t0 = time.time()
-    trainer.fit(task, ckpt_path=str(last) if resume and last.exists() else None)
-    wall = time.time() - t0
-    if not task.history:
-        raise DgexError(f"training of {run_dir} ran no epoch")
+        with ProcessedDataset(dataset) as ds:
+            if not ds.has("geo-tr") or not ds.has("geo-va"):
+                raise InputError(f"{dataset}: needs geo-tr and geo-va splits; rerun `dgex preprocess`")
+            data = load_training_data(ds, part)
+            genes = ds.genes()
+        targets = genes.targets if part is None else genes.targets[genes.targets["part"] == part].reset_index(drop=True)
+        gene_ids = {"landmarks": genes.landmarks["ensembl"].tolist(), "targets": targets["ensembl"].tolist()}
 
-    # evaluate the selected models on every evaluation split
-    frames = []
-    for sel in SELECTIONS:
-        path = run_dir / f"best_{sel}.pt"
-        if sel not in task.best or not path.exists():
-            continue
-        model, _ = load_weights(path, gene_ids=gene_ids)
-        model.to(dev)
-        for split in EVAL_SPLITS:
-            if split not in data:
+        pl = _lightning()
+        pl.seed_everything(seed, workers=True, verbose=False)
+        task = build_task(cfg, data, dev, run_dir, gene_ids)
+        trainer = pl.Trainer(
+            max_epochs=epochs,
+            accelerator="gpu" if dev.type == "cuda" else "cpu",
+            devices=1,
+            precision="bf16-mixed" if precision == "bf16-mixed" else "32-true",
+            deterministic=dev.type == "cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=progress,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            use_distributed_sampler=False,
+            default_root_dir=str(run_dir),
+        )
+        t0 = time.time()
+        trainer.fit(task, ckpt_path=str(last) if resume and last.exists() else None)
+        wall = time.time() - t0
+        if not task.history:
+            raise DgexError(f"training of {run_dir} ran no epoch")
+
+        # evaluate the selected models on every evaluation split
+        frames = []
+        for sel in SELECTIONS:
+            path = run_dir / f"best_{sel}.pt"
+            if sel not in task.best or not path.exists():
                 continue
-            x, y = data[split]
-            with torch.no_grad():
-                xt = torch.as_tensor(x, device=dev)
-                pred = torch.cat([model(xt[s:s + cfg.eval_batch_size]).float()
-                                  for s in range(0, len(xt), cfg.eval_batch_size)]).cpu().numpy()
-            frames.append(per_gene_frame(targets, "D-GEX", sel, split, y, pred))
-    import pandas as pd
+            model, _ = load_weights(path, gene_ids=gene_ids)
+            model.to(dev)
+            for split in EVAL_SPLITS:
+                if split not in data:
+                    continue
+                x, y = data[split]
+                with torch.no_grad():
+                    xt = torch.as_tensor(x, device=dev)
+                    pred = torch.cat([model(xt[s:s + cfg.eval_batch_size]).float()
+                                      for s in range(0, len(xt), cfg.eval_batch_size)]).cpu().numpy()
+                frames.append(per_gene_frame(targets, "D-GEX", sel, split, y, pred))
+        import pandas as pd
 
-    write_per_gene(run_dir / "per_gene.csv", pd.concat(frames, ignore_index=True))
-    n_tr = data["geo-tr"][0].shape[0]
-    epochs_run = len(task.history)
-    train_seconds = sum(r["seconds"] for r in task.history)
-    model = task.model
-    summary = {
-        "dgex_version": __version__,
-        "config": asdict(cfg),
-        "base_lr": cfg.base_lr,
-        "final_lr": task.lr,
-        "dataset": str(dataset),
-        "n_train": n_tr,
-        "n_landmarks": model.n_in,
-        "n_targets": model.n_out,
-        "parameters": model.n_parameters(),
-        "epochs": epochs_run,
-        "best": task.best,
-        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
-        "wall_seconds": wall,
-        "profiles_per_second": n_tr * len(task.history) / max(train_seconds, 1e-9),
-        "train_flops_per_sample": 3 * model.flops_per_sample(),
-    }
-    write_json(run_dir / "run.json", summary)
-    if not keep_last:
-        last.unlink(missing_ok=True)
-    log.info("trained %dx%d dropout %.2f part %s: best geo-va %.4f (epoch %s) in %.1f s", layers, units, dropout,
-             "all" if part is None else part, task.best["geo-va"]["mae"], task.best["geo-va"]["epoch"], wall)
+        write_per_gene(run_dir / "per_gene.csv", pd.concat(frames, ignore_index=True))
+        n_tr = data["geo-tr"][0].shape[0]
+        epochs_run = len(task.history)
+        train_seconds = sum(r["seconds"] for r in task.history)
+        model = task.model
+        summary = {
+            "dgex_version": __version__,
+            "config": asdict(cfg),
+            "base_lr": cfg.base_lr,
+            "final_lr": task.lr,
+            "dataset": str(dataset),
+            "n_train": n_tr,
+            "n_landmarks": model.n_in,
+            "n_targets": model.n_out,
+            "parameters": model.n_parameters(),
+            "epochs": epochs_run,
+            "best": task.best,
+            "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+            "gpu_lease": None if lease is None else {"gpu": lease.gpu, "source": lease.source},
+            "wall_seconds": wall,
+            "profiles_per_second": n_tr * len(task.history) / max(train_seconds, 1e-9),
+            "train_flops_per_sample": 3 * model.flops_per_sample(),
+        }
+        write_json(run_dir / "run.json", summary)
+        if not keep_last:
+            last.unlink(missing_ok=True)
+        log.info("trained %dx%d dropout %.2f part %s: best geo-va %.4f (epoch %s) in %.1f s", layers, units, dropout,
+                 "all" if part is None else part, task.best["geo-va"]["mae"], task.best["geo-va"]["epoch"], wall)
+    finally:
+        if lease is not None:  # a failed run must not keep the GPU from the next job
+            lease.release()
     return summary
