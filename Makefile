@@ -8,7 +8,7 @@ CONFIG  ?= config/config.yaml
 SMK_ARGS ?=
 STAMP   := $(VENV)/.dgex-installed
 
-.PHONY: run test install lint dryrun-paper dryrun-slurm bench clean
+.PHONY: run test install lint report dryrun-paper dryrun-slurm bench clean
 
 $(STAMP): envs/requirements.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,11 +27,17 @@ test: $(STAMP)  ## run the test suite
 lint: $(STAMP)
 	$(BIN)/snakemake --lint --configfile $(CONFIG)
 
+report: $(STAMP)  ## HTML report of a finished run (tables, figures, captions)
+	$(BIN)/snakemake --configfile $(CONFIG) --report $(or $(REPORT),results/report.html)
+
 dryrun-paper: $(STAMP)
 	$(BIN)/snakemake -n --configfile config/paper.yaml
 
-bench: $(STAMP)
-	$(BIN)/python bench/preprocess.py
+dryrun-slurm: $(STAMP)
+	$(BIN)/snakemake -n --workflow-profile profiles/slurm --configfile config/paper.yaml
+
+bench: $(STAMP)  ## every benchmark (minutes)
+	for b in preprocess baselines train_throughput infer; do $(BIN)/python bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf .snakemake results/demo results/test

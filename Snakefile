@@ -10,6 +10,9 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
@@ -25,6 +28,9 @@ include: "workflow/rules/acquire.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/baselines.smk"
+include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/export.smk"
+include: "workflow/rules/interpret.smk"
 
 
 rule all:

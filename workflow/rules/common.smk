@@ -154,15 +154,113 @@ def _size_ratio(wc):
     return _parameters(wc.layers, wc.units) / _parameters(min(g["layers"]), min(g["units"]))
 
 
-def train_mem_mb(wc):
+def network_mem_mb(layers, units):
     # weights, gradients, momentum and the best copy: 4 x 4 bytes per parameter, plus the data
-    return int(config["train"]["mem_mb"] + 16 * _parameters(wc.layers, wc.units) / 1e6)
+    return int(config["train"]["mem_mb"] + 16 * _parameters(layers, units) / 1e6)
+
+
+def train_mem_mb(wc):
+    return network_mem_mb(wc.layers, wc.units)
+
+
+def s2_mem_mb():
+    # the network plus one float64 Gram matrix (units x units) and cross-product per hidden layer
+    layers, units, _ = s2_network()
+    return network_mem_mb(layers, units) + int(8 * layers * units * (units + _n_targets_per_part()) / 1e6)
 
 
 def train_runtime(wc):
     return int(config["train"]["runtime"] * _size_ratio(wc)) + 1
 
 
+# --------------------------------------------------------------------------- #
+# tables, figures, report
+# --------------------------------------------------------------------------- #
+TABLES = ["table1", "table2", "tableS2", "tableS3", "tableS4", "tableS5", "table_stats"]
+
+
+def report_caption(name):
+    """Absolute path of a caption: report() resolves relative paths from the including Snakefile."""
+    return str(Path(workflow.basedir, "workflow", "report", f"{name}.rst"))
+
+
+def has_rnaseq():
+    return bool(input_cfg("g1000") and input_cfg("gtex"))
+
+
+def table_outputs():
+    """Named outputs of rule tables; the CSVs are embedded in the HTML report."""
+    files = {"info": out("tables", "tables.json")}
+    for name in TABLES:
+        files[f"{name}_md"] = out("tables", f"{name}.md")
+        files[f"{name}_csv"] = report(out("tables", f"{name}.csv"), caption=report_caption(name), category="Tables")
+    return files
+
+
+def figure_numbers():
+    return [1, 2, 3, 4, 5] if has_rnaseq() else [1, 2, 3]
+
+
+def figure_outputs():
+    files = {"info": out("figures", "figures.json")}
+    for n in figure_numbers():
+        files[f"figure{n}_png"] = report(out("figures", f"figure{n}.png"), caption=report_caption(f"figure{n}"),
+                                         category="Figures")
+        files[f"figure{n}_pdf"] = out("figures", f"figure{n}.pdf")
+    return files
+
+
+# --------------------------------------------------------------------------- #
+# model bundle, interpretation (S2, S3)
+# --------------------------------------------------------------------------- #
+def _nearest_dropout(target=0.1):
+    return min(config["grid"]["dropout"], key=lambda d: (abs(float(d) - target), float(d)))
+
+
+def _network(key, layers, units):
+    """(layers, units, dropout) of the network an analysis uses: configured, or the default of that analysis."""
+    net = config["interpret"].get(key)
+    if net is None:
+        net = {"layers": layers, "units": units, "dropout": _nearest_dropout()}
+    point = (int(net["layers"]), int(net["units"]), fmt_dropout(net["dropout"]))
+    if point not in grid_points():
+        raise ValueError(f"interpret.{key} = {point[0]}x{point[1]} dropout {point[2]} is not in the grid; "
+                         f"choose a network of grid.layers x grid.units x grid.dropout (or null for the default)")
+    return point
+
+
+def s2_network():
+    g = config["grid"]
+    return _network("s2_network", max(g["layers"]), max(g["units"]))
+
+
+def s3_network():
+    g = config["grid"]
+    if config["interpret"].get("s3_network") is None and 1 not in g["layers"]:
+        raise ValueError("interpret.s3 maps the weights of a 1-hidden-layer network but grid.layers has no 1; "
+                         "add 1 to grid.layers or set interpret.s3: false")
+    return _network("s3_network", 1, min(g["units"]))
+
+
+def network_run_dirs(point):
+    """The part run folders of one grid point (inputs: their run.json)."""
+    return [str(Path(dgex_run_dir(*point, p), "run.json")) for p in target_parts()]
+
+
+def interpret_outputs():
+    files = []
+    if config["interpret"]["s2"]:
+        files += [out("interpret", "s2", f) for f in ("s2.json", "s2_summary.csv", "figure_s2.png")]
+    if config["interpret"]["s3"]:
+        files += [out("interpret", "s3", f) for f in ("s3.json", "figure_s3.png")]
+    return files
+
+
 def all_outputs():
-    """Final targets of the workflow."""
-    return [out("data", "dataset.h5"), out("data", "dataset.json")] + dgex_runs() + baseline_runs()
+    """Final targets of the workflow: tables, figures, model bundle, S2/S3 (and everything they need)."""
+    targets = list(table_outputs().values())
+    if config["report"]["figures"]:
+        targets += list(figure_outputs().values())
+    if config["export"]["enabled"]:
+        targets.append(out("model", "bundle.json"))
+    return targets + interpret_outputs()

@@ -1,0 +1,186 @@
+"""Stage ``figures``: the paper's Figures 1-5 from an aggregate folder (PNG + PDF each).
+
+1. GEO-te error vs hidden units, one line per depth, at the dropout chosen on
+   GEO-va, with the baselines as horizontal lines;
+2. density of per-gene GEO-te MAE for LR, KNN-GE and the best D-GEX;
+3. per-gene GEO-te MAE of the best D-GEX vs LR and vs KNN-GE;
+4. as 3 on GTEx-te for the model selected by 1000G-va;
+5. GTEx-te error vs epoch of the widest 2-layer network at each dropout rate.
+
+Models are chosen on validation (:func:`dgex.tables.choose`), never fixed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .aggregate import load_aggregate
+from .io import write_json
+from .plotting import pyplot, save_figure
+from .tables import BASELINES, TASKS, choose, pct
+
+log = logging.getLogger(__name__)
+
+COLORS = {"LR": "#d62728", "LR-L1": "#ff7f0e", "LR-L2": "#9467bd", "KNN-GE": "#7f7f7f", "D-GEX": "#1f77b4"}
+
+
+def _genes(per_gene: pd.DataFrame, method: str, selected_by: str, split: str, arch=None) -> pd.Series:
+    """Per-gene MAE of one model, indexed by gene id."""
+    m = (per_gene["method"] == method) & (per_gene["selected_by"] == selected_by) & (per_gene["split"] == split)
+    if arch is not None:
+        m &= (per_gene["layers"] == arch[0]) & (per_gene["units"] == arch[1]) & (per_gene["dropout"] == arch[2])
+    return per_gene[m].set_index("ensembl")["mae"]
+
+
+def _best(summary: pd.DataFrame, task: str) -> tuple | None:
+    """(layers, units, dropout) with the lowest validation MAE over the whole grid."""
+    t = TASKS[task]
+    val = summary[(summary["method"] == "D-GEX") & (summary["selected_by"] == t["validation"])
+                  & (summary["split"] == t["validation"])]
+    if val.empty:
+        return None
+    r = val.sort_values("mae_mean").iloc[0]
+    return int(r["layers"]), int(r["units"]), float(r["dropout"])
+
+
+def _name(arch) -> str:
+    return f"{pct(arch[2])} {arch[0]}×{arch[1]}"
+
+
+def figure1(agg, out):
+    plt = pyplot()
+    summary = agg["summary"]
+    pick = choose(summary, "geo")
+    s = summary[(summary["method"] == "D-GEX") & (summary["selected_by"] == "geo-va") & (summary["split"] == "geo-te")
+                & (summary["dropout"] == pick["dropout"])]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for layers, g in s.groupby("layers"):
+        g = g.sort_values("units")
+        ax.plot(g["units"], g["mae_mean"], marker="o", label=f"D-GEX {int(layers)} hidden layer{'s' * (layers > 1)}")
+    for m in BASELINES:
+        b = summary[(summary["method"] == m) & (summary["selected_by"] == "geo-va") & (summary["split"] == "geo-te")]
+        if len(b):
+            ax.axhline(b["mae_mean"].iloc[0], ls="--", color=COLORS[m], label=m)
+    ax.set_xlabel("hidden units per layer")
+    ax.set_ylabel("overall MAE on GEO-te")
+    ax.set_xticks(sorted(s["units"].unique()))
+    ax.set_title(f"Figure 1. GEO-te error of {pct(pick['dropout'])} by architecture")
+    ax.legend(frameon=False, ncol=2)
+    caption = (f"GEO-te overall error (mean per-gene MAE) of {pct(pick['dropout'])} (the dropout chosen "
+               f"on GEO-va) for each depth and width; dashed lines: the baselines.")
+    return save_figure(fig, out, "figure1"), caption
+
+
+def figure2(agg, out):
+    from scipy.stats import gaussian_kde
+
+    plt = pyplot()
+    arch = _best(agg["summary"], "geo")
+    series = {"LR": _genes(agg["per_gene"], "LR", "geo-va", "geo-te"),
+              "KNN-GE": _genes(agg["per_gene"], "KNN-GE", "geo-va", "geo-te"),
+              _name(arch): _genes(agg["per_gene"], "D-GEX", "geo-va", "geo-te", arch)}
+    series = {k: v for k, v in series.items() if len(v) > 1}
+    lo = min(v.min() for v in series.values())
+    hi = max(v.quantile(0.995) for v in series.values())
+    grid = np.linspace(lo, hi, 400)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, v in series.items():
+        color = COLORS.get(name, COLORS["D-GEX"])
+        ax.plot(grid, gaussian_kde(v.to_numpy())(grid), color=color, label=f"{name} (mean {v.mean():.4f})")
+    ax.set_xlabel("per-gene MAE on GEO-te")
+    ax.set_ylabel("density of target genes")
+    ax.set_title("Figure 2. Distribution of per-gene errors (GEO-te)")
+    ax.legend(frameon=False)
+    caption = (f"Density of the per-gene GEO-te MAE of LR, KNN-GE and the best D-GEX by GEO-va ({_name(arch)}).")
+    return save_figure(fig, out, "figure2"), caption
+
+
+def _scatter(agg, out, task: str, number: int):
+    plt = pyplot()
+    t = TASKS[task]
+    arch = _best(agg["summary"], task)
+    model = _genes(agg["per_gene"], "D-GEX", t["validation"], t["test"], arch)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    wins = {}
+    for ax, base_name in zip(axes, ("LR", "KNN-GE")):
+        base = _genes(agg["per_gene"], base_name, t["validation"], t["test"])
+        genes = model.index.intersection(base.index)
+        if len(genes) == 0:
+            ax.set_visible(False)
+            continue
+        x, y = base.loc[genes].to_numpy(), model.loc[genes].to_numpy()
+        win = float(np.mean(y < x))
+        wins[base_name] = win
+        ax.scatter(x, y, s=4, alpha=0.4, color=COLORS["D-GEX"], rasterized=True)
+        lim = [min(x.min(), y.min()), max(x.max(), y.max())]
+        ax.plot(lim, lim, color="black", lw=1)
+        ax.set_xlim(lim)
+        ax.set_ylim(lim)
+        ax.set_aspect("equal")
+        ax.set_xlabel(f"{base_name} per-gene MAE")
+        ax.set_ylabel(f"{_name(arch)} per-gene MAE")
+        ax.text(0.04, 0.95, f"D-GEX better on {100 * win:.2f}% of genes", transform=ax.transAxes, va="top")
+        ax.set_title(f"vs {base_name}")
+    fig.suptitle(f"Figure {number}. Per-gene errors on {t['title']} (selected by {t['validation']})")
+    caption = (f"Per-gene {t['title']} MAE of the best D-GEX by {t['validation']} ({_name(arch)}) against LR and "
+               f"KNN-GE; below the diagonal D-GEX is better ("
+               + ", ".join(f"{100 * w:.2f}% of genes vs {b}" for b, w in wins.items()) + ").")
+    return save_figure(fig, out, f"figure{number}"), caption, wins
+
+
+def figure5(agg, out):
+    plt = pyplot()
+    hist = agg["history"]
+    if "gtex-te" not in hist.columns or hist.empty:
+        return None
+    layers = 2 if (hist["layers"] == 2).any() else int(hist["layers"].max())
+    units = int(hist[hist["layers"] == layers]["units"].max())
+    h = hist[(hist["layers"] == layers) & (hist["units"] == units)]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for d, g in h.groupby("dropout"):
+        ax.plot(g["epoch"], g["gtex-te"], label=pct(float(d)))
+    s = agg["summary"]
+    lr = s[(s["method"] == "LR") & (s["selected_by"] == "1000g-va") & (s["split"] == "gtex-te")]
+    if len(lr):
+        ax.axhline(lr["mae_mean"].iloc[0], ls="--", color=COLORS["LR"], label="LR")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("overall MAE on GTEx-te")
+    ax.set_title(f"Figure 5. GTEx-te error during training ({layers}×{units})")
+    ax.legend(frameon=False)
+    caption = (f"GTEx-te overall error after each training epoch of the {layers}-layer {units}-unit network at each "
+               f"dropout rate; dashed: LR. Cross-platform error rises as the network fits GEO, less with dropout.")
+    return save_figure(fig, out, "figure5"), caption
+
+
+def make_figures(*, aggregate, output_dir) -> dict:
+    """Draw Figures 1-5 into ``output_dir``; returns the content of ``figures.json``."""
+    agg = load_aggregate(aggregate)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figs = {}
+    if choose(agg["summary"], "geo") is None:
+        from .errors import InputError
+
+        raise InputError(f"{aggregate}: no D-GEX runs to draw; aggregate D-GEX runs first")
+    files, cap = figure1(agg, out)
+    figs["figure1"] = {"files": files, "caption": cap}
+    files, cap = figure2(agg, out)
+    figs["figure2"] = {"files": files, "caption": cap}
+    files, cap, wins = _scatter(agg, out, "geo", 3)
+    figs["figure3"] = {"files": files, "caption": cap, "dgex_wins": wins}
+    if agg["info"].get("rnaseq") and _best(agg["summary"], "cross") is not None:
+        files, cap, wins = _scatter(agg, out, "cross", 4)
+        figs["figure4"] = {"files": files, "caption": cap, "dgex_wins": wins}
+        res = figure5(agg, out)
+        if res:
+            figs["figure5"] = {"files": res[0], "caption": res[1]}
+    skipped = [f"figure{n}" for n in (4, 5) if f"figure{n}" not in figs]
+    if skipped:
+        log.info("no RNA-seq results: skipped %s", ", ".join(skipped))
+    info = {"figures": figs, "skipped": skipped}
+    write_json(out / "figures.json", info)
+    return info

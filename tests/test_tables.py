@@ -1,0 +1,268 @@
+"""`dgex aggregate | tables | figures` on synthetic run folders whose right answers are known by construction.
+
+The fake grid has 2 depths x 2 widths x 2 dropout rates x 2 target parts of unequal size. Per-gene errors are
+``level(architecture, split) + gene effect``, with levels chosen so that validation picks a dropout rate and
+an architecture that the test split alone would not (bold != underlined), and the test flips them to make
+sure the choice follows the data, not a constant.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import assert_one_line_error, run_dgex
+
+from dgex.aggregate import aggregate, load_aggregate
+from dgex.errors import InputError
+from dgex.figures import make_figures
+from dgex.metrics import PER_GENE_COLUMNS
+from dgex.tables import PAPER, make_tables
+
+LAYERS, UNITS, DROPOUTS = (1, 2), (10, 20), (0.0, 0.25)
+PART_SIZES = (12, 8)
+SPLITS_BY_SELECTION = {"geo-va": ("geo-va", "geo-te"), "1000g-va": ("1000g-va", "gtex-te")}
+ALL_SPLITS = ("geo-va", "geo-te", "1000g-va", "gtex-te")
+
+
+def _genes():
+    rows = []
+    for part, n in enumerate(PART_SIZES):
+        for i in range(n):
+            g = len(rows)
+            rows.append({"ensembl": f"ENSG{g:011d}", "symbol": f"G{g}", "entrez": str(1000 + g), "part": part,
+                         "overlap": g % 5 == 0})
+    return pd.DataFrame(rows)
+
+
+def _level(layers, units, dropout, split, prefer):
+    """Overall error level; `prefer` maps a validation split to the dropout rate it should pick."""
+    base = {"geo-va": 0.40, "geo-te": 0.41, "1000g-va": 0.60, "gtex-te": 0.55}[split]
+    val = "geo-va" if split.startswith("geo") else "1000g-va"
+    lvl = base - 0.01 * (units == 20) - 0.004 * (layers == 2)
+    lvl -= 0.02 * (dropout == prefer[val])
+    if split == "geo-te":  # on the test split the 1-layer nets are better: best != selected
+        lvl += 0.008 * (layers == 2)
+    return lvl
+
+
+def _write_run(run_dir, info, frame):
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps(info))
+    frame[PER_GENE_COLUMNS].to_csv(run_dir / "per_gene.csv", index=False)
+
+
+def make_grid(root, prefer=None, rnaseq=True, seed=0, dataset="ds.h5"):
+    """Write the fake D-GEX and baseline run folders; returns (dgex_dirs, baseline_dirs, raw per-gene frame)."""
+    prefer = prefer or {"geo-va": 0.25, "1000g-va": 0.0}
+    rng = np.random.default_rng(seed)
+    genes = _genes()
+    effect = rng.normal(scale=0.05, size=len(genes))
+    sels = {k: v for k, v in SPLITS_BY_SELECTION.items() if rnaseq or k == "geo-va"}
+    splits = [s for s in ALL_SPLITS if rnaseq or s.startswith("geo")]
+    dgex_dirs, base_dirs, raw = [], [], []
+    for layers in LAYERS:
+        for units in UNITS:
+            for dropout in DROPOUTS:
+                for part, n in enumerate(PART_SIZES):
+                    tg = genes[genes["part"] == part]
+                    rows = []
+                    for sel, sel_splits in sels.items():
+                        for split in sel_splits:
+                            mae = _level(layers, units, dropout, split, prefer) + effect[tg.index]
+                            rows.append(tg.assign(method="D-GEX", selected_by=sel, split=split, mae=mae,
+                                                  r=0.5 + 0 * mae, rho=0.4 + 0 * mae))
+                    frame = pd.concat(rows, ignore_index=True)
+                    raw.append(frame.assign(layers=layers, units=units, dropout=dropout))
+                    n_epochs = 6 if part == 0 else 5  # part 1 stopped earlier: epoch 6 is incomplete
+                    hist = pd.DataFrame({"epoch": np.arange(1, n_epochs + 1)})
+                    for s in splits:
+                        hist[s] = _level(layers, units, dropout, s, prefer) + 0.1 / hist["epoch"] + 0.01 * part
+                    d = root / f"{layers}x{units}_d{dropout:g}" / f"part{part}"
+                    _write_run(d, {"config": {"layers": layers, "units": units, "dropout": dropout, "part": part},
+                                   "n_targets": n, "dataset": dataset, "epochs": n_epochs,
+                                   "best": {s: {"epoch": 3, "mae": 0.4} for s in sels}}, frame)
+                    hist.to_csv(d / "history.csv", index=False)
+                    dgex_dirs.append(d)
+    for method, offset in (("LR", 0.03), ("KNN-GE", 0.08)):
+        rows = []
+        for sel, sel_splits in sels.items():
+            for split in sel_splits:
+                mae = _level(1, 10, 0.1, split, prefer) + offset + effect + rng.normal(scale=0.02, size=len(genes))
+                rows.append(genes.assign(method=method, selected_by=sel, split=split, mae=mae, r=0.3 + 0 * mae,
+                                         rho=0.2 + 0 * mae))
+        frame = pd.concat(rows, ignore_index=True)
+        raw.append(frame)
+        d = root / "baselines" / method
+        _write_run(d, {"method": method, "dataset": dataset}, frame)
+        base_dirs.append(d)
+    return dgex_dirs, base_dirs, pd.concat(raw, ignore_index=True)
+
+
+@pytest.fixture
+def grid(tmp_path):
+    dgex_dirs, base_dirs, raw = make_grid(tmp_path / "runs")
+    agg = tmp_path / "aggregate"
+    aggregate(dgex_runs=dgex_dirs, baseline_runs=base_dirs, output_dir=agg)
+    return {"root": tmp_path, "agg": agg, "raw": raw, "dgex": dgex_dirs, "base": base_dirs}
+
+
+def _raw_mean(raw, method, sel, split, arch=None):
+    m = (raw["method"] == method) & (raw["selected_by"] == sel) & (raw["split"] == split)
+    if arch is not None:
+        m &= (raw["layers"] == arch[0]) & (raw["units"] == arch[1]) & (raw["dropout"] == arch[2])
+    return raw[m]
+
+
+# --------------------------------------------------------------------------- aggregate
+def test_aggregate_covers_every_gene_once_and_summaries_are_per_gene_means(grid):
+    agg = load_aggregate(grid["agg"])
+    pg, summary, info = agg["per_gene"], agg["summary"], agg["info"]
+    n_genes = sum(PART_SIZES)
+    assert info["n_genes"] == n_genes and info["rnaseq"] is True
+    assert info["grid"] == {"layers": list(LAYERS), "units": list(UNITS), "dropout": list(DROPOUTS)}
+    assert info["n_runs"] == {"dgex": 16, "baselines": 2}
+    dg = pg[pg["method"] == "D-GEX"]
+    assert (dg.groupby(["layers", "units", "dropout", "selected_by", "split"]).size() == n_genes).all()
+    for _, row in summary.iterrows():
+        arch = None if row["method"] != "D-GEX" else (row["layers"], row["units"], row["dropout"])
+        sub = _raw_mean(grid["raw"], row["method"], row["selected_by"], row["split"], arch)
+        assert row["n_genes"] == n_genes
+        assert row["mae_mean"] == pytest.approx(sub["mae"].mean(), abs=1e-6)
+        assert row["mae_std"] == pytest.approx(np.std(sub["mae"]), abs=1e-6)
+        assert row["mae_mean_no_overlap"] == pytest.approx(sub.loc[~sub["overlap"], "mae"].mean(), abs=1e-6)
+
+
+def test_history_is_gene_weighted_and_keeps_only_epochs_all_parts_reached(grid):
+    hist = load_aggregate(grid["agg"])["history"]
+    h = hist[(hist["layers"] == 2) & (hist["units"] == 20) & (hist["dropout"] == 0.25)]
+    assert list(h["epoch"]) == [1, 2, 3, 4, 5]
+    parts = [pd.read_csv(grid["root"] / "runs" / "2x20_d0.25" / f"part{p}" / "history.csv") for p in (0, 1)]
+    for split in ALL_SPLITS:
+        want = (parts[0][split][:5] * PART_SIZES[0] + parts[1][split][:5] * PART_SIZES[1]) / sum(PART_SIZES)
+        np.testing.assert_allclose(h[split].to_numpy(), want.to_numpy(), rtol=1e-5)
+
+
+def test_aggregate_rejects_a_part_given_twice(grid, tmp_path):
+    with pytest.raises(InputError, match="more than one run"):
+        aggregate(dgex_runs=grid["dgex"] + grid["dgex"][:1], baseline_runs=[], output_dir=tmp_path / "a2")
+    assert not (tmp_path / "a2" / "per_gene.csv.gz").exists()
+
+
+def test_aggregate_rejects_unfinished_and_mixed_runs(grid, tmp_path):
+    (grid["dgex"][3] / "run.json").unlink()
+    res = run_dgex("aggregate", "--dgex-runs", *grid["dgex"], "--output-dir", tmp_path / "a3")
+    assert_one_line_error(res, "no run.json", "rerun the workflow")
+    other, _, _ = make_grid(tmp_path / "other", dataset="other.h5")
+    res = run_dgex("aggregate", "--dgex-runs", *grid["dgex"][:3], *other[:1], "--output-dir", tmp_path / "a3")
+    assert_one_line_error(res, "different datasets")
+    res = run_dgex("aggregate", "--output-dir", tmp_path / "a3")
+    assert_one_line_error(res, "no runs given")
+    assert not (tmp_path / "a3" / "per_gene.csv.gz").exists()
+
+
+# --------------------------------------------------------------------------- tables
+@pytest.mark.parametrize("prefer", [{"geo-va": 0.25, "1000g-va": 0.0}, {"geo-va": 0.0, "1000g-va": 0.25}])
+def test_main_tables_show_the_dropout_and_architecture_chosen_on_validation(tmp_path, prefer):
+    dgex_dirs, base_dirs, raw = make_grid(tmp_path / "runs", prefer=prefer)
+    aggregate(dgex_runs=dgex_dirs, baseline_runs=base_dirs, output_dir=tmp_path / "agg")
+    info = make_tables(aggregate=tmp_path / "agg", output_dir=tmp_path / "tables", n_boot=50)
+    for task, name, val, test in (("geo", "table1", "geo-va", "geo-te"), ("cross", "table2", "1000g-va", "gtex-te")):
+        assert info["chosen"][task]["dropout"] == prefer[val]
+        table = pd.read_csv(tmp_path / "tables" / f"{name}.csv")
+        dg = table[table["layers"].notna()]
+        assert set(dg["dropout"]) == {prefer[val]} and len(dg) == len(LAYERS) * len(UNITS)
+        for _, r in dg.iterrows():
+            want = _raw_mean(raw, "D-GEX", val, test, (r["layers"], r["units"], r["dropout"]))["mae"].mean()
+            assert r["mae_mean"] == pytest.approx(want, abs=1e-6)
+        # bold = lowest test error; underlined = lowest validation error (2x20 by construction)
+        assert dg.loc[dg["best"], "mae_mean"].item() == pytest.approx(dg["mae_mean"].min())
+        sel = dg[dg["selected"]]
+        assert len(sel) == 1 and (sel["layers"].item(), sel["units"].item()) == (2, 20)
+        assert set(table.loc[table["layers"].isna(), "method"]) == {"LR", "KNN-GE"}
+        md = (tmp_path / "tables" / f"{name}.md").read_text()
+        assert f"D-GEX-{100 * prefer[val]:g}%" in md and "<u>" in md and "**" in md
+        assert "paper" not in table.columns
+    # Table 1: best on GEO-te is a 1-layer net, the selected one is 2x20: they differ, so both marks are tested
+    t1 = pd.read_csv(tmp_path / "tables" / "table1.csv")
+    assert not t1.loc[t1["best"], "selected"].item()
+
+
+def test_supplementary_tables_list_every_architecture_and_dropout(grid):
+    make_tables(aggregate=grid["agg"], output_dir=grid["root"] / "tables", n_boot=50)
+    for name, (split, sel) in {"tableS2": ("geo-va", "geo-va"), "tableS3": ("geo-te", "geo-va"),
+                               "tableS4": ("1000g-va", "1000g-va"), "tableS5": ("gtex-te", "1000g-va")}.items():
+        t = pd.read_csv(grid["root"] / "tables" / f"{name}.csv")
+        dg = t[t["method"] == "D-GEX"]
+        assert len(dg) == len(LAYERS) * len(UNITS) * len(DROPOUTS)
+        r = dg.iloc[0]
+        want = _raw_mean(grid["raw"], "D-GEX", sel, split, (r["layers"], r["units"], r["dropout"]))["mae"].mean()
+        assert r["mae_mean"] == pytest.approx(want, abs=1e-6)
+
+
+def test_paper_reference_columns(grid):
+    make_tables(aggregate=grid["agg"], output_dir=grid["root"] / "t", paper_reference=True, n_boot=50)
+    t = pd.read_csv(grid["root"] / "t" / "table1.csv")
+    lr = t[t["method"] == "LR"].iloc[0]
+    assert lr["paper_mae"] == PAPER["geo"]["LR"]
+    assert lr["difference"] == pytest.approx(lr["mae_mean"] - PAPER["geo"]["LR"], abs=1e-5)  # CSV: 6 digits
+    assert "paper .3784" not in (grid["root"] / "t" / "table1.md").read_text()  # baselines: own columns
+    assert "| LR |" in (grid["root"] / "t" / "table1.md").read_text()
+
+
+def test_stats_table_win_fractions_match_the_per_gene_errors(grid):
+    make_tables(aggregate=grid["agg"], output_dir=grid["root"] / "t", n_boot=200)
+    st = pd.read_csv(grid["root"] / "t" / "table_stats.csv")
+    row = st[(st["task"] == "GEO-te") & (st["baseline"] == "LR") & (st["genes"] == "all")].iloc[0]
+    raw = grid["raw"]
+    model = _raw_mean(raw, "D-GEX", "geo-va", "geo-te", (2, 20, 0.25)).set_index("ensembl")["mae"]
+    lr = _raw_mean(raw, "LR", "geo-va", "geo-te").set_index("ensembl")["mae"].loc[model.index]
+    assert row["dgex_wins"] == pytest.approx(float(np.mean(model < lr)))
+    assert row["dgex_ci_low"] <= row["dgex_mae"] <= row["dgex_ci_high"]
+    no = st[(st["task"] == "GEO-te") & (st["baseline"] == "LR") & (st["genes"] == "no_overlap")].iloc[0]
+    assert no["n_genes"] == sum(PART_SIZES) - int(_genes()["overlap"].sum())
+
+
+def test_tables_cli_rejects_a_folder_that_is_not_an_aggregate(tmp_path):
+    res = run_dgex("tables", "--aggregate", tmp_path, "--output-dir", tmp_path / "t")
+    assert_one_line_error(res, "not an aggregate folder", "dgex aggregate")
+    assert not (tmp_path / "t" / "table1.csv").exists()
+
+
+# --------------------------------------------------------------------------- figures
+def test_figures_are_written_with_win_fractions_from_the_data(grid):
+    info = make_figures(aggregate=grid["agg"], output_dir=grid["root"] / "fig")
+    assert info["skipped"] == []
+    for n in range(1, 6):
+        png = (grid["root"] / "fig" / f"figure{n}.png").read_bytes()
+        pdf = (grid["root"] / "fig" / f"figure{n}.pdf").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+        assert pdf[:5] == b"%PDF-"
+    raw = grid["raw"]
+    model = _raw_mean(raw, "D-GEX", "1000g-va", "gtex-te", (2, 20, 0.0)).set_index("ensembl")["mae"]
+    knn = _raw_mean(raw, "KNN-GE", "1000g-va", "gtex-te").set_index("ensembl")["mae"].loc[model.index]
+    assert info["figures"]["figure4"]["dgex_wins"]["KNN-GE"] == pytest.approx(float(np.mean(model < knn)))
+    assert "2×20" in info["figures"]["figure4"]["caption"]
+    saved = json.loads((grid["root"] / "fig" / "figures.json").read_text())
+    assert saved["figures"].keys() == info["figures"].keys()
+
+
+def test_geo_only_runs_skip_the_cross_platform_outputs(tmp_path):
+    dgex_dirs, base_dirs, _ = make_grid(tmp_path / "runs", rnaseq=False)
+    aggregate(dgex_runs=dgex_dirs, baseline_runs=base_dirs, output_dir=tmp_path / "agg")
+    assert load_aggregate(tmp_path / "agg")["info"]["rnaseq"] is False
+    info = make_figures(aggregate=tmp_path / "agg", output_dir=tmp_path / "fig")
+    assert info["skipped"] == ["figure4", "figure5"]
+    assert not (tmp_path / "fig" / "figure4.png").exists()
+    make_tables(aggregate=tmp_path / "agg", output_dir=tmp_path / "t", n_boot=20)
+    assert "no RNA-seq inputs" in (tmp_path / "t" / "table2.md").read_text()
+    assert pd.read_csv(tmp_path / "t" / "table1.csv")["layers"].notna().sum() == 4
+
+
+def test_figures_need_dgex_runs(grid, tmp_path):
+    aggregate(dgex_runs=[], baseline_runs=grid["base"], output_dir=tmp_path / "agg")
+    res = run_dgex("figures", "--aggregate", tmp_path / "agg", "--output-dir", tmp_path / "fig")
+    assert_one_line_error(res, "no D-GEX runs")

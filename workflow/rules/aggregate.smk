@@ -1,0 +1,76 @@
+# Stages aggregate -> tables -> figures: every run's per-gene errors into the paper's tables and figures.
+
+
+rule aggregate:
+    input:
+        dgex=dgex_runs(),
+        baselines=baseline_runs(),
+    output:
+        per_gene=out("aggregate", "per_gene.csv.gz"),
+        summary=out("aggregate", "summary.csv"),
+        history=out("aggregate", "history.csv"),
+        runs=out("aggregate", "runs.csv"),
+        info=out("aggregate", "aggregate.json"),
+    params:
+        dgex=lambda wc, input: " ".join(shlex.quote(os.path.dirname(p)) for p in input.dgex),
+        baselines=lambda wc, input: " ".join(shlex.quote(os.path.dirname(p)) for p in input.baselines),
+        outdir=lambda wc, output: os.path.dirname(output.info),
+    log:
+        out("logs", "aggregate.log"),
+    benchmark:
+        out("benchmarks", "aggregate.tsv")
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../../envs/dgex.yaml"
+    shell:
+        "python -m dgex aggregate --dgex-runs {params.dgex} --baseline-runs {params.baselines} "
+        "--output-dir {params.outdir:q} > {log} 2>&1"
+
+
+rule tables:
+    input:
+        out("aggregate", "aggregate.json"),
+    output:
+        **table_outputs(),
+    params:
+        aggregate=lambda wc, input: os.path.dirname(input[0]),
+        outdir=lambda wc, output: os.path.dirname(output.info),
+        paper="--paper-reference" if config["report"]["paper_reference"] else "",
+    log:
+        out("logs", "tables.log"),
+    benchmark:
+        out("benchmarks", "tables.tsv")
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../../envs/dgex.yaml"
+    shell:
+        "python -m dgex tables --aggregate {params.aggregate:q} --output-dir {params.outdir:q} {params.paper} "
+        "> {log} 2>&1"
+
+
+rule figures:
+    input:
+        out("aggregate", "aggregate.json"),
+    output:
+        **figure_outputs(),
+    params:
+        aggregate=lambda wc, input: os.path.dirname(input[0]),
+        outdir=lambda wc, output: os.path.dirname(output.info),
+    log:
+        out("logs", "figures.log"),
+    benchmark:
+        out("benchmarks", "figures.tsv")
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../../envs/dgex.yaml"
+    shell:
+        "python -m dgex figures --aggregate {params.aggregate:q} --output-dir {params.outdir:q} > {log} 2>&1"
