@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-targets", type=_positive_int, default=None,
                    help="use a seeded subset of this many target genes (default: all 9,520)")
     p.add_argument("--target-seed", type=int, default=0, help="seed of the target-gene subset (default 0)")
+    p.add_argument("--targets", choices=("builtin", "u133a-probes"), default="builtin",
+                   help="target set the data must cover: builtin (map_tg.txt) or u133a-probes (every HG-U133A probe, "
+                        "for the genome-wide model of config/l1000.yaml)")
 
     # ---------------------------------------------------------------- acquire
     p = sub.add_parser("acquire", help="download one input file (resumable, verified, atomic)",
@@ -146,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.ckpt if present")
     p.add_argument("--keep-last", action="store_true", help="keep last.ckpt after success (default: delete it)")
+    p.add_argument("--gpu-lock-dir", default=None,
+                   help="folder of the GPU lease files shared by concurrent jobs (default: $DGEX_GPU_LOCK_DIR or "
+                        "<tmp>/dgex-gpu-locks-<uid>)")
     p.add_argument("--checkpoint-interval", type=float, default=60.0,
                    help="seconds between resumable checkpoints (last.ckpt + best weights; default 60, 0 = every epoch)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -171,6 +177,136 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-jobs", type=int, default=-1,
                    help="threads for the per-gene lasso fits (default -1: all cores); other methods ignore it")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    # ---------------------------------------------------------------- aggregate
+    p = sub.add_parser("aggregate", help="collect finished runs into one folder (per-gene errors, summaries, histories)",
+                       description="Read D-GEX and baseline run folders (run.json + per_gene.csv [+ history.csv]) and "
+                                   "write per_gene.csv.gz, summary.csv, history.csv, runs.csv and aggregate.json.")
+    p.add_argument("--dgex-runs", nargs="*", default=[], metavar="DIR", help="D-GEX run folders (one per grid point x part)")
+    p.add_argument("--baseline-runs", nargs="*", default=[], metavar="DIR", help="baseline run folders")
+    p.add_argument("--output-dir", required=True, help="aggregate folder")
+
+    # ---------------------------------------------------------------- tables
+    p = sub.add_parser("tables", help="Tables 1-2, S2-S5 and the statistics table (CSV + Markdown)",
+                       description="Write table1 (GEO-te), table2 (GTEx-te), tableS2-S5 (all dropout rates on "
+                                   "GEO-va, GEO-te, 1000G-va, GTEx-te) and table_stats, each as .csv and .md, "
+                                   "plus tables.json. Dropout rates and architectures shown are chosen on validation.")
+    p.add_argument("--aggregate", required=True, help="folder written by `dgex aggregate`")
+    p.add_argument("--output-dir", required=True, help="tables folder")
+    p.add_argument("--paper-reference", action="store_true", help="print the paper's published numbers beside ours")
+    p.add_argument("--bootstrap", type=_positive_int, default=2000, dest="n_boot",
+                   help="bootstrap resamples for the confidence intervals (default 2000)")
+
+    # ---------------------------------------------------------------- figures
+    p = sub.add_parser("figures", help="Figures 1-5 of the paper (PNG + PDF)",
+                       description="Draw Figures 1-5 from an aggregate folder, choosing the models shown on "
+                                   "validation as the paper did; writes figures.json with captions.")
+    p.add_argument("--aggregate", required=True, help="folder written by `dgex aggregate`")
+    p.add_argument("--output-dir", required=True, help="figures folder")
+
+    # ---------------------------------------------------------------- interpret
+    p = sub.add_parser("interpret", help="supplementary analyses S2 (nonlinearity) and S3 (major weights)",
+                       description="Interpret a trained D-GEX network as in the paper's section 3.3: "
+                                   "`s2` compares per-gene adjusted R² of linear fits from the landmarks and from "
+                                   "each hidden layer; `s3` maps the major weights of a 1-hidden-layer network.")
+    isub = p.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
+    q = isub.add_parser("s2", help="adjusted R² of each target from the raw inputs vs each hidden layer (Figure S2)",
+                        description="Fit every target gene by least squares (with intercept) from the landmarks and "
+                                    "from each hidden layer's activations (eval mode) of one network (all its part "
+                                    "runs), and report the adjusted R² on the same profiles. Writes "
+                                    "s2_adjusted_r2.csv, s2_summary.csv, figure_s2.png/.pdf and s2.json.")
+    q.add_argument("--dataset", required=True, help="processed dataset the network was trained on")
+    q.add_argument("--runs", nargs="+", required=True, metavar="RUN_DIR",
+                   help="the part run folders of one network (written by `dgex train`)")
+    q.add_argument("--selection", choices=("geo-va", "1000g-va"), default="geo-va",
+                   help="which checkpoint to load: best_<selection>.pt (default geo-va)")
+    q.add_argument("--split", default="geo-tr",
+                   help="profiles to fit and score on (default geo-tr, as in the paper; adjusted R² is in-sample)")
+    q.add_argument("--max-samples", type=_positive_int, default=None,
+                   help="use a seeded random subset of this many profiles (default: all)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the --max-samples subset (default 0)")
+    q.add_argument("--batch-size", type=_positive_int, default=4096,
+                   help="profiles per streamed chunk (default 4096)")
+    q.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N (default auto)")
+    q.add_argument("--output-dir", required=True, help="folder for the S2 outputs")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q = isub.add_parser("s3", help="major-weight connectivity of a 1-hidden-layer network (Figure S3)",
+                        description="Keep the weights more than k standard deviations from the mean (per landmark "
+                                    "for input->hidden, per target for hidden->output, as in the paper) and count "
+                                    "the major connections of every hidden unit, landmark and target gene. Writes "
+                                    "s3_hidden_in_degree.csv, s3_hidden_out_degree.csv, s3_landmark_out_degree.csv, "
+                                    "s3_target_in_degree.csv, figure_s3.png/.pdf and s3.json.")
+    q.add_argument("--runs", nargs="+", required=True, metavar="RUN_DIR",
+                   help="the part run folders of one 1-hidden-layer network (paper: 3000x1)")
+    q.add_argument("--selection", choices=("geo-va", "1000g-va"), default="geo-va",
+                   help="which checkpoint to load: best_<selection>.pt (default geo-va)")
+    q.add_argument("--sigmas", type=_positive_float, nargs="+", default=[4.0, 5.0], metavar="K",
+                   help="thresholds k (in standard deviations) applied to both weight matrices (default 4 5)")
+    q.add_argument("--scope", choices=("unit", "matrix"), default="unit",
+                   help="mean/std per landmark and per target (unit, the paper) or per whole matrix")
+    q.add_argument("--map-sigmas", type=_positive_float, nargs=2, default=[4.0, 5.0], metavar=("K_IN", "K_OUT"),
+                   help="thresholds of the connectivity map for input and output weights (default 4 5, the paper)")
+    q.add_argument("--map-size", type=_positive_int, default=60,
+                   help="hidden units / genes shown in the connectivity map (default 60)")
+    q.add_argument("--dataset", default=None,
+                   help="processed dataset (optional): checks the genes and adds gene symbols")
+    q.add_argument("--output-dir", required=True, help="folder for the S3 outputs")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    # ---------------------------------------------------------------- export
+    p = sub.add_parser("export", help="package the part networks of one trained grid point as a model bundle",
+                       description="Write a self-contained model bundle folder for `dgex infer`: bundle.json "
+                                   "(format, architecture, training config, selection, metrics, checksums), "
+                                   "weights_part<k>.pt, landmarks.tsv, targets.tsv and stats.npz (GEO statistics "
+                                   "and quantile references). Written to a temporary folder and renamed into place.")
+    p.add_argument("--dataset", required=True, help="processed dataset the runs were trained on")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--runs", nargs="+", metavar="RUN_DIR",
+                     help="the finished part runs of one grid point (one folder per target part)")
+    src.add_argument("--grid-aggregate", metavar="AGG_DIR",
+                     help="an aggregate folder (`dgex aggregate`): export its grid point chosen on validation "
+                          "(GEO-va for --selection geo-va, 1000G-va for 1000g-va), as Table 1/2 do")
+    p.add_argument("--selection", choices=("geo-va", "1000g-va"), default="geo-va",
+                   help="which best epoch to export: best_<selection>.pt (default geo-va)")
+    p.add_argument("--output", required=True, help="bundle folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+
+    # ---------------------------------------------------------------- infer
+    p = sub.add_parser("infer", help="predict target genes for your landmark profiles with a model bundle",
+                       description="Map the input's rows (genes) onto the model's landmarks, standardise with the "
+                                   "bundle's GEO statistics, predict every target part and write target expression "
+                                   "(log2, GEO scale) for every input sample. GCTX input is streamed in chunks of "
+                                   "samples and GCTX output written incrementally, so memory stays flat.")
+    p.add_argument("--model", required=True, help="model bundle folder written by `dgex export`")
+    p.add_argument("--input", required=True,
+                   help="genes x samples log2 expression: .gctx (streamed), .gct, .tsv or .csv (rows: landmark genes)")
+    p.add_argument("--output", required=True, help="predictions: .gctx (any size), .csv/.tsv (small inputs)")
+    p.add_argument("--id-type", choices=("auto",) + ID_TYPES, default="auto",
+                   help="row ids of the input: ensembl, entrez, symbol or probe (L1000/HG-U133A, e.g. 200814_at); "
+                        "auto (default) picks the type that matches the most landmarks")
+    p.add_argument("--format", dest="output_format", choices=("gctx", "csv", "tsv", "parquet"), default=None,
+                   help="output format (default: from the --output extension; parquet needs pyarrow)")
+    p.add_argument("--chunk-size", type=_positive_int, default=10000,
+                   help="input samples read per chunk (default 10000)")
+    p.add_argument("--batch-size", type=_positive_int, default=4096,
+                   help="samples predicted and written per batch; bounds memory (default 4096)")
+    p.add_argument("--impute-missing", choices=("none", "mean"), default="none",
+                   help="landmarks absent from the input: none (default) = error listing them; mean = fill with "
+                        "the GEO training mean and warn (at least 50%% must be present)")
+    p.add_argument("--quantile-normalize", action="store_true",
+                   help="rank-map each sample onto the GEO landmark reference first; use for inputs whose value "
+                        "distribution differs from GEO's quantile-normalised log2 arrays (other platforms or "
+                        "normalisations), not for inputs already on the GEO scale")
+    p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N (default auto)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--force", action="store_true", help="allow csv/tsv/parquet output above 20,000 samples")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    # ---------------------------------------------------------------- gpus
+    p = sub.add_parser("gpus", help="list visible GPUs and which are leased by dgex jobs",
+                       description="Show each GPU this process may use (DGEX_GPUS, nvidia-smi, CUDA_VISIBLE_DEVICES) "
+                                   "and whether a dgex training job holds its lease.")
+    p.add_argument("--lock-dir", default=None, help="lease folder (default as for `dgex train`)")
+
     return parser
 
 
@@ -216,6 +352,34 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         from .train import train
         kwargs["progress"] = not kwargs.pop("no_progress")
         train(**kwargs)
+    elif args.command == "aggregate":
+        from .aggregate import aggregate
+        aggregate(**kwargs)
+    elif args.command == "tables":
+        from .tables import make_tables
+        make_tables(**kwargs)
+    elif args.command == "figures":
+        from .figures import make_figures
+        make_figures(**kwargs)
+    elif args.command == "gpus":
+        from .devices import lease_status
+
+        rows = lease_status(args.lock_dir)
+        if not rows:
+            print("no GPU visible: training runs on the CPU")
+        for r in rows:
+            print(f"GPU {r['gpu']}: " + (f"leased by {r['holder']}" if r["leased"] else "free"))
+    elif args.command == "interpret":
+        from .interpret import interpret_s2, interpret_s3
+        kwargs["progress"] = not kwargs.pop("no_progress")
+        (interpret_s2 if kwargs.pop("analysis") == "s2" else interpret_s3)(**kwargs)
+    elif args.command == "export":
+        from .bundle import export_bundle
+        export_bundle(**kwargs)
+    elif args.command == "infer":
+        from .infer import infer
+        kwargs["progress"] = not kwargs.pop("no_progress")
+        infer(**kwargs)
     elif args.command == "baseline":
         from .baselines import run_baseline
         run_baseline(**kwargs)

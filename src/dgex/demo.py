@@ -83,7 +83,7 @@ import pandas as pd
 
 from . import __version__
 from .errors import ConfigError
-from .genes import data_path, probe_annotation, read_gene_map, select_targets
+from .genes import ALL_PROBES, data_path, probe_annotation, read_gene_map, select_targets
 from .io import write_gctx, write_json, write_tsv
 
 log = logging.getLogger(__name__)
@@ -300,15 +300,20 @@ def _versioned(ids, rng) -> np.ndarray:
 # the stage
 # --------------------------------------------------------------------------- #
 def generate(output_dir, *, seed=0, n_geo=2000, n_duplicates=100, n_1000g=150, n_gtex=300, n_latent=12,
-             noise=0.25, max_targets=None, target_seed=0) -> dict:
+             noise=0.25, max_targets=None, target_seed=0, targets="builtin") -> dict:
     """Write ``geo.gctx``, ``1000g.tsv.gz``, ``gtex.gctx`` and ``demo.json`` into ``output_dir``.
 
     Deterministic for given arguments.  Returns the contents of ``demo.json``.
-    See the module docstring for the generative model.
+    See the module docstring for the generative model.  ``targets="u133a-probes"``
+    (the genome-wide L1000 model's target set) writes every HG-U133A probe: the
+    unused ones all become filler probes, so any probe subset preprocessing picks is there.
     """
+    if targets not in ("builtin", ALL_PROBES):
+        raise ConfigError(f"demo: targets must be 'builtin' or '{ALL_PROBES}', got {targets!r}")
     _check_args(output_dir, seed, n_geo, n_duplicates, n_1000g, n_gtex, n_latent, noise, max_targets, target_seed)
     params = {"seed": seed, "n_geo": n_geo, "n_duplicates": n_duplicates, "n_1000g": n_1000g, "n_gtex": n_gtex,
-              "n_latent": n_latent, "noise": float(noise), "max_targets": max_targets, "target_seed": target_seed}
+              "n_latent": n_latent, "noise": float(noise), "max_targets": max_targets, "target_seed": target_seed,
+              "targets": targets}
     t0 = time.time()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -319,14 +324,15 @@ def generate(output_dir, *, seed=0, n_geo=2000, n_duplicates=100, n_1000g=150, n
     # the builtin maps as load_gene_map('builtin', ...) gives them, without its (slow, unused) Entrez column
     lm = read_gene_map(data_path("map_lm.txt"))
     tg_all = read_gene_map(data_path("map_tg.txt"))
-    tg = select_targets(tg_all, max_targets, target_seed)
+    genome_wide = targets == ALL_PROBES
+    tg = tg_all if genome_wide else select_targets(tg_all, max_targets, target_seed)
     ann = probe_annotation()
     lm_ids = set(lm["ensembl"])
     tg_only_all = tg_all.loc[~tg_all["ensembl"].isin(lm_ids), "ensembl"].tolist()
     used_probes = set(lm["probes"].explode()) | set(tg_all["probes"].explode())
     filler_pool = np.array(sorted(p for p in ann.index if p not in used_probes), dtype=object)
-    filler = filler_pool[np.sort(r_layout.choice(len(filler_pool), size=min(N_FILLER_PROBES, len(filler_pool)),
-                                                 replace=False))]
+    n_filler = len(filler_pool) if genome_wide else min(N_FILLER_PROBES, len(filler_pool))
+    filler = filler_pool[np.sort(r_layout.choice(len(filler_pool), size=n_filler, replace=False))]
     extra_ids = [f"ENSG990000{i:05d}" for i in range(1, N_EXTRA_GENES + 1)]
     # column order: linear genes (landmarks, extras, fillers), then nonlinear targets
     names = list(lm["ensembl"]) + extra_ids + [f"filler:{p}" for p in filler] + tg_only_all

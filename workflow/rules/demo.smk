@@ -20,6 +20,7 @@ rule demo_data:
                 f"--target-seed {config['genes']['target_seed']}",
             ]
             + ([f"--max-targets {config['genes']['max_targets']}"] if config["genes"].get("max_targets") else [])
+            + (["--targets u133a-probes"] if config["genes"]["targets"] == "u133a-probes" else [])
         ),
         outdir=lambda wc, output: os.path.dirname(output.geo),
     log:

@@ -1,0 +1,606 @@
+"""Stage ``interpret``: the paper's supplementary analyses of a trained network (section 3.3).
+
+**S2 -- examining the nonlinearity.**  For every target gene, the adjusted R²
+of an ordinary least-squares fit (with intercept) of the gene's expression
+from (a) the raw landmark inputs and (b) each hidden layer's activations
+(eval mode, so no dropout).  The paper fits and reports on GEO-tr ("We
+calculated the adjusted R² ... for each target gene based on GEO-tr"), i.e.
+the in-sample adjusted R², and compares the raw inputs with the last hidden
+layer of D-GEX-10%-9000x3; here every hidden layer is reported.  Adjusted R² =
+``1 - (1 - R²) (n - 1) / (n - p - 1)`` with ``p`` the number of predictors
+(landmarks or hidden units).
+
+All genes are fitted at once from streamed sufficient statistics
+(:class:`GramFit`): the centred Gram matrix ``X'X`` ``(p, p)`` and ``X'Y``
+``(p, T)`` are accumulated over sample chunks in float64, and the explained
+sum of squares ``y'X (X'X)^+ X'y`` of every gene comes from one symmetric
+eigendecomposition, with eigenvalues below ``p * eps * max`` dropped, so
+collinear predictors (saturated or dead tanh units) are handled like a
+pseudo-inverse / minimum-norm least-squares solution.
+
+**S3 -- visualising the major weights.**  For a one-hidden-layer network (the
+paper's D-GEX-10%-3000x1), a weight is *major* if it lies more than ``k``
+standard deviations from the mean.  As in the paper, mean and standard
+deviation are taken per input unit (a landmark's weights to all hidden units)
+for the input->hidden matrix and per output unit (a target's weights from all
+hidden units) for the hidden->output matrix (``scope="unit"``); ``scope="matrix"``
+uses one mean/std per matrix instead.  The paper used k = 4 for the input and
+k = 5 for the output connections; here every k in ``sigmas`` is applied to both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .dataset import SPLITS, ProcessedDataset
+from .errors import ConfigError, InputError
+from .io import atomic_path, write_json
+from .plotting import pyplot, save_figure
+
+log = logging.getLogger(__name__)
+
+SELECTIONS = ("geo-va", "1000g-va")
+SCOPES = ("unit", "matrix")
+#: Positive major weights are drawn red, negative blue, as in the paper's Figure S3.
+POS_COLOR, NEG_COLOR = "#d62728", "#1f77b4"
+
+
+# --------------------------------------------------------------------------- #
+# adjusted R² from streamed sufficient statistics
+# --------------------------------------------------------------------------- #
+class GramFit:
+    """Multi-output OLS with intercept, fitted from sufficient statistics accumulated over chunks.
+
+    ``update(x, y)`` takes ``x`` ``(batch, p)`` predictors and ``y`` ``(batch, t)``
+    targets; :meth:`solve` returns per-target R² and adjusted R².  Values are
+    shifted by the first chunk's means before accumulating so the later
+    centring does not lose precision to cancellation.
+    """
+
+    def __init__(self, n_predictors: int, n_targets: int, device: str | torch.device = "cpu"):
+        self.p, self.t = int(n_predictors), int(n_targets)
+        self.device = torch.device(device)
+        z = dict(dtype=torch.float64, device=self.device)
+        self.n = 0
+        self.shift_x = self.shift_y = None
+        self.sx, self.sy = torch.zeros(self.p, **z), torch.zeros(self.t, **z)
+        self.sxx, self.sxy = torch.zeros(self.p, self.p, **z), torch.zeros(self.p, self.t, **z)
+        self.syy = torch.zeros(self.t, **z)
+
+    @torch.no_grad()
+    def update(self, x, y) -> None:
+        x = torch.as_tensor(x, device=self.device).to(torch.float64)
+        y = torch.as_tensor(y, device=self.device).to(torch.float64)
+        if x.shape[1] != self.p or y.shape[1] != self.t or x.shape[0] != y.shape[0]:
+            raise ValueError(f"chunk shapes {tuple(x.shape)}, {tuple(y.shape)} do not fit p={self.p}, t={self.t}")
+        if self.shift_x is None:
+            self.shift_x, self.shift_y = x.mean(0), y.mean(0)
+        x, y = x - self.shift_x, y - self.shift_y
+        self.n += x.shape[0]
+        self.sx += x.sum(0)
+        self.sy += y.sum(0)
+        self.sxx += x.T @ x
+        self.sxy += x.T @ y
+        self.syy += (y * y).sum(0)
+
+    @torch.no_grad()
+    def solve(self) -> dict:
+        """``{"r2": (t,), "adjusted": (t,), "rank", "n", "p", "note"}``; NaN where undefined.
+
+        ``adjusted`` is NaN for every gene when ``n <= p + 1`` (no residual
+        degrees of freedom), and R² is NaN for a constant target.
+        """
+        n, p = self.n, self.p
+        if n < 2:
+            raise InputError(f"adjusted R² needs at least 2 samples, got {n}; use a larger split or --max-samples")
+        mx, my = self.sx / n, self.sy / n
+        sxx = self.sxx - n * torch.outer(mx, mx)
+        sxy = self.sxy - n * torch.outer(mx, my)
+        syy = self.syy - n * my * my
+        lam, vec = torch.linalg.eigh((sxx + sxx.T) / 2)
+        tol = max(float(lam.max()), 0.0) * p * torch.finfo(torch.float64).eps
+        keep = lam > tol
+        proj = vec[:, keep].T @ sxy  # (rank, t) coordinates of X'y in the eigenbasis
+        ssr = (proj * proj / lam[keep, None]).sum(0)  # explained sum of squares per target
+        constant = syy <= 1e-12 * n
+        r2 = torch.where(constant, torch.nan, (ssr / syy.clamp_min(1e-300)).clamp(0.0, 1.0))
+        note = None
+        if n > p + 1:
+            adjusted = 1.0 - (1.0 - r2) * (n - 1) / (n - p - 1)
+        else:
+            adjusted = torch.full_like(r2, torch.nan)
+            note = (f"adjusted R² undefined: n={n} samples but {p} predictors need n > p + 1; "
+                    f"use a split with more samples (or a larger --max-samples)")
+        return {"r2": r2.cpu().numpy(), "adjusted": adjusted.cpu().numpy(), "rank": int(keep.sum()), "n": n, "p": p,
+                "note": note}
+
+
+def adjusted_r2(X: np.ndarray, Y: np.ndarray, chunk_size: int = 8192) -> np.ndarray:
+    """Adjusted R² ``(t,)`` of OLS (with intercept) of each column of ``Y`` ``(n, t)`` on ``X`` ``(n, p)``."""
+    fit = GramFit(X.shape[1], Y.shape[1])
+    for s in range(0, X.shape[0], chunk_size):
+        fit.update(X[s:s + chunk_size], Y[s:s + chunk_size])
+    return fit.solve()["adjusted"]
+
+
+# --------------------------------------------------------------------------- #
+# run folders
+# --------------------------------------------------------------------------- #
+def load_runs(runs, selection: str) -> list[dict]:
+    """Validate the part runs of one network; ``[{"dir", "config", "part", "checkpoint"}]`` sorted by part.
+
+    All runs must share layers/units/dropout (one grid point), have distinct
+    parts, and hold ``best_<selection>.pt``.
+    """
+    if selection not in SELECTIONS:
+        raise ConfigError(f"--selection must be one of {', '.join(SELECTIONS)} (got {selection!r})")
+    if not runs:
+        raise ConfigError("no run folders given; pass the part runs of one trained network with --runs")
+    out = []
+    for r in runs:
+        r = Path(r)
+        info = r / "run.json"
+        if not info.is_file():
+            raise InputError(f"{r}: not a D-GEX run folder (no run.json); pass folders written by `dgex train`")
+        try:
+            cfg = json.loads(info.read_text())["config"]
+            arch = (int(cfg["layers"]), int(cfg["units"]), float(cfg["dropout"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"{info}: unreadable run.json ({exc!r}); retrain the run with `dgex train`") from None
+        ckpt = r / f"best_{selection}.pt"
+        if not ckpt.is_file():
+            other = [s for s in SELECTIONS if s != selection and (r / f"best_{s}.pt").is_file()]
+            hint = f"use --selection {other[0]}" if other else "retrain the run"
+            raise InputError(f"{r}: no best_{selection}.pt (model selected by {selection}); {hint}")
+        out.append({"dir": r, "config": cfg, "arch": arch, "part": cfg.get("part"), "checkpoint": ckpt})
+    archs = {o["arch"] for o in out}
+    if len(archs) > 1:
+        names = ", ".join(f"{a[0]}x{a[1]} dropout {a[2]:g}" for a in sorted(archs))
+        raise InputError(f"the runs belong to different networks ({names}); pass the part runs of one grid point")
+    parts = [o["part"] for o in out]
+    if None in parts and len(parts) > 1:
+        raise InputError("a run trained on all targets (part 'all') cannot be combined with other runs; pass it alone")
+    if len(set(parts)) != len(parts):
+        dup = sorted({p for p in parts if parts.count(p) > 1}, key=str)
+        raise InputError(f"target part(s) {dup} given more than once; pass each part run of the network once")
+    return sorted(out, key=lambda o: -1 if o["part"] is None else o["part"])
+
+
+def _part_targets(targets: pd.DataFrame, part) -> pd.DataFrame:
+    if part is None:
+        return targets
+    if part >= int(targets["part"].max()) + 1:
+        raise InputError(f"run of target part {part}, but the dataset has parts 0..{int(targets['part'].max())}; "
+                         f"use the dataset the model was trained on")
+    return targets[targets["part"] == part].reset_index(drop=True)
+
+
+def _arch_name(arch) -> str:
+    return f"D-GEX-{arch[2] * 100:g}%-{arch[1]}x{arch[0]}"
+
+
+# --------------------------------------------------------------------------- #
+# figures
+# --------------------------------------------------------------------------- #
+def _write_csv(df: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.6g")
+
+
+# --------------------------------------------------------------------------- #
+# S2
+# --------------------------------------------------------------------------- #
+def interpret_s2(*, dataset, runs, output_dir, selection: str = "geo-va", split: str = "geo-tr",
+                 max_samples: int | None = None, seed: int = 0, batch_size: int = 4096, device: str = "auto",
+                 progress: bool = True) -> dict:
+    """Adjusted R² of every target gene from the landmarks and from each hidden layer; writes S2 outputs.
+
+    Writes into ``output_dir``: ``s2_adjusted_r2.csv`` (one row per target gene:
+    ``ensembl, symbol, part, overlap, input, hidden1..hiddenN``),
+    ``s2_summary.csv`` (one row per representation), ``figure_s2.png/.pdf`` and
+    ``s2.json`` (settings, per-fit rank/notes, summary, captions).  Returns the
+    ``s2.json`` content.
+    """
+    from tqdm.auto import tqdm
+
+    from .train import load_weights, pick_device
+
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1 (got {batch_size})")
+    if max_samples is not None and max_samples < 2:
+        raise ConfigError(f"--max-samples must be >= 2 (got {max_samples})")
+    run_list = load_runs(runs, selection)
+    layers, units, dropout = run_list[0]["arch"]
+    dev = pick_device(device)
+    out = Path(output_dir)
+    reps = ["input"] + [f"hidden{i + 1}" for i in range(layers)]
+
+    with ProcessedDataset(dataset) as ds:
+        if split not in SPLITS or not ds.has(split):
+            raise ConfigError(f"--split {split!r} is not in {dataset} (splits: {', '.join(ds.splits)}); "
+                              f"pick one of those (the paper uses geo-tr)")
+        genes = ds.genes()
+        n_total = ds.n_samples(split)
+        idx = None
+        if max_samples is not None and max_samples < n_total:
+            idx = np.sort(np.random.default_rng(seed).choice(n_total, size=max_samples, replace=False))
+        X = ds.X(split)
+        X = X[idx] if idx is not None else X
+        n = X.shape[0]
+        landmark_ids = genes.landmarks["ensembl"].tolist()
+        frames, fits = [], []
+        for run in run_list:
+            part = run["part"]
+            targets = _part_targets(genes.targets, part)
+            model, _ = load_weights(run["checkpoint"], gene_ids={"landmarks": landmark_ids,
+                                                                 "targets": targets["ensembl"].tolist()})
+            model.to(dev).eval()
+            Y = ds.Y(split, part)
+            Y = Y[idx] if idx is not None else Y
+            stats = [GramFit(X.shape[1], Y.shape[1], dev)] + [GramFit(units, Y.shape[1], dev) for _ in range(layers)]
+            starts = range(0, n, batch_size)
+            desc = f"S2 part {'all' if part is None else part}"
+            with torch.no_grad():
+                for s in tqdm(starts, desc=desc, unit="chunk", disable=not progress, leave=False):
+                    xb = torch.as_tensor(X[s:s + batch_size], device=dev)
+                    yb = torch.as_tensor(Y[s:s + batch_size], device=dev)
+                    _, acts = model(xb, return_hidden=True)
+                    for fit, rep in zip(stats, [xb, *acts]):
+                        fit.update(rep, yb)
+            frame = targets[["ensembl", "symbol", "part", "overlap"]].copy()
+            for rep, fit in zip(reps, stats):
+                res = fit.solve()
+                frame[rep] = res["adjusted"]
+                fits.append({"part": part, "representation": rep, "n": res["n"], "p": res["p"], "rank": res["rank"],
+                             "note": res["note"]})
+                if res["note"]:
+                    log.warning("S2 part %s %s: %s", part, rep, res["note"])
+            frames.append(frame)
+            del model, stats
+        n_parts = genes.n_parts
+
+    table = pd.concat(frames, ignore_index=True)
+    if table[reps].isna().all().all():
+        raise InputError(f"no adjusted R² could be computed on {split} (n={n} samples for up to "
+                         f"{max(X.shape[1], units)} predictors); use a larger split or raise --max-samples")
+    last = reps[-1]
+    summary_rows = []
+    for rep in reps:
+        v = table[rep]
+        no_ov = table.loc[~table["overlap"].astype(bool), rep]
+        row = {"representation": rep,
+               "n_predictors": X.shape[1] if rep == "input" else units,
+               "rank_min": min(f["rank"] for f in fits if f["representation"] == rep),
+               "n_samples": n, "n_genes": int(v.notna().sum()),
+               "mean": v.mean(), "median": v.median(), "q25": v.quantile(0.25), "q75": v.quantile(0.75),
+               "mean_no_overlap": no_ov.mean(), "median_no_overlap": no_ov.median(),
+               "frac_above_input": np.nan if rep == "input" else _frac_above(table[rep], table["input"])}
+        summary_rows.append(row)
+    summary = pd.DataFrame(summary_rows)
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(table, out / "s2_adjusted_r2.csv")
+    _write_csv(summary, out / "s2_summary.csv")
+    name = _arch_name((layers, units, dropout))
+    files = ["s2_adjusted_r2.csv", "s2_summary.csv"] + _figure_s2(table, reps, name, split, out)
+    frac = float(summary.loc[summary["representation"] == last, "frac_above_input"].iloc[0])
+    caption = (f"Supplementary Figure S2. Adjusted R² of a linear regression of each of {len(table):,} target genes "
+               f"on {split} (n = {n:,} profiles), fitted and evaluated on the same profiles, from the "
+               f"{X.shape[1]:,} raw landmark inputs and from the activations of each hidden layer "
+               f"({units:,} units) of {name} (model selected by {selection}). Left: distribution per "
+               f"representation. Right: gene-wise comparison of the raw inputs with the last hidden layer; "
+               f"{frac:.2%} of the genes lie above the diagonal (paper: 99.99% for D-GEX-10%-9000x3 on GEO-tr).")
+    info = {
+        "analysis": "S2",
+        "network": {"name": name, "layers": layers, "units": units, "dropout": dropout, "selection": selection,
+                    "runs": [str(r["dir"]) for r in run_list],
+                    "parts": [r["part"] if r["part"] is not None else "all" for r in run_list]},
+        "dataset": str(dataset), "split": split, "n_samples": n, "n_samples_split": n_total,
+        "max_samples": max_samples, "seed": seed, "device": str(dev),
+        "targets_covered": len(table), "all_parts_covered": run_list[0]["part"] is None or len(run_list) == n_parts,
+        "adjusted_r2": "1 - (1 - R2) (n - 1) / (n - p - 1), p = number of predictors; fit and R2 on the same split",
+        "fits": fits,
+        "notes": [f"part {f['part']} {f['representation']}: {f['note']}" for f in fits if f["note"]],
+        "summary": json.loads(summary.to_json(orient="records")),
+        "files": files + ["s2.json"],
+        "captions": {"figure_s2": caption,
+                     "s2_adjusted_r2": "Adjusted R² per target gene (rows) and representation (columns: raw landmark "
+                                       "inputs, hidden layers 1..N); overlap marks targets that are also landmarks.",
+                     "s2_summary": "Mean, median and quartiles of the adjusted R² per representation; "
+                                   "frac_above_input = fraction of genes whose adjusted R² exceeds the raw inputs'."},
+    }
+    write_json(out / "s2.json", info)
+    log.info("S2 %s on %s (n=%d): mean adjusted R2 input %.4f, %s %.4f; %.2f%% of genes above input", name, split, n,
+             summary["mean"].iloc[0], last, summary["mean"].iloc[-1], 100 * frac)
+    return info
+
+
+def _frac_above(a: pd.Series, b: pd.Series) -> float:
+    ok = a.notna() & b.notna()
+    return float((a[ok] > b[ok]).mean()) if ok.any() else float("nan")
+
+
+def _figure_s2(table: pd.DataFrame, reps: list[str], name: str, split: str, out: Path) -> list[str]:
+    plt = pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
+    labels = ["raw inputs" if r == "input" else f"hidden layer {r[6:]}" for r in reps]
+    data = [table[r].dropna().to_numpy() for r in reps]
+    keep = [i for i, d in enumerate(data) if d.size]
+    ax1.boxplot([data[i] for i in keep], showfliers=False)
+    ax1.set_xticks(range(1, len(keep) + 1), [labels[i] for i in keep], rotation=20)
+    ax1.set_ylabel(f"adjusted R² per target gene ({split})")
+    ax1.set_title(f"(a) adjusted R² by representation, {name}")
+    ax1.grid(axis="y", alpha=0.3)
+    last = reps[-1]
+    both = table[["input", last]].dropna()
+    if len(both):
+        above = both[last] > both["input"]
+        ax2.scatter(both.loc[~above, "input"], both.loc[~above, last], s=4, alpha=0.5, color=NEG_COLOR,
+                    label=f"below diagonal ({(~above).mean():.2%})", rasterized=True)
+        ax2.scatter(both.loc[above, "input"], both.loc[above, last], s=4, alpha=0.5, color=POS_COLOR,
+                    label=f"above diagonal ({above.mean():.2%})", rasterized=True)
+        lo = float(min(both.min().min(), 0.0))
+        ax2.plot([lo, 1], [lo, 1], color="black", lw=0.8, ls="--")
+        ax2.legend(loc="upper left", markerscale=3)
+    ax2.set_xlabel("adjusted R², raw landmark inputs")
+    ax2.set_ylabel(f"adjusted R², {labels[-1]} activations")
+    ax2.set_title("(b) gene-wise comparison")
+    fig.tight_layout()
+    return save_figure(fig, out, "figure_s2")
+
+
+# --------------------------------------------------------------------------- #
+# S3
+# --------------------------------------------------------------------------- #
+def major_weights(w: np.ndarray, k: float, axis: int | None) -> np.ndarray:
+    """Boolean mask of entries more than ``k`` standard deviations from the mean.
+
+    Mean and standard deviation are taken along ``axis`` (per unit; the other
+    axis indexes the units) or over the whole matrix (``axis=None``).
+    """
+    w = np.asarray(w, dtype=np.float64)
+    mean = w.mean(axis=axis, keepdims=True)
+    std = w.std(axis=axis, keepdims=True)
+    return np.abs(w - mean) > k * std
+
+
+def _degrees(w: np.ndarray, mask: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(total, positive, negative) numbers of major weights summed over ``axis``."""
+    pos = (mask & (w > 0)).sum(axis=axis)
+    neg = (mask & (w < 0)).sum(axis=axis)
+    return pos + neg, pos, neg
+
+
+def _hubs_for_half(out_degree: np.ndarray) -> int:
+    """Fewest hidden units that together carry at least half of all major output connections."""
+    total = out_degree.sum()
+    if total == 0:
+        return 0
+    return int(np.searchsorted(np.cumsum(np.sort(out_degree)[::-1]), total / 2) + 1)
+
+
+def s3_degrees(w_in: np.ndarray, w_out: np.ndarray, k: float, scope: str = "unit") -> dict:
+    """Major-weight degrees of a one-hidden-layer network at threshold ``k``.
+
+    ``w_in`` ``(H, L)`` is the input->hidden weight (torch ``Linear`` layout:
+    rows are hidden units, columns landmarks); ``w_out`` ``(T, H)`` the
+    hidden->output weight.  With ``scope="unit"`` (the paper) the statistics
+    are per landmark (over its ``H`` outgoing weights) and per target (over
+    its ``H`` incoming weights).  Returns masks and degree arrays:
+    ``hidden_in`` ``(H,)`` landmarks per hidden unit, ``landmark_out`` ``(L,)``,
+    ``target_in`` ``(T,)`` hidden units per target, ``hidden_out`` ``(H,)``,
+    each as (total, positive, negative).
+    """
+    if scope not in SCOPES:
+        raise ConfigError(f"--scope must be one of {', '.join(SCOPES)} (got {scope!r})")
+    m_in = major_weights(w_in, k, axis=0 if scope == "unit" else None)
+    m_out = major_weights(w_out, k, axis=1 if scope == "unit" else None)
+    return {"mask_in": m_in, "mask_out": m_out,
+            "hidden_in": _degrees(w_in, m_in, 1), "landmark_out": _degrees(w_in, m_in, 0),
+            "target_in": _degrees(w_out, m_out, 1), "hidden_out": _degrees(w_out, m_out, 0)}
+
+
+def _s3_counts(d: dict) -> dict:
+    hid_in, lm_out, tg_in, hid_out = (d[key][0] for key in ("hidden_in", "landmark_out", "target_in", "hidden_out"))
+    _, pos, neg = d["hidden_out"]
+    multi = hid_out >= 2  # a unit with one output connection is trivially single-signed
+    return {
+        "input_connections": int(d["mask_in"].sum()),
+        "landmarks": int(lm_out.size), "landmarks_connected": int((lm_out > 0).sum()),
+        "hidden_units": int(hid_in.size), "hidden_with_major_input": int((hid_in > 0).sum()),
+        "hidden_without_major_input": int((hid_in == 0).sum()),
+        "output_connections": int(d["mask_out"].sum()),
+        "targets": int(tg_in.size), "targets_connected": int((tg_in > 0).sum()),
+        "hidden_with_major_output": int((hid_out > 0).sum()),
+        "hidden_without_major_output": int((hid_out == 0).sum()),
+        "hidden_with_major_input_and_output": int(((hid_in > 0) & (hid_out > 0)).sum()),
+        "hubs_for_half_of_output_connections": _hubs_for_half(hid_out),
+        "max_hidden_out_degree": int(hid_out.max()) if hid_out.size else 0,
+        "hubs_2plus_outputs": int(multi.sum()),
+        "hubs_2plus_only_positive": int((multi & (neg == 0)).sum()),
+        "hubs_2plus_only_negative": int((multi & (pos == 0)).sum()),
+    }
+
+
+def interpret_s3(*, runs, output_dir, selection: str = "geo-va", sigmas=(4.0, 5.0), scope: str = "unit",
+                 map_sigmas=(4.0, 5.0), map_size: int = 60, dataset=None, progress: bool = True) -> dict:
+    """Major-weight connectivity of a one-hidden-layer network; writes the S3 outputs.
+
+    Writes into ``output_dir`` (one row per part x sigma x unit/gene):
+    ``s3_hidden_in_degree.csv`` (``part, sigma, unit, n_landmarks, n_positive,
+    n_negative``), ``s3_target_in_degree.csv`` (``part, sigma, ensembl, symbol,
+    n_hidden, n_positive, n_negative``), ``s3_landmark_out_degree.csv``
+    (``part, sigma, ensembl, symbol, n_hidden, n_positive, n_negative``),
+    ``s3_hidden_out_degree.csv`` (``part, sigma, unit, n_targets, n_positive,
+    n_negative``), ``figure_s3.png/.pdf`` and ``s3.json`` (summary counts per
+    part and sigma, captions).  ``map_sigmas`` = (input k, output k) of the
+    connectivity map (the paper: 4 and 5).  Returns the ``s3.json`` content.
+    """
+    from tqdm.auto import tqdm
+
+    from .train import load_weights
+
+    sigmas = [float(k) for k in sigmas]
+    map_sigmas = [float(k) for k in map_sigmas]
+    if not sigmas or any(not k > 0 for k in sigmas) or len(map_sigmas) != 2 or any(not k > 0 for k in map_sigmas):
+        raise ConfigError(f"--sigmas and --map-sigmas (IN OUT) must be positive numbers (got {sigmas}, {map_sigmas})")
+    if scope not in SCOPES:
+        raise ConfigError(f"--scope must be one of {', '.join(SCOPES)} (got {scope!r})")
+    if map_size < 1:
+        raise ConfigError(f"--map-size must be >= 1 (got {map_size})")
+    sigmas = sorted(set(sigmas))
+    run_list = load_runs(runs, selection)
+    layers, units, dropout = run_list[0]["arch"]
+    if layers != 1:
+        raise InputError(f"S3 analyses a network with one hidden layer (the paper's 3000x1), but "
+                         f"{run_list[0]['dir']} has {layers} hidden layers; pass the part runs of a 1-layer network")
+    genes = None
+    if dataset is not None:
+        with ProcessedDataset(dataset) as ds:
+            genes = ds.genes()
+
+    hid_in_rows, tg_rows, lm_rows, hid_out_rows, counts, nets = [], [], [], [], [], []
+    for run in tqdm(run_list, desc="S3", unit="run", disable=not progress, leave=False):
+        part = run["part"]
+        gene_ids = None
+        if genes is not None:
+            gene_ids = {"landmarks": genes.landmarks["ensembl"].tolist(),
+                        "targets": _part_targets(genes.targets, part)["ensembl"].tolist()}
+        model, blob = load_weights(run["checkpoint"], gene_ids=gene_ids)
+        lm_ids = list(blob.get("genes", {}).get("landmarks", [f"landmark{i}" for i in range(model.n_in)]))
+        tg_ids = list(blob.get("genes", {}).get("targets", [f"target{i}" for i in range(model.n_out)]))
+        lm_sym = _symbols(genes.landmarks if genes is not None else None, lm_ids)
+        tg_sym = _symbols(genes.targets if genes is not None else None, tg_ids)
+        w_in = model.hidden[0].weight.detach().double().numpy()  # (H, L)
+        w_out = model.output.weight.detach().double().numpy()  # (T, H)
+        part_label = "all" if part is None else part
+        unit_idx = np.arange(w_in.shape[0])
+        for k in sigmas:
+            d = s3_degrees(w_in, w_out, k, scope)
+            hid_in_rows.append(_degree_frame(part_label, k, {"unit": unit_idx}, d["hidden_in"], "n_landmarks"))
+            hid_out_rows.append(_degree_frame(part_label, k, {"unit": unit_idx}, d["hidden_out"], "n_targets"))
+            lm_rows.append(_degree_frame(part_label, k, {"ensembl": lm_ids, "symbol": lm_sym}, d["landmark_out"],
+                                         "n_hidden"))
+            tg_rows.append(_degree_frame(part_label, k, {"ensembl": tg_ids, "symbol": tg_sym}, d["target_in"],
+                                         "n_hidden"))
+            counts.append({"part": part_label, "sigma_in": k, "sigma_out": k, **_s3_counts(d)})
+        # the paper's map: input connections at k_in, output connections at k_out
+        d_in, d_out = (s3_degrees(w_in, w_out, k, scope) for k in map_sigmas)
+        d_map = {"mask_in": d_in["mask_in"], "hidden_in": d_in["hidden_in"], "landmark_out": d_in["landmark_out"],
+                 "mask_out": d_out["mask_out"], "target_in": d_out["target_in"], "hidden_out": d_out["hidden_out"]}
+        counts.append({"part": part_label, "sigma_in": map_sigmas[0], "sigma_out": map_sigmas[1], "map": True,
+                       **_s3_counts(d_map)})
+        nets.append({"part": part_label, "w_in": w_in, "w_out": w_out, "d": d_map, "lm": lm_sym, "tg": tg_sym})
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = {"s3_hidden_in_degree.csv": hid_in_rows, "s3_target_in_degree.csv": tg_rows,
+              "s3_landmark_out_degree.csv": lm_rows, "s3_hidden_out_degree.csv": hid_out_rows}
+    for fname, rows in tables.items():
+        _write_csv(pd.concat(rows, ignore_index=True), out / fname)
+    name = _arch_name((layers, units, dropout))
+    scope_text = ("per input unit (a landmark's weights to all hidden units) and per output unit (a target's weights "
+                  "from all hidden units)" if scope == "unit" else "over each whole weight matrix")
+    files = list(tables) + _figure_s3(tables, nets[0], sigmas, map_sigmas, map_size, name, out)
+    caption = (f"Supplementary Figure S3. Major weights of {name} (model selected by {selection}): weights more "
+               f"than k standard deviations from the mean, with mean and standard deviation taken {scope_text}. "
+               f"Top rows: for each k in {', '.join(f'{k:g}' for k in sigmas)}, the number of major connections "
+               f"per hidden unit (from landmarks / to targets), per landmark and per target gene"
+               f"{' (all target parts pooled)' if len(nets) > 1 else ''}. Bottom: map of the major connections "
+               f"(red positive, blue negative; input k = {map_sigmas[0]:g}, output k = {map_sigmas[1]:g} as in the "
+               f"paper) for the {min(map_size, units)} hidden units with the most major connections of target "
+               f"part {nets[0]['part']}.")
+    info = {
+        "analysis": "S3",
+        "network": {"name": name, "layers": layers, "units": units, "dropout": dropout, "selection": selection,
+                    "runs": [str(r["dir"]) for r in run_list], "parts": [c for c in dict.fromkeys(
+                        "all" if r["part"] is None else r["part"] for r in run_list)]},
+        "sigmas": sigmas, "map_sigmas": {"input": map_sigmas[0], "output": map_sigmas[1]}, "scope": scope,
+        "threshold": "|w - mean| > k * std, " + scope_text,
+        "counts": counts,
+        "files": files + ["s3.json"],
+        "captions": {
+            "figure_s3": caption,
+            "s3_hidden_in_degree": "Major input connections (from landmarks) per hidden unit, by part and k.",
+            "s3_hidden_out_degree": "Major output connections (to targets) per hidden unit, by part and k; "
+                                    "units with many are the paper's 'hub units'.",
+            "s3_landmark_out_degree": "Major connections per landmark gene (to hidden units), by part and k.",
+            "s3_target_in_degree": "Major connections per target gene (from hidden units), by part and k.",
+        },
+    }
+    write_json(out / "s3.json", info)
+    m = next(c for c in counts if c.get("map"))
+    log.info("S3 %s part %s (k=%g/%g): %d/%d hidden units with major input, %d with major output, "
+             "%d hubs carry half of the output connections", name, m["part"], *map_sigmas,
+             m["hidden_with_major_input"], m["hidden_units"], m["hidden_with_major_output"],
+             m["hubs_for_half_of_output_connections"])
+    return info
+
+
+def _symbols(table: pd.DataFrame | None, ids: list[str]) -> list[str]:
+    if table is None:
+        return [""] * len(ids)
+    lookup = dict(zip(table["ensembl"], table["symbol"]))
+    return [lookup.get(i, "") for i in ids]
+
+
+def _degree_frame(part, k: float, keys: dict, degrees, total_name: str) -> pd.DataFrame:
+    total, pos, neg = degrees
+    n = len(total)
+    return pd.DataFrame({"part": [part] * n, "sigma": k, **keys, total_name: total, "n_positive": pos,
+                         "n_negative": neg})
+
+
+def _int_hist(ax, values: np.ndarray, label: str, color: str) -> None:
+    """Bar chart of integer counts (log y, so rare high degrees stay visible)."""
+    counts = np.bincount(values.astype(np.int64), minlength=1)
+    x = np.flatnonzero(counts)
+    top = int(x.max()) if x.size else 0
+    ax.bar(x, counts[x], width=0.9 if top < 40 else top / 60, color=color, alpha=0.8, label=label)
+    ax.set_yscale("log")
+
+
+def _figure_s3(tables: dict, net: dict, sigmas: list[float], map_sigmas: list[float], map_size: int, name: str,
+               out: Path) -> list[str]:
+    plt = pyplot()
+    panels = [("s3_hidden_in_degree.csv", "n_landmarks", "major inputs per hidden unit", "hidden units"),
+              ("s3_landmark_out_degree.csv", "n_hidden", "major outputs per landmark", "landmark genes"),
+              ("s3_hidden_out_degree.csv", "n_targets", "major outputs per hidden unit", "hidden units"),
+              ("s3_target_in_degree.csv", "n_hidden", "major inputs per target gene", "target genes")]
+    frames = {f: pd.concat(rows, ignore_index=True) for f, rows in tables.items()}
+    n_rows = len(sigmas)
+    fig = plt.figure(figsize=(13, 2.4 * n_rows + 5.2))
+    grid = fig.add_gridspec(n_rows + 2, 4, height_ratios=[1.0] * n_rows + [0.15, 2.2], hspace=0.55, wspace=0.3)
+    for i, k in enumerate(sigmas):
+        for j, (fname, col, xlabel, ylabel) in enumerate(panels):
+            ax = fig.add_subplot(grid[i, j])
+            df = frames[fname]
+            _int_hist(ax, df.loc[df["sigma"] == k, col].to_numpy(), f"k = {k:g}", "#555555")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"{ylabel} (k = {k:g})")
+    # connectivity map of the units with the most major connections (input at k_in, output at k_out)
+    d = net["d"]
+    score = d["hidden_in"][0] + d["hidden_out"][0]
+    units = np.argsort(-score, kind="stable")[:map_size]
+    units = units[np.argsort(-d["hidden_out"][0][units], kind="stable")]  # hubs first
+    signed_in = (np.sign(net["w_in"]) * d["mask_in"])[units].T  # (L, n_units)
+    signed_out = (np.sign(net["w_out"]) * d["mask_out"])[:, units]  # (T, n_units)
+    lms = np.argsort(-np.abs(signed_in).sum(1), kind="stable")[:map_size]
+    tgs = np.argsort(-np.abs(signed_out).sum(1), kind="stable")[:map_size]
+    cmap = plt.matplotlib.colors.ListedColormap([NEG_COLOR, "white", POS_COLOR])
+    for j, (mat, rows, ylabel, k) in enumerate([(signed_in, lms, "landmark genes (input layer)", map_sigmas[0]),
+                                                 (signed_out, tgs, "target genes (output layer)", map_sigmas[1])]):
+        ax = fig.add_subplot(grid[n_rows + 1, 2 * j:2 * j + 2])
+        ax.imshow(mat[rows], aspect="auto", interpolation="nearest", cmap=cmap, vmin=-1.5, vmax=1.5)
+        ax.set_xlabel(f"hidden units ({len(units)} with the most major connections, hubs first)")
+        ax.set_ylabel(f"{ylabel}\n{len(rows)} most connected")
+        ax.set_title(f"major {'input->hidden' if j == 0 else 'hidden->output'} weights, k = {k:g} "
+                     f"(red > 0, blue < 0); part {net['part']}")
+    fig.suptitle(f"Major weights of {name}", y=0.995)
+    return save_figure(fig, out, "figure_s3")

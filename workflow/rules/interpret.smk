@@ -1,0 +1,64 @@
+# Stage interpret: the paper's supplementary analyses of trained networks.
+#   S2: adjusted R² of every target from the landmarks vs from each hidden layer
+#   S3: the major weights (> k sigma) of a 1-hidden-layer network
+
+
+rule interpret_s2:
+    input:
+        dataset=out("data", "dataset.h5"),
+        runs=lambda wc: network_run_dirs(s2_network()),
+    output:
+        info=out("interpret", "s2", "s2.json"),
+        summary=out("interpret", "s2", "s2_summary.csv"),
+        table=out("interpret", "s2", "s2_adjusted_r2.csv"),
+        png=report(out("interpret", "s2", "figure_s2.png"), caption=report_caption("figure_s2"),
+                   category="Interpretation"),
+        pdf=out("interpret", "s2", "figure_s2.pdf"),
+    params:
+        runs=lambda wc, input: " ".join(shlex.quote(os.path.dirname(p)) for p in input.runs),
+        outdir=lambda wc, output: os.path.dirname(output.info),
+        split=config["interpret"]["s2_split"],
+        max_samples=(f"--max-samples {config['interpret']['s2_max_samples']}"
+                     if config["interpret"].get("s2_max_samples") else ""),
+        device=config["train"]["device"],
+    log:
+        out("logs", "interpret_s2.log"),
+    benchmark:
+        out("benchmarks", "interpret_s2.tsv")
+    threads: 1
+    resources:
+        mem_mb=lambda wc: s2_mem_mb(),
+        runtime=60,
+    conda:
+        "../../envs/dgex.yaml"
+    shell:
+        "python -m dgex interpret s2 --dataset {input.dataset:q} --runs {params.runs} --split {params.split} "
+        "{params.max_samples} --device {params.device} --output-dir {params.outdir:q} --no-progress > {log} 2>&1"
+
+
+rule interpret_s3:
+    input:
+        dataset=out("data", "dataset.h5"),
+        runs=lambda wc: network_run_dirs(s3_network()),
+    output:
+        info=out("interpret", "s3", "s3.json"),
+        png=report(out("interpret", "s3", "figure_s3.png"), caption=report_caption("figure_s3"),
+                   category="Interpretation"),
+        pdf=out("interpret", "s3", "figure_s3.pdf"),
+    params:
+        runs=lambda wc, input: " ".join(shlex.quote(os.path.dirname(p)) for p in input.runs),
+        outdir=lambda wc, output: os.path.dirname(output.info),
+        sigmas=" ".join(str(k) for k in config["interpret"]["sigmas"]),
+    log:
+        out("logs", "interpret_s3.log"),
+    benchmark:
+        out("benchmarks", "interpret_s3.tsv")
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../../envs/dgex.yaml"
+    shell:
+        "python -m dgex interpret s3 --dataset {input.dataset:q} --runs {params.runs} --sigmas {params.sigmas} "
+        "--output-dir {params.outdir:q} --no-progress > {log} 2>&1"
