@@ -269,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which best epoch to export: best_<selection>.pt (default geo-va)")
     p.add_argument("--output", required=True, help="bundle folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     # ---------------------------------------------------------------- infer
     p = sub.add_parser("infer", help="predict target genes for your landmark profiles with a model bundle",
@@ -287,8 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output format (default: from the --output extension; parquet needs pyarrow)")
     p.add_argument("--chunk-size", type=_positive_int, default=10000,
                    help="input samples read per chunk (default 10000)")
-    p.add_argument("--batch-size", type=_positive_int, default=4096,
-                   help="samples predicted and written per batch; bounds memory (default 4096)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="samples predicted and written per batch; bounds memory (default: about 64 MB of "
+                        "output per batch, 256..8192 samples)")
     p.add_argument("--impute-missing", choices=("none", "mean"), default="none",
                    help="landmarks absent from the input: none (default) = error listing them; mean = fill with "
                         "the GEO training mean and warn (at least 50%% must be present)")
@@ -375,6 +377,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         (interpret_s2 if kwargs.pop("analysis") == "s2" else interpret_s3)(**kwargs)
     elif args.command == "export":
         from .bundle import export_bundle
+        kwargs["progress"] = not kwargs.pop("no_progress")
         export_bundle(**kwargs)
     elif args.command == "infer":
         from .infer import infer
