@@ -26,7 +26,6 @@ are on the GEO log2-expression scale.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -41,7 +40,9 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .errors import ConfigError, InputError
+from .acquire import sha256_file
+from .devices import pick_device
+from .errors import InputError
 from .models import DGEX
 
 log = logging.getLogger(__name__)
@@ -52,26 +53,6 @@ SELECTIONS = ("geo-va", "1000g-va")
 METRIC_SPLITS = ("geo-va", "geo-te", "1000g-va", "gtex-te")
 LANDMARK_COLUMNS = ["ensembl", "entrez", "symbol", "probe"]
 TARGET_COLUMNS = ["ensembl", "entrez", "symbol", "part"]
-
-
-def _sha256(path: Path, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(block), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    """``auto``: the GPU if there is one, else the CPU (as :func:`dgex.train.pick_device`, without its imports)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda requested but no CUDA device is available; use --device cpu or auto")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
 
 
 def _weights_name(part) -> str:
@@ -324,7 +305,7 @@ def write_bundle(output, *, networks: list, landmarks: pd.DataFrame, targets: pd
                              "n_parts": len(parts)},
             **(extra or {}),
             "parts": parts,
-            "files": {f: _sha256(tmp / f) for f in sorted(p.name for p in tmp.iterdir())},
+            "files": {f: sha256_file(tmp / f) for f in sorted(p.name for p in tmp.iterdir())},
         }
         (tmp / "bundle.json").write_text(json.dumps(info, indent=2, default=_json_default) + "\n")
         _replace_dir(tmp, output, overwrite)
@@ -573,7 +554,7 @@ def load_bundle(path, device="cpu", verify: bool = True) -> Bundle:
 
     if verify:
         for name, digest in files.items():
-            if _sha256(path / name) != digest:
+            if sha256_file(path / name) != digest:
                 raise InputError(f"{path}: {name} does not match its checksum in bundle.json; the bundle is corrupt "
                                  f"or was modified: re-export it with `dgex export`")
     lm["entrez"] = lm["entrez"].map(_clean_entrez)

@@ -176,3 +176,17 @@ def _try_lock_probe(path: Path) -> int | None:
         return None
     fcntl.flock(fd, fcntl.LOCK_UN)
     return fd
+
+
+def pick_device(device: str = "auto"):
+    """The torch device for ``auto`` (the GPU if there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda requested but no CUDA device is available; use --device cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None

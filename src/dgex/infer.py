@@ -41,7 +41,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .bundle import Bundle, _clean_entrez, load_bundle, pick_device
+from .bundle import Bundle, _clean_entrez, load_bundle
+from .devices import pick_device
 from .errors import ConfigError, InputError
 from .io import GCTXWriter, atomic_path, check_finite, open_matrix
 

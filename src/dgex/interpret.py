@@ -209,7 +209,8 @@ def interpret_s2(*, dataset, runs, output_dir, selection: str = "geo-va", split:
     """
     from tqdm.auto import tqdm
 
-    from .train import load_weights, pick_device
+    from .devices import pick_device
+    from .train import load_weights
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1 (got {batch_size})")

@@ -35,6 +35,7 @@ import torch
 
 from . import __version__
 from .dataset import ProcessedDataset
+from .devices import pick_device
 from .errors import ConfigError, DgexError, InputError
 from .io import atomic_path, write_json
 from .metrics import per_gene_frame, write_per_gene
@@ -186,14 +187,6 @@ def load_training_data(dataset: ProcessedDataset, part: int | None) -> dict[str,
     if part is not None and part >= dataset.genes().n_parts:
         raise ConfigError(f"--part {part} does not exist: the dataset has target parts 0..{dataset.genes().n_parts - 1}")
     return {s: (dataset.X(s), dataset.Y(s, part)) for s in dataset.splits}
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda requested but no CUDA device is available; use --device cpu or auto")
-    return torch.device(device)
 
 
 # --------------------------------------------------------------------------- #
