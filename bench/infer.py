@@ -160,7 +160,7 @@ def main(argv=None) -> int:
                     help="target genes (default 2000; the paper: 9520, or 21290 for its L1000 model)")
     ap.add_argument("--layers", type=int, default=1, help="hidden layers (default 1)")
     ap.add_argument("--units", type=int, default=300, help="hidden units (default 300)")
-    ap.add_argument("--chunk-size", type=int, default=10_000, help="dgex infer --chunk-size (default 10000)")
+    ap.add_argument("--chunk-size", type=int, default=4096, help="dgex infer --chunk-size (default 4096, as dgex infer)")
     ap.add_argument("--batch-size", type=int, default=None, help="dgex infer --batch-size (default: its auto size)")
     ap.add_argument("--device", default="auto", help="dgex infer --device (default auto)")
     ap.add_argument("--workdir", default=None, help="folder for the files (default: a temporary folder)")

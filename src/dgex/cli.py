@@ -286,8 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto (default) picks the type that matches the most landmarks")
     p.add_argument("--format", dest="output_format", choices=("gctx", "csv", "tsv", "parquet"), default=None,
                    help="output format (default: from the --output extension; parquet needs pyarrow)")
-    p.add_argument("--chunk-size", type=_positive_int, default=10000,
-                   help="input samples read per chunk (default 10000)")
+    p.add_argument("--chunk-size", type=_positive_int, default=4096,
+                   help="input samples read per chunk (default 4096)")
     p.add_argument("--batch-size", type=_positive_int, default=None,
                    help="samples predicted and written per batch; bounds memory (default: about 64 MB of "
                         "output per batch, 256..8192 samples)")

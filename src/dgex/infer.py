@@ -389,7 +389,7 @@ def auto_batch_size(n_targets: int) -> int:
 
 
 def infer(*, model, input, output, id_type: str = "auto", output_format: str | None = None,
-          chunk_size: int = 10_000, batch_size: int | None = None, impute_missing: str = "none",
+          chunk_size: int = 4096, batch_size: int | None = None, impute_missing: str = "none",
           quantile_normalize: bool = False, device: str = "auto", overwrite: bool = False, force: bool = False,
           progress: bool = True) -> dict:
     """Predict the targets of every sample of ``input`` with the bundle ``model`` and write ``output``.
@@ -444,7 +444,7 @@ def infer(*, model, input, output, id_type: str = "auto", output_format: str | N
         ref = _reference_for(bundle, len(mapping.present)) if quantile_normalize else None
         if ref is not None:
             from .preprocess import quantile_map  # imports scikit-learn: only when needed
-        batch_size = min(batch_size, n)
+        batch_size = min(batch_size, chunk_size, n)  # a batch never spans chunks: larger buffers would sit unused
 
         collected: list[np.ndarray] = []
         writer = sink = None

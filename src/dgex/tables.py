@@ -126,8 +126,8 @@ def _main_markdown(table: pd.DataFrame, task: str, pick: dict | None, paper_refe
         return "\n".join(lines + ["", "No D-GEX runs."]) + "\n"
     by = ", ".join(f"{pct(float(d))} {fmt(v)}" for d, v in pick["validation_by_dropout"].items())
     lines.append(f"Dropout shown: {pct(pick['dropout'])}, the rate whose best architecture has the lowest "
-                 f"{t['validation']} error ({by}; paper: {pct(PAPER[task]['dropout'])}). **Bold**: best on "
-                 f"{t['title']}; <u>underlined</u>: the architecture selected by {t['validation']} "
+                 f"{t['validation']} error ({by}; paper: {pct(PAPER[task]['dropout'])}). **Bold**: the best "
+                 f"{pct(pick['dropout'])} architecture on {t['title']}; <u>underlined</u>: the architecture selected by {t['validation']} "
                  f"({pick['layers']}×{pick['units']}).")
     lines.append("")
     dg = table[table["layers"].notna()]
