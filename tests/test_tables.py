@@ -20,7 +20,7 @@ from dgex.aggregate import aggregate, load_aggregate
 from dgex.errors import InputError
 from dgex.figures import make_figures
 from dgex.metrics import PER_GENE_COLUMNS
-from dgex.tables import PAPER, make_tables
+from dgex.tables import PAPER, fmt, make_tables, pct
 
 LAYERS, UNITS, DROPOUTS = (1, 2), (10, 20), (0.0, 0.25)
 PART_SIZES = (12, 8)
@@ -246,6 +246,14 @@ def test_figures_are_written_with_win_fractions_from_the_data(grid):
     knn = _raw_mean(raw, "KNN-GE", "1000g-va", "gtex-te").set_index("ensembl")["mae"].loc[model.index]
     assert info["figures"]["figure4"]["dgex_wins"]["KNN-GE"] == pytest.approx(float(np.mean(model < knn)))
     assert "2×20" in info["figures"]["figure4"]["caption"]
+    # Figure 5's caption states where each curve bottoms out, read from the history
+    hist = load_aggregate(grid["agg"])["history"]
+    h = hist[(hist["layers"] == 2) & (hist["units"] == hist[hist["layers"] == 2]["units"].max())]
+    for d, g in h.groupby("dropout"):
+        best = g.loc[g["gtex-te"].idxmin()]
+        assert f"{pct(float(d))} {fmt(g.sort_values('epoch')['gtex-te'].iloc[0])} at epoch" in \
+            info["figures"]["figure5"]["caption"]
+        assert f"lowest {fmt(best['gtex-te'])} at epoch {int(best['epoch'])}" in info["figures"]["figure5"]["caption"]
     saved = json.loads((grid["root"] / "fig" / "figures.json").read_text())
     assert saved["figures"].keys() == info["figures"].keys()
 
