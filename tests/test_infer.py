@@ -156,7 +156,7 @@ def test_export_rejects_bad_runs(toy, tmp_path):
     ds, (r0, r1) = toy["dataset"], toy["runs"]
     with pytest.raises(InputError, match=r"part\(s\) 1 missing"):
         export_bundle(dataset=ds, runs=[r0], output=tmp_path / "b")
-    with pytest.raises(InputError, match="given twice"):
+    with pytest.raises(InputError, match="given more than once"):
         export_bundle(dataset=ds, runs=[r0, r0, r1], output=tmp_path / "b")
     with pytest.raises(InputError, match="no run.json"):
         export_bundle(dataset=ds, runs=[r0, tmp_path], output=tmp_path / "b")

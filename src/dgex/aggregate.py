@@ -23,32 +23,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .dataset import EVAL_SPLITS
 from .errors import InputError
 from .io import atomic_path, write_json
 from .metrics import read_per_gene
+from .runs import read_run_info
 
 log = logging.getLogger(__name__)
 
 ARCH = ["layers", "units", "dropout"]
 KEY = ["method", *ARCH, "selected_by", "split"]
 PER_GENE_AGG = [*KEY, "ensembl", "symbol", "entrez", "part", "overlap", "mae", "r", "rho"]
-EVAL_SPLITS = ("geo-va", "geo-te", "1000g-va", "gtex-te")
-
-
-def _read_run(run_dir: Path) -> dict:
-    path = run_dir / "run.json"
-    if not path.exists():
-        raise InputError(f"{run_dir}: no run.json, the run did not finish; rerun the workflow to complete it")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: corrupt run.json ({exc}); delete the run folder and rerun") from None
 
 
 def _dgex_runs(dirs) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
     frames, histories, runs = [], [], []
     for d in map(Path, dirs):
-        info = _read_run(d)
+        info = read_run_info(d)
         cfg = info["config"]
         arch = {"layers": int(cfg["layers"]), "units": int(cfg["units"]), "dropout": float(cfg["dropout"])}
         pg = read_per_gene(d / "per_gene.csv").assign(**arch)
@@ -68,7 +59,7 @@ def _dgex_runs(dirs) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
 def _baseline_runs(dirs) -> tuple[pd.DataFrame, list[dict]]:
     frames, runs = [], []
     for d in map(Path, dirs):
-        info = _read_run(d)
+        info = read_run_info(d)
         frames.append(read_per_gene(d / "per_gene.csv").assign(layers=np.nan, units=np.nan, dropout=np.nan))
         runs.append({"method": info.get("method"), "layers": None, "units": None, "dropout": None,
                      "part": None, "dir": str(d), "dataset": info.get("dataset"), "epochs": None,

@@ -61,7 +61,7 @@ import pandas as pd
 from scipy import linalg, sparse
 
 from . import __version__
-from .dataset import ProcessedDataset
+from .dataset import EVAL_SPLITS, SELECTIONS, ProcessedDataset
 from .errors import ConfigError, InputError
 from .io import write_json
 from .metrics import overall, per_gene_frame, per_gene_mae, write_per_gene
@@ -70,8 +70,6 @@ log = logging.getLogger(__name__)
 
 #: Method key -> name in the ``method`` column (the paper's names).
 METHODS = {"lr": "LR", "ridge": "LR-L2", "lasso": "LR-L1", "knn": "KNN-GE"}
-TUNING_SPLITS = ("geo-va", "1000g-va")
-EVAL_SPLITS = ("geo-va", "geo-te", "1000g-va", "gtex-te")
 
 #: Default ridge grid, per-sample ``lam`` (sklearn ``Ridge`` alpha = ``n_train * lam``).
 RIDGE_LAMBDAS = tuple(float(v) for v in np.logspace(-4, 2, 13))
@@ -445,7 +443,7 @@ def run_baseline(method: str, dataset, output_dir, *, lambdas=None, ks=None, n_j
     del X, Y
 
     t = time.time()
-    tuning = {s: evals[s] for s in TUNING_SPLITS if s in evals}
+    tuning = {s: evals[s] for s in SELECTIONS if s in evals}
     curves = family.curves(tuning)
     chosen = {s: int(np.argmin(curves[s])) for s in tuning}
     timings["tune"] = time.time() - t

@@ -41,16 +41,15 @@ import torch
 
 from . import __version__
 from .acquire import sha256_file
-from .devices import pick_device
+from .dataset import EVAL_SPLITS, ProcessedDataset
 from .errors import InputError
 from .models import DGEX
+from .runs import load_runs
 
 log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = 1
 BUNDLE_KIND = "dgex-model-bundle"
-SELECTIONS = ("geo-va", "1000g-va")
-METRIC_SPLITS = ("geo-va", "geo-te", "1000g-va", "gtex-te")
 LANDMARK_COLUMNS = ["ensembl", "entrez", "symbol", "probe"]
 TARGET_COLUMNS = ["ensembl", "entrez", "symbol", "part"]
 
@@ -89,47 +88,19 @@ def runs_from_aggregate(aggregate_dir, selection: str = "geo-va") -> tuple[list[
     return dirs, pick
 
 
-def _read_run(run_dir: Path, selection: str) -> dict:
-    path = run_dir / "run.json"
-    if not path.exists():
-        raise InputError(f"{run_dir}: no run.json, the run did not finish (or is not a run folder); "
-                         f"train it with `dgex train` first")
-    try:
-        info = json.loads(path.read_text())
-        info["config"]["part"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise InputError(f"{path}: corrupt run.json ({exc}); retrain the run") from None
-    if not (run_dir / f"best_{selection}.pt").exists():
-        hint = ("the dataset has no 1000g-va split: use --selection geo-va" if selection == "1000g-va"
-                else "retrain the run")
-        raise InputError(f"{run_dir}: no best_{selection}.pt; {hint}")
-    return info
-
-
-def _check_parts(runs: list[Path], infos: list[dict], n_parts: int) -> list[int | None]:
-    parts = [info["config"]["part"] for info in infos]
-    if None in parts:
-        if len(runs) != 1:
-            raise InputError("a run trained on all targets (part 'all') must be exported alone; "
-                             "pass either that run or one run per target part")
-        return parts
-    seen: dict[int, Path] = {}
-    for part, d in zip(parts, runs):
-        if part in seen:
-            raise InputError(f"target part {part} is given twice ({seen[part]} and {d}); pass each part's run once")
-        if not 0 <= part < n_parts:
-            raise InputError(f"{d} was trained on target part {part} but the dataset has parts 0..{n_parts - 1}; "
-                             f"use the dataset the runs were trained on")
-        seen[part] = d
-    missing = sorted(set(range(n_parts)) - set(seen))
+def _check_parts(runs: list[dict], n_parts: int) -> None:
+    """The runs (from :func:`dgex.runs.load_runs`) must be one run on all targets or one run per dataset part."""
+    parts = [r["part"] for r in runs]
+    if parts == [None]:
+        return
+    outside = [r for r in runs if not 0 <= r["part"] < n_parts]
+    if outside:
+        raise InputError(f"{outside[0]['dir']} was trained on target part {outside[0]['part']} but the dataset has "
+                         f"parts 0..{n_parts - 1}; use the dataset the runs were trained on")
+    missing = sorted(set(range(n_parts)) - set(parts))
     if missing:
         raise InputError(f"target part(s) {', '.join(map(str, missing))} missing: pass one run folder per part "
                          f"(0..{n_parts - 1}) of the grid point")
-    archs = {(int(i["config"]["layers"]), int(i["config"]["units"]), float(i["config"]["dropout"])) for i in infos}
-    if len(archs) > 1:
-        raise InputError(f"the runs belong to different grid points ({', '.join(f'{a}x{b} dropout {c:g}' for a, b, c in sorted(archs))}); "
-                         f"pass the part runs of one network")
-    return parts
 
 
 def _landmark_reference(dataset, mean: np.ndarray, std: np.ndarray, epsilon: float, chunk: int = 16384,
@@ -169,7 +140,7 @@ def _landmark_probes(ensembl: pd.Series) -> pd.Series:
 def _weighted_metrics(parts: list[dict]) -> dict:
     """Overall MAE per split over all targets: the parts' MAEs weighted by their gene counts."""
     out = {}
-    for split in METRIC_SPLITS:
+    for split in EVAL_SPLITS:
         vals = [(p["metrics"].get(split), p["n_targets"]) for p in parts]
         if all(v is not None for v, _ in vals):
             out[split] = float(sum(v * n for v, n in vals) / sum(n for _, n in vals))
@@ -183,11 +154,8 @@ def export_bundle(*, dataset, output, runs=None, grid_aggregate=None, selection:
     Give either ``runs`` (the part run folders) or ``grid_aggregate`` (an
     aggregate folder: its validation-chosen grid point is exported).
     """
-    from .dataset import ProcessedDataset
     from .train import load_weights
 
-    if selection not in SELECTIONS:
-        raise InputError(f"--selection must be one of {', '.join(SELECTIONS)} (got {selection!r})")
     if bool(runs) == bool(grid_aggregate):
         raise InputError("pass either --runs (the part run folders of one grid point) or --grid-aggregate, not both")
     output = Path(output)
@@ -196,8 +164,7 @@ def export_bundle(*, dataset, output, runs=None, grid_aggregate=None, selection:
     pick = None
     if grid_aggregate:
         runs, pick = runs_from_aggregate(grid_aggregate, selection)
-    runs = [Path(r) for r in runs]
-    infos = [_read_run(r, selection) for r in runs]
+    run_list = load_runs(runs, selection)
 
     with ProcessedDataset(dataset) as ds:
         genes = ds.genes()
@@ -211,22 +178,21 @@ def export_bundle(*, dataset, output, runs=None, grid_aggregate=None, selection:
             probe_q = None
         ds_params = ds.params
     L = len(genes.landmarks)
-    parts = _check_parts(runs, infos, genes.n_parts)
-    order = sorted(range(len(runs)), key=lambda i: -1 if parts[i] is None else parts[i])
+    _check_parts(run_list, genes.n_parts)
 
     landmark_ids = genes.landmarks["ensembl"].tolist()
     tg_parts = genes.targets["part"].to_numpy()
     networks, part_info, target_idx = [], [], []
-    for i in order:
-        part, run_dir = parts[i], runs[i]
+    for run in run_list:  # sorted by part: the output order
+        part = run["part"]
         idx = np.arange(len(tg_parts)) if part is None else np.flatnonzero(tg_parts == part)
         gene_ids = {"landmarks": landmark_ids, "targets": genes.targets["ensembl"].iloc[idx].tolist()}
-        model, blob = load_weights(run_dir / f"best_{selection}.pt", n_in=L, n_out=len(idx), gene_ids=gene_ids)
+        model, blob = load_weights(run["checkpoint"], n_in=L, n_out=len(idx), gene_ids=gene_ids)
         row = blob.get("metrics", {})
         networks.append((part, model))
-        part_info.append({"epoch": int(blob.get("epoch", 0)), "run_dir": str(run_dir),
-                          "metrics": {s: float(row[s]) for s in METRIC_SPLITS if row.get(s) is not None},
-                          "best": infos[i].get("best", {})})
+        part_info.append({"epoch": int(blob.get("epoch", 0)), "run_dir": str(run["dir"]),
+                          "metrics": {s: float(row[s]) for s in EVAL_SPLITS if row.get(s) is not None},
+                          "best": run["info"].get("best", {})})
         target_idx.append(idx)
     tg_index = np.concatenate(target_idx)
 
@@ -240,7 +206,7 @@ def export_bundle(*, dataset, output, runs=None, grid_aggregate=None, selection:
                                                      progress=progress)}
     if probe_q is not None:
         stats["probe_quantiles"] = probe_q
-    cfg = dict(infos[order[0]]["config"])
+    cfg = dict(run_list[0]["config"])
     cfg.pop("part", None)
     for p, n in zip(part_info, target_idx):
         p["n_targets"] = len(n)

@@ -36,6 +36,10 @@ from .errors import InputError
 
 #: Evaluation splits in paper order: GEO train/validation/test, 1000G validation, GTEx test.
 SPLITS = ("geo-tr", "geo-va", "geo-te", "1000g-va", "gtex-te")
+#: Splits every trained model is evaluated on (all but the training split).
+EVAL_SPLITS = SPLITS[1:]
+#: Validation splits that choose a model: the best epoch of a run, a baseline's hyper-parameter, a grid point.
+SELECTIONS = ("geo-va", "1000g-va")
 SOURCE_OF = {"geo-tr": "geo", "geo-va": "geo", "geo-te": "geo", "1000g-va": "1000g", "gtex-te": "gtex"}
 
 

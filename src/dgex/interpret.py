@@ -42,10 +42,10 @@ from .dataset import SPLITS, ProcessedDataset
 from .errors import ConfigError, InputError
 from .io import atomic_path, write_json
 from .plotting import pyplot, save_figure
+from .runs import load_runs
 
 log = logging.getLogger(__name__)
 
-SELECTIONS = ("geo-va", "1000g-va")
 SCOPES = ("unit", "matrix")
 #: Positive major weights are drawn red, negative blue, as in the paper's Figure S3.
 POS_COLOR, NEG_COLOR = "#d62728", "#1f77b4"
@@ -132,46 +132,6 @@ def adjusted_r2(X: np.ndarray, Y: np.ndarray, chunk_size: int = 8192) -> np.ndar
 # --------------------------------------------------------------------------- #
 # run folders
 # --------------------------------------------------------------------------- #
-def load_runs(runs, selection: str) -> list[dict]:
-    """Validate the part runs of one network; ``[{"dir", "config", "part", "checkpoint"}]`` sorted by part.
-
-    All runs must share layers/units/dropout (one grid point), have distinct
-    parts, and hold ``best_<selection>.pt``.
-    """
-    if selection not in SELECTIONS:
-        raise ConfigError(f"--selection must be one of {', '.join(SELECTIONS)} (got {selection!r})")
-    if not runs:
-        raise ConfigError("no run folders given; pass the part runs of one trained network with --runs")
-    out = []
-    for r in runs:
-        r = Path(r)
-        info = r / "run.json"
-        if not info.is_file():
-            raise InputError(f"{r}: not a D-GEX run folder (no run.json); pass folders written by `dgex train`")
-        try:
-            cfg = json.loads(info.read_text())["config"]
-            arch = (int(cfg["layers"]), int(cfg["units"]), float(cfg["dropout"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InputError(f"{info}: unreadable run.json ({exc!r}); retrain the run with `dgex train`") from None
-        ckpt = r / f"best_{selection}.pt"
-        if not ckpt.is_file():
-            other = [s for s in SELECTIONS if s != selection and (r / f"best_{s}.pt").is_file()]
-            hint = f"use --selection {other[0]}" if other else "retrain the run"
-            raise InputError(f"{r}: no best_{selection}.pt (model selected by {selection}); {hint}")
-        out.append({"dir": r, "config": cfg, "arch": arch, "part": cfg.get("part"), "checkpoint": ckpt})
-    archs = {o["arch"] for o in out}
-    if len(archs) > 1:
-        names = ", ".join(f"{a[0]}x{a[1]} dropout {a[2]:g}" for a in sorted(archs))
-        raise InputError(f"the runs belong to different networks ({names}); pass the part runs of one grid point")
-    parts = [o["part"] for o in out]
-    if None in parts and len(parts) > 1:
-        raise InputError("a run trained on all targets (part 'all') cannot be combined with other runs; pass it alone")
-    if len(set(parts)) != len(parts):
-        dup = sorted({p for p in parts if parts.count(p) > 1}, key=str)
-        raise InputError(f"target part(s) {dup} given more than once; pass each part run of the network once")
-    return sorted(out, key=lambda o: -1 if o["part"] is None else o["part"])
-
-
 def _part_targets(targets: pd.DataFrame, part) -> pd.DataFrame:
     if part is None:
         return targets

@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .aggregate import ARCH, load_aggregate
-from .errors import InputError
+from .aggregate import load_aggregate
 from .io import atomic_path, write_json, write_text
 from .metrics import bootstrap_ci, compare
 

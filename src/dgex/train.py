@@ -22,19 +22,17 @@ generator state, makes ``--resume`` continue bit-identically after a crash.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import __version__
-from .dataset import ProcessedDataset
+from .dataset import EVAL_SPLITS, SELECTIONS, ProcessedDataset
 from .devices import pick_device
 from .errors import ConfigError, DgexError, InputError
 from .io import atomic_path, write_json
@@ -43,8 +41,6 @@ from .models import DGEX, default_learning_rate
 
 log = logging.getLogger(__name__)
 
-EVAL_SPLITS = ("geo-va", "geo-te", "1000g-va", "gtex-te")
-SELECTIONS = ("geo-va", "1000g-va")
 PRECISIONS = ("32", "tf32", "bf16-mixed")
 OPTIMIZERS = ("sgd", "adamw")
 
