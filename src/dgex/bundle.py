@@ -43,6 +43,7 @@ from . import __version__
 from .acquire import sha256_file
 from .dataset import EVAL_SPLITS, ProcessedDataset
 from .errors import InputError
+from .io import write_json
 from .models import DGEX
 from .runs import load_runs
 
@@ -273,20 +274,12 @@ def write_bundle(output, *, networks: list, landmarks: pd.DataFrame, targets: pd
             "parts": parts,
             "files": {f: sha256_file(tmp / f) for f in sorted(p.name for p in tmp.iterdir())},
         }
-        (tmp / "bundle.json").write_text(json.dumps(info, indent=2, default=_json_default) + "\n")
+        write_json(tmp / "bundle.json", info)
         _replace_dir(tmp, output, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return info
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
 def _replace_dir(tmp: Path, output: Path, overwrite: bool) -> None:
@@ -408,26 +401,11 @@ class Bundle:
         """Predict target expression ``(n_samples, T)`` from landmark expression ``(n_samples, L)``.
 
         ``x`` is log2 expression on the GEO scale with columns in
-        ``self.landmarks`` order.  ``quantile_normalize`` first rank-maps each
-        sample onto the GEO landmark reference (see ``dgex infer --help``).
+        ``self.landmarks`` order; see :func:`dgex.infer.predict`, which this calls.
         """
-        x = np.asarray(x, dtype=np.float32)
-        if x.ndim != 2 or x.shape[1] != self.n_landmarks:
-            raise InputError(f"expected landmark expression of shape (n_samples, {self.n_landmarks}), "
-                             f"got {x.shape}; order the columns as bundle.landmarks")
-        bad = ~np.isfinite(x).all(axis=1)
-        if bad.any():
-            raise InputError(f"{int(bad.sum())} sample(s) contain NaN or Inf (rows "
-                             f"{', '.join(map(str, np.flatnonzero(bad)[:5]))}); remove or impute them")
-        out = np.empty((x.shape[0], self.n_targets), dtype=np.float32)
-        for s in range(0, x.shape[0], batch_size):
-            block = x[s:s + batch_size]
-            if quantile_normalize:
-                from .preprocess import quantile_map  # imports scikit-learn: only when needed
+        from .infer import predict  # infer builds on this module
 
-                block = quantile_map(block, self.stats["landmark_quantiles"]).astype(np.float32)
-            out[s:s + len(block)] = self.predict_tensor(torch.as_tensor(block, device=self.device)).cpu().numpy()
-        return out
+        return predict(self, x, quantile_normalize=quantile_normalize, batch_size=batch_size)
 
 
 def _corrupt(path: Path, what: str) -> InputError:

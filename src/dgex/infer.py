@@ -44,7 +44,7 @@ import torch
 from .bundle import Bundle, _clean_entrez, load_bundle
 from .devices import pick_device
 from .errors import ConfigError, InputError
-from .io import GCTXWriter, atomic_path, check_finite, open_matrix
+from .io import GCTXWriter, atomic_path, check_finite, check_scale, open_matrix
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,6 @@ FORMATS = ("gctx", "csv", "tsv", "parquet")
 MAX_TEXT_SAMPLES = 20_000
 #: Fewer landmarks than this fraction is always an error, imputation or not.
 MIN_PRESENT_FRACTION = 0.5
-#: Log2 expression stays below this; larger values mean a linear scale.
-MAX_LOG2_VALUE = 30.0
 #: Output bytes per predicted batch when --batch-size is not given.
 BATCH_BYTES = 64 << 20
 
@@ -212,18 +210,6 @@ def _reference_for(bundle: Bundle, k: int) -> np.ndarray:
         return ref
     pos = (np.arange(k) + 0.5) / k * len(ref) - 0.5
     return np.interp(pos, np.arange(len(ref)), ref)
-
-
-def _check_scale(x: np.ndarray, source) -> None:
-    """Refuse values that are clearly not log2 expression; ``x`` ``(n, k)`` is the first chunk."""
-    top = float(np.max(x)) if x.size else 0.0
-    if top > MAX_LOG2_VALUE:
-        raise InputError(f"{source}: values up to {top:.4g} look linear-scale, the model expects log2 expression "
-                         f"(~2-16); log2(x + 1)-transform the input and retry")
-    med = float(np.median(x)) if x.size else 1.0
-    if med < 1.0:
-        raise InputError(f"{source}: median landmark value {med:.3g} looks like z-scores or log ratios, the model "
-                         f"expects log2 expression (~2-16); use expression values (e.g. L1000 level 3, not 4/5)")
 
 
 # --------------------------------------------------------------------------- #
@@ -459,7 +445,8 @@ def infer(*, model, input, output, id_type: str = "auto", output_format: str | N
             for start, stop, x in _prefetch(chunks):  # x: (chunk, k) present landmarks
                 check_finite(x, col_ids[start:stop], input)
                 if start == 0:
-                    _check_scale(x[:2000], input)
+                    check_scale(x[:2000], input, linear_fix="log2(x + 1)-transform the input and retry",
+                                ratio_fix="use expression values (e.g. L1000 level 3, not 4/5)")
                     ref_med = float(np.median(bundle.stats["landmark_quantiles"]))
                     med = float(np.median(x[:2000]))
                     if ref is None and abs(med - ref_med) > 2.0:

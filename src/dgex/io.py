@@ -66,10 +66,8 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 
 def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
+    if isinstance(o, np.generic):  # numpy integers, floats and bools
+        return o.item()
     if isinstance(o, np.ndarray):
         return o.tolist()
     if isinstance(o, Path):
@@ -103,6 +101,26 @@ def check_finite(block: np.ndarray, sample_ids: Sequence[str], path) -> None:
             f"{path}: {int(bad_rows.sum())} sample(s) contain NaN or Inf values "
             f"(e.g. {', '.join(names)}); remove or impute those samples and retry"
         )
+
+
+#: Log2 expression stays below this; larger values mean a linear scale.
+MAX_LOG2_VALUE = 30.0
+
+
+def check_scale(block: np.ndarray, path, linear_fix: str, ratio_fix: str) -> None:
+    """Reject values that are clearly not log2 expression; ``block`` is ``(n_samples, n_genes)``.
+
+    ``linear_fix`` / ``ratio_fix``: how the caller's user fixes linear-scale
+    values / z-scores or log ratios (the message's last clause).
+    """
+    top = float(np.nanmax(block)) if block.size else 0.0
+    if top > MAX_LOG2_VALUE:
+        raise InputError(f"{path}: values up to {top:.4g} look linear-scale, expected log2 expression (~2-16); "
+                         f"{linear_fix}")
+    med = float(np.nanmedian(block)) if block.size else 1.0
+    if med < 1.0:
+        raise InputError(f"{path}: median value {med:.3g} looks like z-scores or log ratios, expected log2 "
+                         f"expression (~2-16); {ratio_fix}")
 
 
 def _decode(values: np.ndarray) -> np.ndarray:

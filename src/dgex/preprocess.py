@@ -37,13 +37,9 @@ from . import DATASET_FORMAT, __version__
 from .dataset import encode
 from .errors import InputError
 from .genes import ALL_PROBES, aggregation_matrix, assign_parts, load_gene_map, select_targets, strip_version
-from .io import Matrix, atomic_path, check_finite, open_matrix, write_json
+from .io import Matrix, atomic_path, check_finite, check_scale, open_matrix, write_json
 
 log = logging.getLogger(__name__)
-
-#: Log2 expression from microarrays stays below this; larger values mean a linear scale.
-MAX_LOG2_VALUE = 30.0
-
 
 # --------------------------------------------------------------------------- #
 # building blocks (pure functions on arrays)
@@ -114,22 +110,6 @@ def split_indices(n: int, va_fraction: float, te_fraction: float, seed: int) -> 
         "geo-te": np.sort(perm[n_va:n_va + n_te]),
         "geo-tr": np.sort(perm[n_va + n_te:]),
     }
-
-
-def check_scale(block: np.ndarray, path) -> None:
-    """Reject GEO values that are clearly not log2 expression (linear scale, z-scores)."""
-    top = float(np.nanmax(block))
-    if top > MAX_LOG2_VALUE:
-        raise InputError(
-            f"{path}: values up to {top:.4g} look linear-scale, expected log2 expression (~2-16); "
-            f"log2-transform them (set log2: true for this input, or pass --geo-log2)"
-        )
-    med = float(np.nanmedian(block))
-    if med < 1.0:
-        raise InputError(
-            f"{path}: median value {med:.3g} looks like z-scores or log ratios, expected log2 expression "
-            f"(~4-15); use the un-standardised expression matrix"
-        )
 
 
 def standardise(x: np.ndarray, mean: np.ndarray, std: np.ndarray, epsilon: float) -> np.ndarray:
@@ -279,7 +259,8 @@ def preprocess(*, geo, output, summary=None, geo_quantile_normalize=False, geo_l
         checked_scale = False
         for start, stop, block in raw_chunks("gene means"):
             if not checked_scale:
-                check_scale(block, geo)
+                check_scale(block, geo, linear_fix="log2-transform them (set log2: true for this input, or pass "
+                            "--geo-log2)", ratio_fix="use the un-standardised expression matrix")
                 checked_scale = True
             if probe_reference is not None:
                 block = quantile_map(block, probe_reference)
