@@ -19,9 +19,10 @@ import numpy as np
 import pandas as pd
 
 from .aggregate import load_aggregate
+from .errors import InputError
 from .io import write_json
 from .plotting import pyplot, save_figure
-from .tables import BASELINES, TASKS, choose, fmt, pct
+from .tables import BASELINES, TASKS, arch_name, baseline_rows, choose, chosen_arch, dgex_rows, fmt, pct
 
 log = logging.getLogger(__name__)
 
@@ -36,33 +37,19 @@ def _genes(per_gene: pd.DataFrame, method: str, selected_by: str, split: str, ar
     return per_gene[m].set_index("ensembl")["mae"]
 
 
-def _best(summary: pd.DataFrame, task: str) -> tuple | None:
-    """(layers, units, dropout) with the lowest validation MAE over the whole grid."""
-    t = TASKS[task]
-    val = summary[(summary["method"] == "D-GEX") & (summary["selected_by"] == t["validation"])
-                  & (summary["split"] == t["validation"])]
-    if val.empty:
-        return None
-    r = val.sort_values("mae_mean").iloc[0]
-    return int(r["layers"]), int(r["units"]), float(r["dropout"])
-
-
-def _name(arch) -> str:
-    return f"{pct(arch[2])} {arch[0]}×{arch[1]}"
-
-
 def figure1(agg, out):
     plt = pyplot()
     summary = agg["summary"]
     pick = choose(summary, "geo")
-    s = summary[(summary["method"] == "D-GEX") & (summary["selected_by"] == "geo-va") & (summary["split"] == "geo-te")
-                & (summary["dropout"] == pick["dropout"])]
+    s = dgex_rows(summary, "geo-va", "geo-te")
+    s = s[s["dropout"] == pick["dropout"]]
+    base = baseline_rows(summary, "geo-va", "geo-te")
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for layers, g in s.groupby("layers"):
         g = g.sort_values("units")
         ax.plot(g["units"], g["mae_mean"], marker="o", label=f"D-GEX {int(layers)} hidden layer{'s' * (layers > 1)}")
     for m in BASELINES:
-        b = summary[(summary["method"] == m) & (summary["selected_by"] == "geo-va") & (summary["split"] == "geo-te")]
+        b = base[base["method"] == m]
         if len(b):
             ax.axhline(b["mae_mean"].iloc[0], ls="--", color=COLORS[m], label=m)
     ax.set_xlabel("hidden units per layer")
@@ -79,10 +66,10 @@ def figure2(agg, out):
     from scipy.stats import gaussian_kde
 
     plt = pyplot()
-    arch = _best(agg["summary"], "geo")
+    arch = chosen_arch(agg["summary"], "geo")
     series = {"LR": _genes(agg["per_gene"], "LR", "geo-va", "geo-te"),
               "KNN-GE": _genes(agg["per_gene"], "KNN-GE", "geo-va", "geo-te"),
-              _name(arch): _genes(agg["per_gene"], "D-GEX", "geo-va", "geo-te", arch)}
+              arch_name(arch): _genes(agg["per_gene"], "D-GEX", "geo-va", "geo-te", arch)}
     series = {k: v for k, v in series.items() if len(v) > 1}
     lo = min(v.min() for v in series.values())
     hi = max(v.quantile(0.995) for v in series.values())
@@ -95,14 +82,14 @@ def figure2(agg, out):
     ax.set_ylabel("density of target genes")
     ax.set_title("Figure 2. Distribution of per-gene errors (GEO-te)")
     ax.legend(frameon=False)
-    caption = (f"Density of the per-gene GEO-te MAE of LR, KNN-GE and the best D-GEX by GEO-va ({_name(arch)}).")
+    caption = (f"Density of the per-gene GEO-te MAE of LR, KNN-GE and the best D-GEX by GEO-va ({arch_name(arch)}).")
     return save_figure(fig, out, "figure2"), caption
 
 
 def _scatter(agg, out, task: str, number: int):
     plt = pyplot()
     t = TASKS[task]
-    arch = _best(agg["summary"], task)
+    arch = chosen_arch(agg["summary"], task)
     model = _genes(agg["per_gene"], "D-GEX", t["validation"], t["test"], arch)
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
     wins = {}
@@ -122,11 +109,11 @@ def _scatter(agg, out, task: str, number: int):
         ax.set_ylim(lim)
         ax.set_aspect("equal")
         ax.set_xlabel(f"{base_name} per-gene MAE")
-        ax.set_ylabel(f"{_name(arch)} per-gene MAE")
+        ax.set_ylabel(f"{arch_name(arch)} per-gene MAE")
         ax.text(0.04, 0.95, f"D-GEX better on {100 * win:.2f}% of genes", transform=ax.transAxes, va="top")
         ax.set_title(f"vs {base_name}")
     fig.suptitle(f"Figure {number}. Per-gene errors on {t['title']} (selected by {t['validation']})")
-    caption = (f"Per-gene {t['title']} MAE of the best D-GEX by {t['validation']} ({_name(arch)}) against LR and "
+    caption = (f"Per-gene {t['title']} MAE of the best D-GEX by {t['validation']} ({arch_name(arch)}) against LR and "
                f"KNN-GE; below the diagonal D-GEX is better ("
                + ", ".join(f"{100 * w:.2f}% of genes vs {b}" for b, w in wins.items()) + ").")
     return save_figure(fig, out, f"figure{number}"), caption, wins
@@ -143,8 +130,8 @@ def figure5(agg, out):
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for d, g in h.groupby("dropout"):
         ax.plot(g["epoch"], g["gtex-te"], label=pct(float(d)))
-    s = agg["summary"]
-    lr = s[(s["method"] == "LR") & (s["selected_by"] == "1000g-va") & (s["split"] == "gtex-te")]
+    lr = baseline_rows(agg["summary"], "1000g-va", "gtex-te")
+    lr = lr[lr["method"] == "LR"]
     if len(lr):
         ax.axhline(lr["mae_mean"].iloc[0], ls="--", color=COLORS["LR"], label="LR")
     ax.set_xlabel("epoch")
@@ -171,8 +158,6 @@ def make_figures(*, aggregate, output_dir) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     figs = {}
     if choose(agg["summary"], "geo") is None:
-        from .errors import InputError
-
         raise InputError(f"{aggregate}: no D-GEX runs to draw; aggregate D-GEX runs first")
     files, cap = figure1(agg, out)
     figs["figure1"] = {"files": files, "caption": cap}
@@ -180,7 +165,7 @@ def make_figures(*, aggregate, output_dir) -> dict:
     figs["figure2"] = {"files": files, "caption": cap}
     files, cap, wins = _scatter(agg, out, "geo", 3)
     figs["figure3"] = {"files": files, "caption": cap, "dgex_wins": wins}
-    if agg["info"].get("rnaseq") and _best(agg["summary"], "cross") is not None:
+    if agg["info"].get("rnaseq") and chosen_arch(agg["summary"], "cross") is not None:
         files, cap, wins = _scatter(agg, out, "cross", 4)
         figs["figure4"] = {"files": files, "caption": cap, "dgex_wins": wins}
         res = figure5(agg, out)

@@ -64,12 +64,14 @@ def pct(d: float) -> str:
     return f"D-GEX-{100 * d:g}%"
 
 
-def _dgex(summary: pd.DataFrame, selected_by: str, split: str) -> pd.DataFrame:
+def dgex_rows(summary: pd.DataFrame, selected_by: str, split: str) -> pd.DataFrame:
+    """The D-GEX rows of ``summary`` for models selected by ``selected_by``, evaluated on ``split``."""
     s = summary[(summary["method"] == "D-GEX") & (summary["selected_by"] == selected_by) & (summary["split"] == split)]
     return s.astype({"layers": int, "units": int})
 
 
-def _baseline(summary: pd.DataFrame, selected_by: str, split: str) -> pd.DataFrame:
+def baseline_rows(summary: pd.DataFrame, selected_by: str, split: str) -> pd.DataFrame:
+    """The baseline rows of ``summary`` tuned on ``selected_by``, evaluated on ``split``."""
     return summary[summary["method"].isin(BASELINES) & (summary["selected_by"] == selected_by)
                    & (summary["split"] == split)]
 
@@ -77,7 +79,7 @@ def _baseline(summary: pd.DataFrame, selected_by: str, split: str) -> pd.DataFra
 def choose(summary: pd.DataFrame, task: str) -> dict | None:
     """The dropout and architecture a task shows: lowest validation MAE (None without D-GEX runs)."""
     t = TASKS[task]
-    val = _dgex(summary, t["validation"], t["validation"])
+    val = dgex_rows(summary, t["validation"], t["validation"])
     if val.empty:
         return None
     best_per_dropout = val.groupby("dropout")["mae_mean"].min()
@@ -88,13 +90,24 @@ def choose(summary: pd.DataFrame, task: str) -> dict | None:
             "validation_by_dropout": {f"{d:g}": float(v) for d, v in best_per_dropout.items()}}
 
 
+def chosen_arch(summary: pd.DataFrame, task: str) -> tuple | None:
+    """``(layers, units, dropout)`` of the network a task shows (:func:`choose`), None without D-GEX runs."""
+    pick = choose(summary, task)
+    return None if pick is None else (pick["layers"], pick["units"], pick["dropout"])
+
+
+def arch_name(arch) -> str:
+    """``D-GEX-10% 3×9000`` for ``(layers, units, dropout)``."""
+    return f"{pct(arch[2])} {arch[0]}×{arch[1]}"
+
+
 def main_table(summary: pd.DataFrame, task: str, paper_reference: bool) -> tuple[pd.DataFrame, str]:
     """Table 1 (task 'geo') or 2 ('cross'): D-GEX at the chosen dropout per architecture, plus baselines."""
     t = TASKS[task]
     pick = choose(summary, task)
     rows = []
     if pick is not None:
-        test = _dgex(summary, t["validation"], t["test"])
+        test = dgex_rows(summary, t["validation"], t["test"])
         test = test[test["dropout"] == pick["dropout"]].sort_values(["units", "layers"])
         best = test["mae_mean"].min()
         for _, r in test.iterrows():
@@ -103,7 +116,7 @@ def main_table(summary: pd.DataFrame, task: str, paper_reference: bool) -> tuple
                          "best": bool(r["mae_mean"] == best),
                          "selected": bool((r["layers"], r["units"]) == (pick["layers"], pick["units"])),
                          "paper_mae": PAPER[task].get((r["layers"], r["units"]))})
-    for _, r in _baseline(summary, t["validation"], t["test"]).sort_values("method").iterrows():
+    for _, r in baseline_rows(summary, t["validation"], t["test"]).sort_values("method").iterrows():
         rows.append({"method": r["method"], "layers": None, "units": None, "dropout": None,
                      "mae_mean": r["mae_mean"], "mae_std": r["mae_std"], "best": False, "selected": False,
                      "paper_mae": PAPER[task].get(r["method"])})
@@ -169,10 +182,10 @@ def _signed(v) -> str:
 def supplementary(summary: pd.DataFrame, name: str) -> tuple[pd.DataFrame, str]:
     """S2-S5: every architecture x dropout on one split (plus the baselines)."""
     split, selected_by = SUPPLEMENT[name]
-    dg = _dgex(summary, selected_by, split)
+    dg = dgex_rows(summary, selected_by, split)
     rows = [{"method": "D-GEX", "layers": r["layers"], "units": r["units"], "dropout": r["dropout"],
              "mae_mean": r["mae_mean"], "mae_std": r["mae_std"]} for _, r in dg.iterrows()]
-    base = _baseline(summary, selected_by, split)
+    base = baseline_rows(summary, selected_by, split)
     rows += [{"method": r["method"], "layers": None, "units": None, "dropout": None, "mae_mean": r["mae_mean"],
               "mae_std": r["mae_std"]} for _, r in base.iterrows()]
     table = pd.DataFrame(rows, columns=["method", "layers", "units", "dropout", "mae_mean", "mae_std"])
@@ -200,15 +213,14 @@ def stats_table(per_gene: pd.DataFrame, summary: pd.DataFrame, n_boot: int = 200
     """Best D-GEX of each task vs each baseline: correlations, win rate + Wilcoxon p, bootstrap CIs."""
     rows = []
     for task, t in TASKS.items():
-        val = _dgex(summary, t["validation"], t["validation"])
-        if val.empty or t["test"] not in set(per_gene["split"]):
+        arch = chosen_arch(summary, task)
+        if arch is None or t["test"] not in set(per_gene["split"]):
             continue
-        best = val.sort_values("mae_mean").iloc[0]
         sel = (per_gene["selected_by"] == t["validation"]) & (per_gene["split"] == t["test"])
-        model = per_gene[sel & (per_gene["method"] == "D-GEX") & (per_gene["layers"] == best["layers"])
-                         & (per_gene["units"] == best["units"]) & (per_gene["dropout"] == best["dropout"])]
+        model = per_gene[sel & (per_gene["method"] == "D-GEX") & (per_gene["layers"] == arch[0])
+                         & (per_gene["units"] == arch[1]) & (per_gene["dropout"] == arch[2])]
         model = model.set_index("ensembl")
-        name = f"{pct(best['dropout'])} {int(best['layers'])}×{int(best['units'])}"
+        name = arch_name(arch)
         for base_name in BASELINES:
             base = per_gene[sel & (per_gene["method"] == base_name)].set_index("ensembl")
             if base.empty:
