@@ -44,6 +44,16 @@ def _positive_float(text: str) -> float:
 
 
 ID_TYPES = ("ensembl", "entrez", "symbol", "probe")
+SELECTIONS = ("geo-va", "1000g-va")  # as dgex.dataset.SELECTIONS; not imported, so that --help stays fast
+
+
+def _add_no_progress(p: argparse.ArgumentParser, bars: str = "bar") -> None:
+    p.add_argument("--no-progress", dest="progress", action="store_false", help=f"no progress {bars}")
+
+
+def _add_selection(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--selection", choices=SELECTIONS, default="geo-va",
+                   help=f"{what}: best_<selection>.pt (default geo-va)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_nonneg_int, default=None, help="expected size in bytes")
     p.add_argument("--timeout", type=_positive_float, default=60.0, help="network timeout in seconds (default 60)")
     p.add_argument("--retries", type=_nonneg_int, default=5, help="retries after a broken connection (default 5)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_no_progress(p)
 
     # ---------------------------------------------------------------- preprocess
     p = sub.add_parser("preprocess", help="build one processed dataset (splits, halves, statistics) from raw inputs",
@@ -121,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-mb", type=_positive_int, default=2048, help="memory budget for de-duplication blocks (default 2048)")
     p.add_argument("--output", required=True, help="processed dataset (.h5)")
     p.add_argument("--summary", default=None, help="JSON summary (default: OUTPUT with .json)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_no_progress(p, "bars")
     # ---------------------------------------------------------------- train
     p = sub.add_parser("train", help="train one D-GEX network (one grid point x one target part)",
                        description="Train D-GEX with the paper's recipe (SGD momentum 0.5, batch 200, 3x deep "
@@ -154,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "<tmp>/dgex-gpu-locks-<uid>)")
     p.add_argument("--checkpoint-interval", type=float, default=60.0,
                    help="seconds between resumable checkpoints (last.ckpt + best weights; default 60, 0 = every epoch)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_no_progress(p)
 
     # ---------------------------------------------------------------- baseline
     p = sub.add_parser(
@@ -176,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="k grid for knn (default 1 2 3 5 10 15 20 30 50 100)")
     p.add_argument("--n-jobs", type=int, default=-1,
                    help="threads for the per-gene lasso fits (default -1: all cores); other methods ignore it")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    _add_no_progress(p)
     # ---------------------------------------------------------------- aggregate
     p = sub.add_parser("aggregate", help="collect finished runs into one folder (per-gene errors, summaries, histories)",
                        description="Read D-GEX and baseline run folders (run.json + per_gene.csv [+ history.csv]) and "
@@ -217,8 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dataset", required=True, help="processed dataset the network was trained on")
     q.add_argument("--runs", nargs="+", required=True, metavar="RUN_DIR",
                    help="the part run folders of one network (written by `dgex train`)")
-    q.add_argument("--selection", choices=("geo-va", "1000g-va"), default="geo-va",
-                   help="which checkpoint to load: best_<selection>.pt (default geo-va)")
+    _add_selection(q, "which checkpoint to load")
     q.add_argument("--split", default="geo-tr",
                    help="profiles to fit and score on (default geo-tr, as in the paper; adjusted R² is in-sample)")
     q.add_argument("--max-samples", type=_positive_int, default=None,
@@ -228,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="profiles per streamed chunk (default 4096)")
     q.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N (default auto)")
     q.add_argument("--output-dir", required=True, help="folder for the S2 outputs")
-    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_no_progress(q)
     q = isub.add_parser("s3", help="major-weight connectivity of a 1-hidden-layer network (Figure S3)",
                         description="Keep the weights more than k standard deviations from the mean (per landmark "
                                     "for input->hidden, per target for hidden->output, as in the paper) and count "
@@ -237,8 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "s3_target_in_degree.csv, figure_s3.png/.pdf and s3.json.")
     q.add_argument("--runs", nargs="+", required=True, metavar="RUN_DIR",
                    help="the part run folders of one 1-hidden-layer network (paper: 3000x1)")
-    q.add_argument("--selection", choices=("geo-va", "1000g-va"), default="geo-va",
-                   help="which checkpoint to load: best_<selection>.pt (default geo-va)")
+    _add_selection(q, "which checkpoint to load")
     q.add_argument("--sigmas", type=_positive_float, nargs="+", default=[4.0, 5.0], metavar="K",
                    help="thresholds k (in standard deviations) applied to both weight matrices (default 4 5)")
     q.add_argument("--scope", choices=("unit", "matrix"), default="unit",
@@ -250,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dataset", default=None,
                    help="processed dataset (optional): checks the genes and adds gene symbols")
     q.add_argument("--output-dir", required=True, help="folder for the S3 outputs")
-    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_no_progress(q)
 
     # ---------------------------------------------------------------- export
     p = sub.add_parser("export", help="package the part networks of one trained grid point as a model bundle",
@@ -265,11 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--grid-aggregate", metavar="AGG_DIR",
                      help="an aggregate folder (`dgex aggregate`): export its grid point chosen on validation "
                           "(GEO-va for --selection geo-va, 1000G-va for 1000g-va), as Table 1/2 do")
-    p.add_argument("--selection", choices=("geo-va", "1000g-va"), default="geo-va",
-                   help="which best epoch to export: best_<selection>.pt (default geo-va)")
+    _add_selection(p, "which best epoch to export")
     p.add_argument("--output", required=True, help="bundle folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_no_progress(p)
 
     # ---------------------------------------------------------------- infer
     p = sub.add_parser("infer", help="predict target genes for your landmark profiles with a model bundle",
@@ -301,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N (default auto)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--force", action="store_true", help="allow csv/tsv/parquet output above 20,000 samples")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_no_progress(p)
 
     # ---------------------------------------------------------------- gpus
     p = sub.add_parser("gpus", help="list visible GPUs and which are leased by dgex jobs",
@@ -343,16 +350,13 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         generate(**kwargs)
     elif args.command == "acquire":
         from .acquire import download
-        kwargs["progress"] = not kwargs.pop("no_progress")
         download(**kwargs)
     elif args.command == "preprocess":
         from .preprocess import preprocess
-        kwargs["progress"] = not kwargs.pop("no_progress")
         kwargs["dedup"] = not kwargs.pop("no_dedup")
         preprocess(**kwargs)
     elif args.command == "train":
         from .train import train
-        kwargs["progress"] = not kwargs.pop("no_progress")
         train(**kwargs)
     elif args.command == "aggregate":
         from .aggregate import aggregate
@@ -373,15 +377,12 @@ def _dispatch(args: argparse.Namespace) -> int | None:
             print(f"GPU {r['gpu']}: " + (f"leased by {r['holder']}" if r["leased"] else "free"))
     elif args.command == "interpret":
         from .interpret import interpret_s2, interpret_s3
-        kwargs["progress"] = not kwargs.pop("no_progress")
         (interpret_s2 if kwargs.pop("analysis") == "s2" else interpret_s3)(**kwargs)
     elif args.command == "export":
         from .bundle import export_bundle
-        kwargs["progress"] = not kwargs.pop("no_progress")
         export_bundle(**kwargs)
     elif args.command == "infer":
         from .infer import infer
-        kwargs["progress"] = not kwargs.pop("no_progress")
         infer(**kwargs)
     elif args.command == "baseline":
         from .baselines import run_baseline
