@@ -156,26 +156,21 @@ def lease_status(lock_dir=None) -> list[dict]:
     rows = []
     for gpu in visible_gpus():
         path = lock_dir / f"gpu{gpu}.lock"
-        leased, holder = False, ""
-        if path.exists():
-            fd = _try_lock_probe(path)
-            leased = fd is None
-            if fd is not None:
-                os.close(fd)
-            holder = path.read_text().strip() if leased else ""
-        rows.append({"gpu": gpu, "leased": leased, "holder": holder})
+        leased = path.exists() and _is_locked(path)
+        rows.append({"gpu": gpu, "leased": leased, "holder": path.read_text().strip() if leased else ""})
     return rows
 
 
-def _try_lock_probe(path: Path) -> int | None:
+def _is_locked(path: Path) -> bool:
+    """Whether a process holds the lease ``path`` (a probe lock, dropped again when its descriptor closes)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
     except BlockingIOError:
+        return True
+    finally:
         os.close(fd)
-        return None
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    return fd
 
 
 def pick_device(device: str = "auto"):

@@ -145,6 +145,14 @@ def _arch_name(arch) -> str:
     return f"D-GEX-{arch[2] * 100:g}%-{arch[1]}x{arch[0]}"
 
 
+def _network_info(run_list: list[dict], selection: str) -> dict:
+    """The analysed network as S2/S3 record it in their JSON (runs from :func:`dgex.runs.load_runs`)."""
+    layers, units, dropout = run_list[0]["arch"]
+    return {"name": _arch_name(run_list[0]["arch"]), "layers": layers, "units": units, "dropout": dropout,
+            "selection": selection, "runs": [str(r["dir"]) for r in run_list],
+            "parts": ["all" if r["part"] is None else r["part"] for r in run_list]}
+
+
 # --------------------------------------------------------------------------- #
 # figures
 # --------------------------------------------------------------------------- #
@@ -259,9 +267,7 @@ def interpret_s2(*, dataset, runs, output_dir, selection: str = "geo-va", split:
                f"{frac:.2%} of the genes lie above the diagonal (paper: 99.99% for D-GEX-10%-9000x3 on GEO-tr).")
     info = {
         "analysis": "S2",
-        "network": {"name": name, "layers": layers, "units": units, "dropout": dropout, "selection": selection,
-                    "runs": [str(r["dir"]) for r in run_list],
-                    "parts": [r["part"] if r["part"] is not None else "all" for r in run_list]},
+        "network": _network_info(run_list, selection),
         "dataset": str(dataset), "split": split, "n_samples": n, "n_samples_split": n_total,
         "max_samples": max_samples, "seed": seed, "device": str(dev),
         "targets_covered": len(table), "all_parts_covered": run_list[0]["part"] is None or len(run_list) == n_parts,
@@ -479,9 +485,7 @@ def interpret_s3(*, runs, output_dir, selection: str = "geo-va", sigmas=(4.0, 5.
                f"part {nets[0]['part']}.")
     info = {
         "analysis": "S3",
-        "network": {"name": name, "layers": layers, "units": units, "dropout": dropout, "selection": selection,
-                    "runs": [str(r["dir"]) for r in run_list], "parts": [c for c in dict.fromkeys(
-                        "all" if r["part"] is None else r["part"] for r in run_list)]},
+        "network": _network_info(run_list, selection),
         "sigmas": sigmas, "map_sigmas": {"input": map_sigmas[0], "output": map_sigmas[1]}, "scope": scope,
         "threshold": "|w - mean| > k * std, " + scope_text,
         "counts": counts,

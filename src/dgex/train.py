@@ -33,7 +33,7 @@ import torch
 
 from . import __version__
 from .dataset import EVAL_SPLITS, SELECTIONS, ProcessedDataset
-from .devices import pick_device
+from .devices import lease_gpu, pick_device
 from .errors import ConfigError, DgexError, InputError
 from .io import atomic_path, write_json
 from .metrics import per_gene_frame, write_per_gene
@@ -433,8 +433,6 @@ def train(*, dataset, output_dir, layers, units, dropout, part, epochs=200, batc
         torch.set_num_threads(int(threads))
     lease = None
     if device in ("auto", "cuda"):  # a specific cuda:N was chosen by the user: no lease
-        from .devices import lease_gpu
-
         # sets CUDA_VISIBLE_DEVICES before CUDA starts and logs the GPU (or SLURM's); held until train returns
         lease = lease_gpu(gpu_lock_dir)
     try:
