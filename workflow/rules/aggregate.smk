@@ -12,8 +12,8 @@ rule aggregate:
         runs=out("aggregate", "runs.csv"),
         info=out("aggregate", "aggregate.json"),
     params:
-        dgex=lambda wc, input: " ".join(shlex.quote(os.path.dirname(p)) for p in input.dgex),
-        baselines=lambda wc, input: " ".join(shlex.quote(os.path.dirname(p)) for p in input.baselines),
+        dgex=lambda wc, input: run_dirs(input.dgex),
+        baselines=lambda wc, input: run_dirs(input.baselines),
         outdir=lambda wc, output: os.path.dirname(output.info),
     log:
         out("logs", "aggregate.log"),

@@ -86,7 +86,17 @@ def preprocess_args():
     for s in ("g1000", "gtex"):
         if input_cfg(s):
             args += [f"--{s}", input_path(s), f"--{s}-id-type", input_cfg(s).get("id_type", "ensembl")]
+    return shell_args(args)
+
+
+def shell_args(args):
+    """Arguments quoted for a shell command line."""
     return " ".join(shlex.quote(str(a)) for a in args)
+
+
+def run_dirs(run_files):
+    """The folders of run.json inputs, quoted for a shell command line."""
+    return shell_args(os.path.dirname(p) for p in run_files)
 
 
 # --------------------------------------------------------------------------- #
@@ -115,9 +125,14 @@ def dgex_run_dir(layers, units, dropout, part):
     return out("runs", "dgex", f"{layers}x{units}_d{dropout}", f"part{part}")
 
 
+def network_runs(point):
+    """run.json of every target part of one grid point (layers, units, dropout)."""
+    return [str(Path(dgex_run_dir(*point, p), "run.json")) for p in target_parts()]
+
+
 def dgex_runs():
     """run.json of every training of the grid."""
-    return [str(Path(dgex_run_dir(l, u, d, p), "run.json")) for l, u, d in grid_points() for p in target_parts()]
+    return [f for point in grid_points() for f in network_runs(point)]
 
 
 def baseline_runs():
@@ -135,7 +150,7 @@ def train_args(wc):
     ]
     if t.get("lr"):
         args += ["--lr", t["lr"]]
-    return " ".join(shlex.quote(str(a)) for a in args)
+    return shell_args(args)
 
 
 def _n_targets_per_part():
@@ -240,11 +255,6 @@ def s3_network():
         raise ValueError("interpret.s3 maps the weights of a 1-hidden-layer network but grid.layers has no 1; "
                          "add 1 to grid.layers or set interpret.s3: false")
     return _network("s3_network", 1, min(g["units"]))
-
-
-def network_run_dirs(point):
-    """The part run folders of one grid point (inputs: their run.json)."""
-    return [str(Path(dgex_run_dir(*point, p), "run.json")) for p in target_parts()]
 
 
 def interpret_outputs():

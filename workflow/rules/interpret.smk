@@ -6,7 +6,7 @@
 rule interpret_s2:
     input:
         dataset=out("data", "dataset.h5"),
-        runs=lambda wc: network_run_dirs(s2_network()),
+        runs=lambda wc: network_runs(s2_network()),
     output:
         info=out("interpret", "s2", "s2.json"),
         summary=out("interpret", "s2", "s2_summary.csv"),
@@ -15,7 +15,7 @@ rule interpret_s2:
                    category="Interpretation"),
         pdf=out("interpret", "s2", "figure_s2.pdf"),
     params:
-        runs=lambda wc, input: " ".join(shlex.quote(os.path.dirname(p)) for p in input.runs),
+        runs=lambda wc, input: run_dirs(input.runs),
         outdir=lambda wc, output: os.path.dirname(output.info),
         split=config["interpret"]["s2_split"],
         max_samples=(f"--max-samples {config['interpret']['s2_max_samples']}"
@@ -39,14 +39,14 @@ rule interpret_s2:
 rule interpret_s3:
     input:
         dataset=out("data", "dataset.h5"),
-        runs=lambda wc: network_run_dirs(s3_network()),
+        runs=lambda wc: network_runs(s3_network()),
     output:
         info=out("interpret", "s3", "s3.json"),
         png=report(out("interpret", "s3", "figure_s3.png"), caption=report_caption("figure_s3"),
                    category="Interpretation"),
         pdf=out("interpret", "s3", "figure_s3.pdf"),
     params:
-        runs=lambda wc, input: " ".join(shlex.quote(os.path.dirname(p)) for p in input.runs),
+        runs=lambda wc, input: run_dirs(input.runs),
         outdir=lambda wc, output: os.path.dirname(output.info),
         sigmas=" ".join(str(k) for k in config["interpret"]["sigmas"]),
     log:
