@@ -8,7 +8,7 @@ CONFIG  ?= config/config.yaml
 SMK_ARGS ?=
 STAMP   := $(VENV)/.dgex-installed
 
-.PHONY: run test install lint report dryrun-paper dryrun-slurm bench clean
+.PHONY: run test install lint format report dryrun-paper dryrun-slurm bench clean
 
 $(STAMP): envs/requirements.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,14 @@ run: $(STAMP)  ## run the main job: the whole workflow on the embedded demo data
 test: $(STAMP)  ## run the test suite
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: $(STAMP)
+lint: $(STAMP)  ## code style: ruff format, snakefmt, snakemake --lint (CI runs this before the tests)
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/snakefmt --check Snakefile workflow/
 	$(BIN)/snakemake --lint --configfile $(CONFIG)
+
+format: $(STAMP)  ## rewrite the code in the project's style
+	$(BIN)/ruff format src tests bench
+	$(BIN)/snakefmt Snakefile workflow/
 
 report: $(STAMP)  ## HTML report of a finished run (tables, figures, captions)
 	$(BIN)/snakemake --configfile $(CONFIG) --report $(or $(REPORT),results/report.html)

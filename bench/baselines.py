@@ -39,7 +39,7 @@ def synthetic(n: int, n_landmarks: int, n_targets: int, seed: int, n_latent: int
     rng = np.random.default_rng(seed)
     load = rng.normal(size=(n_latent, n_landmarks)) / np.sqrt(n_latent)
     B = rng.normal(size=(n_landmarks, n_targets)) * (rng.random((n_landmarks, n_targets)) < 0.05)
-    B /= np.sqrt((B ** 2).sum(axis=0, keepdims=True) + 1e-12)
+    B /= np.sqrt((B**2).sum(axis=0, keepdims=True) + 1e-12)
 
     def draw(m):
         X = rng.normal(size=(m, n_latent)) @ load + 0.5 * rng.normal(size=(m, n_landmarks))
@@ -73,10 +73,14 @@ def main() -> None:
     sub = np.arange(min(args.subset, T))
     scale = T / len(sub)
     X64 = X.astype(np.float64)
-    print(f"dgex baselines benchmark: n_train {n}, {L} landmarks, {T} targets, validation {len(Xv)}; "
-          f"{os.cpu_count()} CPU(s), {platform.processor() or platform.machine()}")
-    print(f"scikit-learn one-target-at-a-time fits are timed on {len(sub)} targets and scaled x{scale:.1f} "
-          f"to {T} (linear in the number of targets)\n")
+    print(
+        f"dgex baselines benchmark: n_train {n}, {L} landmarks, {T} targets, validation {len(Xv)}; "
+        f"{os.cpu_count()} CPU(s), {platform.processor() or platform.machine()}"
+    )
+    print(
+        f"scikit-learn one-target-at-a-time fits are timed on {len(sub)} targets and scaled x{scale:.1f} "
+        f"to {T} (linear in the number of targets)\n"
+    )
     rows = []
 
     # ---- LR
@@ -106,10 +110,20 @@ def main() -> None:
     t_sk_ridge = t_sk_ridge1 * len(grid)
     diff = max(np.abs(Ws[len(grid) // 2][:, j] - r.coef_).max() for j, r in zip(sub, rrefs))
     rows.append((f"LR-L2, closed form, {len(grid)} lambdas (dgex)", t_ridge, ""))
-    rows.append((f"LR-L2, sklearn per target x {len(grid)} lambdas (scaled)", t_sk_ridge,
-                 f"speed-up {t_sk_ridge / t_ridge:.1f}x"))
-    rows.append(("LR-L2, sklearn per target, 1 lambda (scaled)", t_sk_ridge1,
-                 f"vs whole dgex grid {t_sk_ridge1 / t_ridge:.1f}x"))
+    rows.append(
+        (
+            f"LR-L2, sklearn per target x {len(grid)} lambdas (scaled)",
+            t_sk_ridge,
+            f"speed-up {t_sk_ridge / t_ridge:.1f}x",
+        )
+    )
+    rows.append(
+        (
+            "LR-L2, sklearn per target, 1 lambda (scaled)",
+            t_sk_ridge1,
+            f"vs whole dgex grid {t_sk_ridge1 / t_ridge:.1f}x",
+        )
+    )
     print(f"LR-L2 max |coef - sklearn Ridge(alpha=n*{lam:g})| on the subset: {diff:.2e}")
 
     # ---- KNN-GE: fit + tuning curve over the k grid + prediction at the chosen k
@@ -120,8 +134,9 @@ def main() -> None:
         return fam, i, per_gene_mae(Yv, fam.predict(Xv, i)).mean()
 
     t_knn, (knn_fam, k_i, knn_mae) = timed(knn)
-    rows.append((f"KNN-GE fit + {len(KNN_KS)}-k curve + predict", t_knn,
-                 f"k={knn_fam.grid[k_i]}, va MAE {knn_mae:.4f}"))
+    rows.append(
+        (f"KNN-GE fit + {len(KNN_KS)}-k curve + predict", t_knn, f"k={knn_fam.grid[k_i]}, va MAE {knn_mae:.4f}")
+    )
 
     # ---- LR-L1
     if not args.skip_lasso:
@@ -129,8 +144,13 @@ def main() -> None:
         t_lasso, lasso = timed(lambda: fit("lasso", X, Y, lgrid, n_jobs=args.n_jobs))
         curve = lasso.curves({"va": (Xv, Yv)})["va"]
         i = int(np.argmin(curve))
-        rows.append((f"LR-L1 {len(lgrid)} lambdas, {args.n_jobs} thread(s)", t_lasso,
-                     f"{1000 * t_lasso / T:.1f} ms/target; lambda={lgrid[i]:.4g}, va MAE {curve[i]:.4f}"))
+        rows.append(
+            (
+                f"LR-L1 {len(lgrid)} lambdas, {args.n_jobs} thread(s)",
+                t_lasso,
+                f"{1000 * t_lasso / T:.1f} ms/target; lambda={lgrid[i]:.4g}, va MAE {curve[i]:.4f}",
+            )
+        )
 
     ridge_mae = min(ridge.curves({"va": (Xv, Yv)})["va"])
     lr_mae = per_gene_mae(Yv, lr.predict(Xv)).mean()
@@ -138,8 +158,10 @@ def main() -> None:
     width = max(len(r[0]) for r in rows)
     for name, sec, note in rows:
         print(f"{name:<{width}}  {sec:8.2f} s  {note}")
-    print(f"\nclosed-form speed-up vs per-target sklearn: LR {t_sk_lr / t_lr:.1f}x, "
-          f"LR-L2 grid {t_sk_ridge / t_ridge:.1f}x (goal >= 5x)")
+    print(
+        f"\nclosed-form speed-up vs per-target sklearn: LR {t_sk_lr / t_lr:.1f}x, "
+        f"LR-L2 grid {t_sk_ridge / t_ridge:.1f}x (goal >= 5x)"
+    )
 
 
 if __name__ == "__main__":

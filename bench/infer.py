@@ -58,8 +58,9 @@ def build_bundle(path: Path, n_targets: int, layers: int, units: int, seed: int 
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     lm = read_gene_map(data_path("map_lm.txt"))
-    landmarks = pd.DataFrame({"ensembl": lm["ensembl"], "entrez": "", "symbol": lm["symbol"],
-                              "probe": lm["probes"].map(lambda p: p[0])})
+    landmarks = pd.DataFrame(
+        {"ensembl": lm["ensembl"], "entrez": "", "symbol": lm["symbol"], "probe": lm["probes"].map(lambda p: p[0])}
+    )
     L = len(landmarks)
     tg_map = read_gene_map(data_path("map_tg.txt"))
     if n_targets <= len(tg_map):
@@ -77,12 +78,25 @@ def build_bundle(path: Path, n_targets: int, layers: int, units: int, seed: int 
             net.output.weight.normal_(0, 1 / np.sqrt(units))
         nets.append((k, net))
     lm_mean = rng.uniform(5, 11, L)
-    stats = {"landmark_mean": lm_mean, "landmark_std": rng.uniform(0.3, 1.5, L),
-             "target_mean": rng.uniform(3, 12, n_targets), "target_std": rng.uniform(0.2, 2.0, n_targets),
-             "epsilon": 1e-3, "standardize": "transductive",
-             "gene_quantiles": np.sort(rng.uniform(3, 13, L + n_targets)), "landmark_quantiles": np.sort(lm_mean)}
-    write_bundle(path, networks=nets, landmarks=landmarks, targets=targets, stats=stats, overwrite=True,
-                 extra={"selection": "geo-va", "note": "benchmark bundle, random weights"})
+    stats = {
+        "landmark_mean": lm_mean,
+        "landmark_std": rng.uniform(0.3, 1.5, L),
+        "target_mean": rng.uniform(3, 12, n_targets),
+        "target_std": rng.uniform(0.2, 2.0, n_targets),
+        "epsilon": 1e-3,
+        "standardize": "transductive",
+        "gene_quantiles": np.sort(rng.uniform(3, 13, L + n_targets)),
+        "landmark_quantiles": np.sort(lm_mean),
+    }
+    write_bundle(
+        path,
+        networks=nets,
+        landmarks=landmarks,
+        targets=targets,
+        stats=stats,
+        overwrite=True,
+        extra={"selection": "geo-va", "note": "benchmark bundle, random weights"},
+    )
 
 
 def write_input(path: Path, n: int, seed: int = 1, block: int = 10_000) -> None:
@@ -134,8 +148,24 @@ def write_bandwidth(path: Path, n_bytes: int, block_mb: int = 64) -> float:
 
 
 def run_infer(bundle: Path, inp: Path, out: Path, args) -> dict:
-    cmd = [sys.executable, "-m", "dgex", "infer", "--model", str(bundle), "--input", str(inp), "--output", str(out),
-           "--chunk-size", str(args.chunk_size), "--device", args.device, "--overwrite", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dgex",
+        "infer",
+        "--model",
+        str(bundle),
+        "--input",
+        str(inp),
+        "--output",
+        str(out),
+        "--chunk-size",
+        str(args.chunk_size),
+        "--device",
+        args.device,
+        "--overwrite",
+        "--no-progress",
+    ]
     if args.batch_size:
         cmd += ["--batch-size", str(args.batch_size)]
     t = time.perf_counter()
@@ -148,19 +178,34 @@ def run_infer(bundle: Path, inp: Path, out: Path, args) -> dict:
     fsync_file(out)
     wall = time.perf_counter() - t
     m = re.search(r"samples .* in ([0-9.]+) s", stderr)
-    return {"wall_s": wall, "infer_s": float(m.group(1)) if m else float("nan"),
-            "peak_rss_mb": usage.ru_maxrss / 1024, "output_bytes": out.stat().st_size}
+    return {
+        "wall_s": wall,
+        "infer_s": float(m.group(1)) if m else float("nan"),
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "output_bytes": out.stat().st_size,
+    }
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 30_000, 100_000],
-                    help="profiles per input (default 10k 30k 100k)")
-    ap.add_argument("--targets", type=int, default=2000,
-                    help="target genes (default 2000; the paper: 9520, or 21290 for its L1000 model)")
+    ap.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[10_000, 30_000, 100_000],
+        help="profiles per input (default 10k 30k 100k)",
+    )
+    ap.add_argument(
+        "--targets",
+        type=int,
+        default=2000,
+        help="target genes (default 2000; the paper: 9520, or 21290 for its L1000 model)",
+    )
     ap.add_argument("--layers", type=int, default=1, help="hidden layers (default 1)")
     ap.add_argument("--units", type=int, default=300, help="hidden units (default 300)")
-    ap.add_argument("--chunk-size", type=int, default=4096, help="dgex infer --chunk-size (default 4096, as dgex infer)")
+    ap.add_argument(
+        "--chunk-size", type=int, default=4096, help="dgex infer --chunk-size (default 4096, as dgex infer)"
+    )
     ap.add_argument("--batch-size", type=int, default=None, help="dgex infer --batch-size (default: its auto size)")
     ap.add_argument("--device", default="auto", help="dgex infer --device (default auto)")
     ap.add_argument("--workdir", default=None, help="folder for the files (default: a temporary folder)")
@@ -173,10 +218,15 @@ def main(argv=None) -> int:
     build_bundle(bundle, args.targets, args.layers, args.units)
     half = args.targets // 2
     flops = sum(DGEX(943, n, args.layers, args.units).flops_per_sample() for n in (half, args.targets - half))
-    gflops = matmul_gflops(943, args.units, half) if args.device in ("auto", "cpu") and not torch.cuda.is_available() \
+    gflops = (
+        matmul_gflops(943, args.units, half)
+        if args.device in ("auto", "cpu") and not torch.cuda.is_available()
         else float("nan")
-    print(f"bundle: 943 landmarks -> {args.targets} targets in 2 parts, {args.layers} x {args.units} units, "
-          f"random weights; device {args.device}; torch threads {torch.get_num_threads()}; workdir {work}")
+    )
+    print(
+        f"bundle: 943 landmarks -> {args.targets} targets in 2 parts, {args.layers} x {args.units} units, "
+        f"random weights; device {args.device}; torch threads {torch.get_num_threads()}; workdir {work}"
+    )
     rows = []
     for n in sorted(args.sizes):
         inp, out = work / f"in_{n}.gctx", work / f"out_{n}.gctx"
@@ -188,22 +238,28 @@ def main(argv=None) -> int:
         bw = max(write_bandwidth(work / f"bw_{n}.bin", r["output_bytes"]) for _ in range(2))
         r.update(n=n, gen_s=gen, write_bw=bw, input_mb=inp.stat().st_size / 1e6)
         rows.append(r)
-        print(f"  {n:>8,} profiles: input {r['input_mb']:.0f} MB generated in {gen:.1f} s; infer {r['wall_s']:.1f} s",
-              flush=True)
+        print(
+            f"  {n:>8,} profiles: input {r['input_mb']:.0f} MB generated in {gen:.1f} s; infer {r['wall_s']:.1f} s",
+            flush=True,
+        )
         if not args.keep:
             inp.unlink()
             out.unlink()
 
     print()
-    head = (f"{'profiles':>9} {'wall s':>7} {'infer s':>8} {'profiles/s':>11} {'output MB':>10} {'out MB/s':>9} "
-            f"{'disk MB/s':>10} {'% of disk':>9} {'peak RSS MB':>12}")
+    head = (
+        f"{'profiles':>9} {'wall s':>7} {'infer s':>8} {'profiles/s':>11} {'output MB':>10} {'out MB/s':>9} "
+        f"{'disk MB/s':>10} {'% of disk':>9} {'peak RSS MB':>12}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         mbps = r["output_bytes"] / r["wall_s"] / 1e6
-        print(f"{r['n']:>9,} {r['wall_s']:>7.1f} {r['infer_s']:>8.1f} {r['n'] / r['wall_s']:>11,.0f} "
-              f"{r['output_bytes'] / 1e6:>10.0f} {mbps:>9.0f} {r['write_bw'] / 1e6:>10.0f} "
-              f"{100 * mbps * 1e6 / r['write_bw']:>8.0f}% {r['peak_rss_mb']:>12.0f}")
+        print(
+            f"{r['n']:>9,} {r['wall_s']:>7.1f} {r['infer_s']:>8.1f} {r['n'] / r['wall_s']:>11,.0f} "
+            f"{r['output_bytes'] / 1e6:>10.0f} {mbps:>9.0f} {r['write_bw'] / 1e6:>10.0f} "
+            f"{100 * mbps * 1e6 / r['write_bw']:>8.0f}% {r['peak_rss_mb']:>12.0f}"
+        )
     big, small = rows[-1], rows[0]
     frac = big["output_bytes"] / big["wall_s"] / big["write_bw"]
     print()
@@ -211,18 +267,26 @@ def main(argv=None) -> int:
         dt = big["wall_s"] - small["wall_s"]
         marginal = (big["n"] - small["n"]) / dt if dt > 0 else float("nan")
         mb = (big["output_bytes"] - small["output_bytes"]) / dt / 1e6 if dt > 0 else float("nan")
-        print(f"marginal throughput {small['n']:,} -> {big['n']:,}: {marginal:,.0f} profiles/s "
-              f"({mb:.0f} MB/s of output, {100 * mb * 1e6 / big['write_bw']:.0f}% of the disk's write bandwidth)")
-        print(f"peak memory {small['peak_rss_mb']:.0f} MB -> {big['peak_rss_mb']:.0f} MB "
-              f"(x{big['peak_rss_mb'] / small['peak_rss_mb']:.2f} for x{big['n'] / small['n']:.0f} profiles)")
+        print(
+            f"marginal throughput {small['n']:,} -> {big['n']:,}: {marginal:,.0f} profiles/s "
+            f"({mb:.0f} MB/s of output, {100 * mb * 1e6 / big['write_bw']:.0f}% of the disk's write bandwidth)"
+        )
+        print(
+            f"peak memory {small['peak_rss_mb']:.0f} MB -> {big['peak_rss_mb']:.0f} MB "
+            f"(x{big['peak_rss_mb'] / small['peak_rss_mb']:.2f} for x{big['n'] / small['n']:.0f} profiles)"
+        )
     ceiling = gflops * 1e9 / flops * 4 * args.targets  # output bytes/s if the matmuls alone set the pace
     if ceiling == ceiling:
-        print(f"compute ceiling: {flops / 1e6:.2f} MFLOP per profile at {gflops:.0f} GFLOP/s (this CPU's matmul rate) "
-              f"= {gflops * 1e9 / flops:,.0f} profiles/s = {ceiling / 1e6:.0f} MB/s of output "
-              f"({100 * ceiling / big['write_bw']:.0f}% of the disk's write bandwidth)")
+        print(
+            f"compute ceiling: {flops / 1e6:.2f} MFLOP per profile at {gflops:.0f} GFLOP/s (this CPU's matmul rate) "
+            f"= {gflops * 1e9 / flops:,.0f} profiles/s = {ceiling / 1e6:.0f} MB/s of output "
+            f"({100 * ceiling / big['write_bw']:.0f}% of the disk's write bandwidth)"
+        )
     peak = max(r["peak_rss_mb"] for r in rows)
-    print(f"goal throughput >= {GOAL_FRACTION:.0%} of write bandwidth at {big['n']:,}: "
-          f"{'met' if frac >= GOAL_FRACTION else 'NOT met'} ({frac:.0%})")
+    print(
+        f"goal throughput >= {GOAL_FRACTION:.0%} of write bandwidth at {big['n']:,}: "
+        f"{'met' if frac >= GOAL_FRACTION else 'NOT met'} ({frac:.0%})"
+    )
     print(f"goal peak memory <= {GOAL_MEMORY_MB} MB: {'met' if peak <= GOAL_MEMORY_MB else 'NOT met'} ({peak:.0f} MB)")
     if not args.keep:
         shutil.rmtree(bundle)

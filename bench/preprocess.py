@@ -58,8 +58,25 @@ def run_one(n: int, workdir: Path, chunk_size: int, memory_mb: int) -> dict:
     out = workdir / f"ds_{n}.h5"
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t = time.time()
-    proc = subprocess.run([sys.executable, "-m", "dgex", "preprocess", "--geo", str(geo), "--output", str(out),
-                           "--chunk-size", str(chunk_size), "--memory-mb", str(memory_mb), "--no-progress"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dgex",
+            "preprocess",
+            "--geo",
+            str(geo),
+            "--output",
+            str(out),
+            "--chunk-size",
+            str(chunk_size),
+            "--memory-mb",
+            str(memory_mb),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
     wall = time.time() - t
     if proc.returncode:
         sys.exit(f"preprocess failed on {n} samples:\n{proc.stderr}")
@@ -67,22 +84,35 @@ def run_one(n: int, workdir: Path, chunk_size: int, memory_mb: int) -> dict:
     summary = json.loads(out.with_suffix(".json").read_text())
     geo.unlink()
     out.unlink()
-    return {"n": n, "generate_s": gen_s, "wall_s": wall, "peak_rss_mb": max(peak_kb, before) / 1024,
-            "timings": summary["timings"], "removed": summary["duplicates_removed"]}
+    return {
+        "n": n,
+        "generate_s": gen_s,
+        "wall_s": wall,
+        "peak_rss_mb": max(peak_kb, before) / 1024,
+        "timings": summary["timings"],
+        "removed": summary["duplicates_removed"],
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[2500, 5000, 10000], help="GEO sample counts to run")
-    ap.add_argument("--chunk-size", type=int, default=1000, help="samples per streamed chunk (default 1000, below the sizes so that streaming is exercised)")
+    ap.add_argument(
+        "--chunk-size",
+        type=int,
+        default=1000,
+        help="samples per streamed chunk (default 1000, below the sizes so that streaming is exercised)",
+    )
     ap.add_argument("--memory-mb", type=int, default=256, help="de-duplication memory budget (default 256)")
     ap.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         # peak RSS of children is a high-water mark: run sizes in increasing order and report each
         rows = [run_one(n, Path(tmp), args.chunk_size, args.memory_mb) for n in sorted(args.sizes)]
-    print(f"dgex preprocess benchmark: {PAPER_PROBES} probes, 943 landmarks + 9,520 targets, "
-          f"--chunk-size {args.chunk_size} --memory-mb {args.memory_mb}")
+    print(
+        f"dgex preprocess benchmark: {PAPER_PROBES} probes, 943 landmarks + 9,520 targets, "
+        f"--chunk-size {args.chunk_size} --memory-mb {args.memory_mb}"
+    )
     print(f"{'samples':>8} {'wall s':>8} {'dedup s':>8} {'other s':>8} {'peak RSS MB':>12}")
     for r in rows:
         dedup = r["timings"].get("dedup", 0.0)
@@ -98,14 +128,18 @@ def main() -> None:
     find_duplicates(x, 1.0)
     cluster_s = time.time() - t
     est = in_process * scale + cluster_s * k
-    print(f"extrapolation to {PAPER_SAMPLES:,} x {PAPER_PROBES:,}: streamed phases {in_process:.1f} s at "
-          f"{big['n']:,} samples x {scale:.1f} = {in_process * scale / 60:.1f} min; pairwise de-duplication "
-          f"{cluster_s:.2f} s per {m:,}-profile cluster x {k} clusters = {cluster_s * k / 60:.1f} min; "
-          f"total ~{est / 60:.0f} min on this machine (2 cores)")
+    print(
+        f"extrapolation to {PAPER_SAMPLES:,} x {PAPER_PROBES:,}: streamed phases {in_process:.1f} s at "
+        f"{big['n']:,} samples x {scale:.1f} = {in_process * scale / 60:.1f} min; pairwise de-duplication "
+        f"{cluster_s:.2f} s per {m:,}-profile cluster x {k} clusters = {cluster_s * k / 60:.1f} min; "
+        f"total ~{est / 60:.0f} min on this machine (2 cores)"
+    )
     if len(rows) > 1:
         ratio = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
-        print(f"peak memory ratio {rows[-1]['n']}/{rows[0]['n']} samples: {ratio:.2f} "
-              f"(1.0 = flat: memory is bounded by --chunk-size and --memory-mb, not by the number of samples)")
+        print(
+            f"peak memory ratio {rows[-1]['n']}/{rows[0]['n']} samples: {ratio:.2f} "
+            f"(1.0 = flat: memory is bounded by --chunk-size and --memory-mb, not by the number of samples)"
+        )
 
 
 if __name__ == "__main__":

@@ -45,8 +45,16 @@ from helpers_dataset import write_dataset_arrays  # noqa: E402
 from dgex.models import DGEX  # noqa: E402
 from dgex.train import batch_loss, train  # noqa: E402
 
-PAPER = {"layers": (1, 2, 3), "units": (3000, 6000, 9000), "dropouts": 3, "halves": 2, "epochs": 200,
-         "n_train": 88807, "n_landmarks": 943, "n_half": 4760}
+PAPER = {
+    "layers": (1, 2, 3),
+    "units": (3000, 6000, 9000),
+    "dropouts": 3,
+    "halves": 2,
+    "epochs": 200,
+    "n_train": 88807,
+    "n_landmarks": 943,
+    "n_half": 4760,
+}
 
 
 def _sync(device: torch.device) -> None:
@@ -71,8 +79,10 @@ def matmul_peak(widths: list[int], batch: int, device: torch.device, precision: 
     shapes = []
     for a, b in zip(widths[:-1], widths[1:]):
         shapes += [(batch, a, b), (batch, b, a), (a, batch, b)]  # A W, G W', A' G
-    mats = [(torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype))
-            for m, k, n in shapes]
+    mats = [
+        (torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype))
+        for m, k, n in shapes
+    ]
     flops = sum(2 * m * k * n for m, k, n in shapes)
     for x, w in mats:  # warm-up
         torch.matmul(x, w)
@@ -88,8 +98,9 @@ def matmul_peak(widths: list[int], batch: int, device: torch.device, precision: 
     return flops * reps / (time.perf_counter() - t0)
 
 
-def naive_loop(x: np.ndarray, y: np.ndarray, layers: int, units: int, batch: int, device: torch.device,
-               precision: str, epochs: int) -> float:
+def naive_loop(
+    x: np.ndarray, y: np.ndarray, layers: int, units: int, batch: int, device: torch.device, precision: str, epochs: int
+) -> float:
     """Profiles/s of a textbook DataLoader loop (host tensors, per-batch copies, torch SGD)."""
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -115,12 +126,25 @@ def naive_loop(x: np.ndarray, y: np.ndarray, layers: int, units: int, batch: int
 def dgex_loop(x, y, layers, units, batch, device, precision, epochs, workdir: Path) -> tuple[float, dict]:
     """Profiles/s of `dgex train` itself, excluding the first (warm-up) epoch."""
     rng = np.random.default_rng(1)
-    small = lambda: (rng.normal(size=(64, x.shape[1])).astype(np.float32),  # noqa: E731
-                     rng.normal(size=(64, y.shape[1])).astype(np.float32))
+    small = lambda: (
+        rng.normal(size=(64, x.shape[1])).astype(np.float32),  # noqa: E731
+        rng.normal(size=(64, y.shape[1])).astype(np.float32),
+    )
     ds = write_dataset_arrays(workdir / "bench.h5", {"geo-tr": (x, y), "geo-va": small()})
-    summary = train(dataset=ds, output_dir=workdir / "run", layers=layers, units=units, dropout=0.1, part=None,
-                    epochs=epochs + 1, batch_size=batch, monitor_size=64, precision=precision,
-                    device=str(device), progress=False)
+    summary = train(
+        dataset=ds,
+        output_dir=workdir / "run",
+        layers=layers,
+        units=units,
+        dropout=0.1,
+        part=None,
+        epochs=epochs + 1,
+        batch_size=batch,
+        monitor_size=64,
+        precision=precision,
+        device=str(device),
+        progress=False,
+    )
     hist = pd.read_csv(workdir / "run" / "history.csv")
     return len(x) / float(hist["seconds"].iloc[1:].mean()), summary
 
@@ -143,21 +167,27 @@ def main(argv=None) -> int:
     _set_precision(args.precision)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.n_train, PAPER["n_landmarks"])).astype(np.float32)
-    y = (x[:, : min(args.targets, x.shape[1])].repeat(-(-args.targets // x.shape[1]), axis=1)[:, : args.targets]
-         + rng.normal(size=(args.n_train, args.targets)).astype(np.float32))
+    y = x[:, : min(args.targets, x.shape[1])].repeat(-(-args.targets // x.shape[1]), axis=1)[
+        :, : args.targets
+    ] + rng.normal(size=(args.n_train, args.targets)).astype(np.float32)
     widths = [x.shape[1]] + [args.units] * args.layers + [args.targets]
     net = DGEX(x.shape[1], args.targets, args.layers, args.units)
     train_flops = 3 * net.flops_per_sample()
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"device: {dev_name} ({device}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"precision {args.precision}")
-    print(f"network: {x.shape[1]} -> {args.layers} x {args.units} -> {args.targets} "
-          f"({net.n_parameters() / 1e6:.1f} M parameters, {train_flops / 1e9:.3f} GFLOP per training profile), "
-          f"{args.n_train} profiles, batch {args.batch_size}, {args.epochs} timed epochs")
+    print(
+        f"device: {dev_name} ({device}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"precision {args.precision}"
+    )
+    print(
+        f"network: {x.shape[1]} -> {args.layers} x {args.units} -> {args.targets} "
+        f"({net.n_parameters() / 1e6:.1f} M parameters, {train_flops / 1e9:.3f} GFLOP per training profile), "
+        f"{args.n_train} profiles, batch {args.batch_size}, {args.epochs} timed epochs"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
-        ours, _ = dgex_loop(x, y, args.layers, args.units, args.batch_size, device, args.precision, args.epochs,
-                            Path(tmp))
+        ours, _ = dgex_loop(
+            x, y, args.layers, args.units, args.batch_size, device, args.precision, args.epochs, Path(tmp)
+        )
     peak = matmul_peak(widths, args.batch_size, device, args.precision)
     achieved = ours * train_flops
     rows = [("dgex train", ours, achieved)]
@@ -172,12 +202,16 @@ def main(argv=None) -> int:
     print()
     print(f"achieved / matmul peak: {achieved / peak:.2f}  (goal >= 0.50)")
     if not args.skip_naive:
-        print(f"dgex / naive DataLoader: {ours / naive:.2f}x  (goal >= 3x; on CPU training is compute-bound, "
-              f"so expect ~1x there: the gap is a GPU effect)")
+        print(
+            f"dgex / naive DataLoader: {ours / naive:.2f}x  (goal >= 3x; on CPU training is compute-bound, "
+            f"so expect ~1x there: the gap is a GPU effect)"
+        )
 
     if args.project_grid:
-        print("\nprojected paper grid (200 epochs x 88,807 profiles per run, at the achieved FLOP/s "
-              f"{achieved / 1e12:.2f} TFLOP/s):")
+        print(
+            "\nprojected paper grid (200 epochs x 88,807 profiles per run, at the achieved FLOP/s "
+            f"{achieved / 1e12:.2f} TFLOP/s):"
+        )
         total = 0.0
         for layers in PAPER["layers"]:
             for units in PAPER["units"]:

@@ -53,7 +53,7 @@ def make_geo(path, probes, n_samples=200, seed=0, n_dups=0, extra_probes=5, scal
         data = np.vstack([data, dups])
         pairs = [(int(s), n_samples + k) for k, s in enumerate(src)]
     if scale == "linear":
-        data = 2 ** data
+        data = 2**data
     samples = [f"S{i:05d}" for i in range(len(data))]
     write_gctx(path, data.astype(np.float32), ids, samples)
     return data.astype(np.float32), ids, samples, pairs

@@ -61,9 +61,20 @@ def write_dataset_arrays(path, splits: dict, overlap=None, parts=None, landmark_
     return path
 
 
-def write_toy_dataset(path, n_tr: int = 400, n_landmarks: int = 20, n_targets: int = 30, nonlinear: float = 0.0,
-                      with_rnaseq: bool = True, seed: int = 0, noise: float = 0.3, n_va: int = 120,
-                      n_te: int = 120, n_overlap: int = 3, n_parts: int = 2) -> dict:
+def write_toy_dataset(
+    path,
+    n_tr: int = 400,
+    n_landmarks: int = 20,
+    n_targets: int = 30,
+    nonlinear: float = 0.0,
+    with_rnaseq: bool = True,
+    seed: int = 0,
+    noise: float = 0.3,
+    n_va: int = 120,
+    n_te: int = 120,
+    n_overlap: int = 3,
+    n_parts: int = 2,
+) -> dict:
     """Generate and write a toy dataset; returns ``{"path", "B", "splits"}``.
 
     ``Y = X @ B + nonlinear * tanh(X @ C) + noise * e`` for non-overlap

@@ -288,9 +288,22 @@ def test_cli_checksum_mismatch_is_one_line(server, payload, tmp_path):
     server.files["/f.bin"] = data
     out = tmp_path / "f.bin"
     res = subprocess.run(
-        [sys.executable, "-m", "dgex", "acquire", "--url", server.url("/f.bin"), "--output", str(out),
-         "--sha256", WRONG_SHA, "--no-progress"],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "dgex",
+            "acquire",
+            "--url",
+            server.url("/f.bin"),
+            "--output",
+            str(out),
+            "--sha256",
+            WRONG_SHA,
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert res.returncode == 2, res.stderr
     lines = res.stderr.splitlines()

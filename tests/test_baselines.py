@@ -23,8 +23,9 @@ def toy(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def toy_geo_only(tmp_path_factory):
-    return write_toy_dataset(tmp_path_factory.mktemp("toy") / "ds.h5", n_tr=200, n_landmarks=15, n_targets=12,
-                             with_rnaseq=False, seed=1)
+    return write_toy_dataset(
+        tmp_path_factory.mktemp("toy") / "ds.h5", n_tr=200, n_landmarks=15, n_targets=12, with_rnaseq=False, seed=1
+    )
 
 
 def _f64(*arrays):
@@ -105,13 +106,23 @@ def test_lasso_parallel_blocks_equal_serial(toy):
 # --------------------------------------------------------------------------- #
 # hyper-parameter selection reacts to the data
 # --------------------------------------------------------------------------- #
-@pytest.mark.parametrize("method,grid", [("ridge", list(np.logspace(-3, 1, 9))),
-                                         ("lasso", [0.003, 0.01, 0.03, 0.1, 0.3])])
+@pytest.mark.parametrize(
+    "method,grid", [("ridge", list(np.logspace(-3, 1, 9))), ("lasso", [0.003, 0.01, 0.03, 0.1, 0.3])]
+)
 def test_fewer_noisier_data_choose_a_larger_penalty(tmp_path, method, grid):
     chosen = {}
     for label, n_tr, noise in (("few", 30, 1.5), ("many", 3000, 0.2)):
-        ds = write_toy_dataset(tmp_path / f"{label}.h5", n_tr=n_tr, n_landmarks=20, n_targets=15, noise=noise,
-                               n_va=300, with_rnaseq=False, n_overlap=0, seed=4)
+        ds = write_toy_dataset(
+            tmp_path / f"{label}.h5",
+            n_tr=n_tr,
+            n_landmarks=20,
+            n_targets=15,
+            noise=noise,
+            n_va=300,
+            with_rnaseq=False,
+            n_overlap=0,
+            seed=4,
+        )
         out = run_baseline(method, ds["path"], tmp_path / label, lambdas=grid, progress=False)
         chosen[label] = out["tasks"]["geo-va"]["chosen"]
     assert chosen["few"] > chosen["many"], chosen
@@ -154,8 +165,7 @@ def test_knn_finds_constructed_neighbours_and_true_k(tmp_path):
 def test_knn_k_equal_to_landmarks(toy):
     X, Y = toy["splits"]["geo-tr"]
     family = fit("knn", X, Y, [X.shape[1]])
-    np.testing.assert_allclose(family.predict(X, 0), np.repeat(X.mean(axis=1, keepdims=True), Y.shape[1], 1),
-                               atol=1e-5)
+    np.testing.assert_allclose(family.predict(X, 0), np.repeat(X.mean(axis=1, keepdims=True), Y.shape[1], 1), atol=1e-5)
 
 
 # --------------------------------------------------------------------------- #
@@ -185,7 +195,8 @@ def test_outputs_with_cross_platform_task(toy, tmp_path):
     assert geo["all"]["mae_mean"] == pytest.approx(sel["mae"].mean(), rel=1e-6)
     # the tuning MAE of the chosen value is the score on that split
     assert metrics["1000g-va"]["1000g-va"]["all"]["mae_mean"] == pytest.approx(
-        run["tasks"]["1000g-va"]["tuning_mae"], rel=1e-6)
+        run["tasks"]["1000g-va"]["tuning_mae"], rel=1e-6
+    )
     assert out["metrics"] == metrics
     assert sorted(p.name for p in out_dir.iterdir()) == ["metrics.json", "per_gene.csv", "run.json"]
 
@@ -218,20 +229,23 @@ def test_default_grids():
 # --------------------------------------------------------------------------- #
 # errors
 # --------------------------------------------------------------------------- #
-@pytest.mark.parametrize("kwargs,exc,fragment", [
-    (dict(method="svm"), ConfigError, "unknown baseline method"),
-    (dict(method="ridge", lambdas=[]), ConfigError, "empty"),
-    (dict(method="ridge", lambdas=[0.1, 0.0]), ConfigError, "> 0"),
-    (dict(method="lasso", lambdas=[-1.0]), ConfigError, "> 0"),
-    (dict(method="lasso", lambdas=[float("nan")]), ConfigError, "finite"),
-    (dict(method="knn", ks=[]), ConfigError, "empty"),
-    (dict(method="knn", ks=[3, 21]), ConfigError, "exceeds the 20 landmark"),
-    (dict(method="knn", ks=[0]), ConfigError, ">= 1"),
-    (dict(method="knn", lambdas=[1.0]), ConfigError, "--ks"),
-    (dict(method="ridge", ks=[3]), ConfigError, "--lambdas"),
-    (dict(method="lr", lambdas=[1.0]), ConfigError, "no hyper-parameter"),
-    (dict(method="lasso", n_jobs=0), ConfigError, "--n-jobs"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,fragment",
+    [
+        (dict(method="svm"), ConfigError, "unknown baseline method"),
+        (dict(method="ridge", lambdas=[]), ConfigError, "empty"),
+        (dict(method="ridge", lambdas=[0.1, 0.0]), ConfigError, "> 0"),
+        (dict(method="lasso", lambdas=[-1.0]), ConfigError, "> 0"),
+        (dict(method="lasso", lambdas=[float("nan")]), ConfigError, "finite"),
+        (dict(method="knn", ks=[]), ConfigError, "empty"),
+        (dict(method="knn", ks=[3, 21]), ConfigError, "exceeds the 20 landmark"),
+        (dict(method="knn", ks=[0]), ConfigError, ">= 1"),
+        (dict(method="knn", lambdas=[1.0]), ConfigError, "--ks"),
+        (dict(method="ridge", ks=[3]), ConfigError, "--lambdas"),
+        (dict(method="lr", lambdas=[1.0]), ConfigError, "no hyper-parameter"),
+        (dict(method="lasso", n_jobs=0), ConfigError, "--n-jobs"),
+    ],
+)
 def test_bad_arguments_are_one_line_errors_and_write_nothing(toy, tmp_path, kwargs, exc, fragment):
     method = kwargs.pop("method")
     with pytest.raises(exc) as err:
@@ -261,11 +275,23 @@ def test_failure_during_evaluation_writes_nothing(toy, tmp_path, monkeypatch):
 
 
 def test_cli(toy_geo_only, tmp_path):
-    res = run_dgex("baseline", "knn", "--dataset", toy_geo_only["path"], "--output-dir", tmp_path / "knn",
-                   "--ks", "1", "3", "5", "--no-progress")
+    res = run_dgex(
+        "baseline",
+        "knn",
+        "--dataset",
+        toy_geo_only["path"],
+        "--output-dir",
+        tmp_path / "knn",
+        "--ks",
+        "1",
+        "3",
+        "5",
+        "--no-progress",
+    )
     assert res.returncode == 0, res.stderr
     assert json.loads((tmp_path / "knn" / "run.json").read_text())["grid"] == [1, 3, 5]
-    res = run_dgex("baseline", "ridge", "--dataset", toy_geo_only["path"], "--output-dir", tmp_path / "bad",
-                   "--lambdas", "-1")
+    res = run_dgex(
+        "baseline", "ridge", "--dataset", toy_geo_only["path"], "--output-dir", tmp_path / "bad", "--lambdas", "-1"
+    )
     assert_one_line_error(res, "--lambdas must be finite and > 0")
     assert not (tmp_path / "bad").exists()

@@ -15,17 +15,33 @@ def test_cli_constants_match_the_package():
     assert cli.ID_TYPES == ID_TYPES
 
 
-@pytest.mark.parametrize("argv", [
-    ["acquire", "--url", "http://127.0.0.1/x", "--output", "x"],
-    ["preprocess", "--geo", "g.gctx", "--output", "d.h5"],
-    ["train", "--dataset", "d.h5", "--output-dir", "o", "--layers", "1", "--units", "4", "--dropout", "0",
-     "--part", "0"],
-    ["baseline", "lr", "--dataset", "d.h5", "--output-dir", "o"],
-    ["interpret", "s2", "--dataset", "d.h5", "--runs", "r", "--output-dir", "o"],
-    ["interpret", "s3", "--runs", "r", "--output-dir", "o"],
-    ["export", "--dataset", "d.h5", "--runs", "r", "--output", "o"],
-    ["infer", "--model", "m", "--input", "i.gctx", "--output", "o.gctx"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["acquire", "--url", "http://127.0.0.1/x", "--output", "x"],
+        ["preprocess", "--geo", "g.gctx", "--output", "d.h5"],
+        [
+            "train",
+            "--dataset",
+            "d.h5",
+            "--output-dir",
+            "o",
+            "--layers",
+            "1",
+            "--units",
+            "4",
+            "--dropout",
+            "0",
+            "--part",
+            "0",
+        ],
+        ["baseline", "lr", "--dataset", "d.h5", "--output-dir", "o"],
+        ["interpret", "s2", "--dataset", "d.h5", "--runs", "r", "--output-dir", "o"],
+        ["interpret", "s3", "--runs", "r", "--output-dir", "o"],
+        ["export", "--dataset", "d.h5", "--runs", "r", "--output", "o"],
+        ["infer", "--model", "m", "--input", "i.gctx", "--output", "o.gctx"],
+    ],
+)
 def test_no_progress_turns_the_progress_argument_off(argv):
     parser = cli.build_parser()
     assert parser.parse_args(argv).progress is True
@@ -33,10 +49,13 @@ def test_no_progress_turns_the_progress_argument_off(argv):
     assert not hasattr(parser.parse_args(argv), "no_progress")
 
 
-@pytest.mark.parametrize("argv", [
-    ["interpret", "s3", "--runs", "r", "--output-dir", "o"],
-    ["export", "--dataset", "d.h5", "--runs", "r", "--output", "o"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["interpret", "s3", "--runs", "r", "--output-dir", "o"],
+        ["export", "--dataset", "d.h5", "--runs", "r", "--output", "o"],
+    ],
+)
 def test_selection_defaults_to_geo_va_and_rejects_other_splits(argv, capsys):
     parser = cli.build_parser()
     assert parser.parse_args(argv).selection == "geo-va"

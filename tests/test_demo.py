@@ -14,7 +14,12 @@ from dgex import __version__
 from dgex import demo
 from dgex.errors import ConfigError
 from dgex.genes import (
-    aggregation_matrix, load_gene_map, probe_annotation, required_probes, select_targets, strip_version,
+    aggregation_matrix,
+    load_gene_map,
+    probe_annotation,
+    required_probes,
+    select_targets,
+    strip_version,
 )
 from dgex.io import open_matrix
 
@@ -101,10 +106,10 @@ def test_geo_is_probe_level_hg_u133a_with_every_map_probe(small):
     extra = set(rows) - set(needed)
     assert 150 <= len(extra) <= 250, len(extra)
     ann = probe_annotation()
-    assert set(rows) <= set(ann.index)                             # all real HG-U133A probe ids
+    assert set(rows) <= set(ann.index)  # all real HG-U133A probe ids
     unused = set(lm["probes"].explode()) | set(load_gene_map("builtin", "target")["probes"].explode())
-    assert not extra & unused                                     # fillers belong to no map
-    assert rows[: len(lm)] != list(lm["probes"].explode())        # shuffled, not in map order
+    assert not extra & unused  # fillers belong to no map
+    assert rows[: len(lm)] != list(lm["probes"].explode())  # shuffled, not in map order
     assert list(row_meta["pr_gene_symbol"]) == list(ann["symbol"].reindex(rows))
     assert len(m.col_ids) == SMALL["n_geo"] + SMALL["n_duplicates"]
     assert all(c.startswith("GSM_DEMO_") for c in col_meta.index)
@@ -114,7 +119,7 @@ def test_geo_is_probe_level_hg_u133a_with_every_map_probe(small):
     assert 4.0 < float(np.median(data)) < 15.0
     lo, hi = np.quantile(data, [0.01, 0.99])
     assert lo > 2.0 and hi < 16.0
-    assert 0.3 < float(np.median(data.std(axis=0))) < 2.5          # genes vary across samples
+    assert 0.3 < float(np.median(data.std(axis=0))) < 2.5  # genes vary across samples
 
 
 def test_planted_duplicates_are_close_and_distinct_profiles_far(small):
@@ -124,8 +129,8 @@ def test_planted_duplicates_are_close_and_distinct_profiles_far(small):
     assert dup.sum() == SMALL["n_duplicates"]
     pos = pd.Series(np.arange(len(col_meta)), index=col_meta.index)
     originals = pos[col_meta["dup_of"][dup]].values
-    assert len(set(originals)) == dup.sum()                        # distinct originals
-    assert not dup[originals].any()                                # ... that are not duplicates themselves
+    assert len(set(originals)) == dup.sum()  # distinct originals
+    assert not dup[originals].any()  # ... that are not duplicates themselves
     d_dup = np.linalg.norm(x[dup] - x[originals], axis=1)
     assert d_dup.max() < 0.5, d_dup.max()
     u = x[~dup]
@@ -168,17 +173,24 @@ def _ridge_vs_mlp(out, maps, n_train=1200):
             # linear: ridge with the penalty that is best on the test set itself (an optimistic baseline)
             u, s, vt = np.linalg.svd(x[tr], full_matrices=False)
             uty = u.T @ y[tr]
-            ridge = min(np.abs(x[te] @ (vt.T @ ((s / (s ** 2 + a))[:, None] * uty)) - y[te]).mean()
-                        for a in (1, 10, 30, 100, 300, 1000, 3000, 10000))
+            ridge = min(
+                np.abs(x[te] @ (vt.T @ ((s / (s**2 + a))[:, None] * uty)) - y[te]).mean()
+                for a in (1, 10, 30, 100, 300, 1000, 3000, 10000)
+            )
             torch.manual_seed(0)
             xt, yt = torch.tensor(x[tr], dtype=torch.float32), torch.tensor(y[tr], dtype=torch.float32)
-            net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 256), torch.nn.Tanh(), torch.nn.Linear(256, 256),
-                                      torch.nn.Tanh(), torch.nn.Linear(256, y.shape[1]))
+            net = torch.nn.Sequential(
+                torch.nn.Linear(x.shape[1], 256),
+                torch.nn.Tanh(),
+                torch.nn.Linear(256, 256),
+                torch.nn.Tanh(),
+                torch.nn.Linear(256, y.shape[1]),
+            )
             opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4)
             for _ in range(60):
                 idx = torch.randperm(n_train)
                 for b in range(0, n_train, 200):
-                    i = idx[b:b + 200]
+                    i = idx[b : b + 200]
                     loss = ((net(xt[i]) - yt[i]) ** 2).mean()
                     opt.zero_grad()
                     loss.backward()
@@ -198,9 +210,9 @@ def test_targets_are_nonlinear_in_the_landmarks(tmp_path, maps, monkeypatch, non
     demo.generate(tmp_path, seed=0, n_geo=1500, n_duplicates=5, n_1000g=2, n_gtex=2, max_targets=300)
     ridge, mlp = _ridge_vs_mlp(tmp_path, maps)
     if nonlinear:
-        assert ridge > 1.08 * mlp, (ridge, mlp)   # measured: 0.406 vs 0.33 (ridge ~20% worse)
+        assert ridge > 1.08 * mlp, (ridge, mlp)  # measured: 0.406 vs 0.33 (ridge ~20% worse)
     else:
-        assert ridge < 1.02 * mlp, (ridge, mlp)   # measured: 0.242 vs 0.27
+        assert ridge < 1.02 * mlp, (ridge, mlp)  # measured: 0.242 vs 0.27
 
 
 # --------------------------------------------------------------------------- #
@@ -208,18 +220,18 @@ def test_targets_are_nonlinear_in_the_landmarks(tmp_path, maps, monkeypatch, non
 # --------------------------------------------------------------------------- #
 def _check_rnaseq(m, lm, tg):
     ids = list(m.row_ids)
-    assert all(i.startswith("ENSG") and "." in i for i in ids)      # versioned Ensembl ids
+    assert all(i.startswith("ENSG") and "." in i for i in ids)  # versioned Ensembl ids
     stripped = strip_version(ids)
-    assert len(set(stripped)) == len(stripped)                      # one row per gene (overlap genes once)
+    assert len(set(stripped)) == len(stripped)  # one row per gene (overlap genes once)
     wanted = set(lm["ensembl"]) | set(tg["ensembl"])
     assert wanted <= set(stripped)
-    assert 250 <= len(set(stripped) - wanted) <= 350                # unrelated extra genes
-    assert list(stripped[: len(lm)]) != list(lm["ensembl"])         # shuffled
+    assert 250 <= len(set(stripped) - wanted) <= 350  # unrelated extra genes
+    assert list(stripped[: len(lm)]) != list(lm["ensembl"])  # shuffled
     v = m.read()
     assert np.isfinite(v).all() and v.min() >= 0.0
-    assert 0.01 < float((v == 0).mean()) < 0.5                     # some exact zeros
+    assert 0.01 < float((v == 0).mean()) < 0.5  # some exact zeros
     pos = v[v > 0]
-    assert pos.max() > 50 * np.median(pos)                          # heavy right tail (RPKM-like)
+    assert pos.max() > 50 * np.median(pos)  # heavy right tail (RPKM-like)
     return v
 
 
@@ -248,9 +260,11 @@ def test_gtex_is_a_gene_level_gctx_with_tissues(small):
 
 def test_rnaseq_is_less_diverse_in_1000g_than_gtex(small):
     """1000G profiles come from one cell type, GTEx from several tissues."""
+
     def spread(m):
         logv = np.log2(m.read() + 1.0)
         return float(np.median(logv.std(axis=0)))
+
     with open_matrix(small["dir"] / "gtex.gctx") as g:
         assert spread(open_matrix(small["dir"] / "1000g.tsv.gz")) < spread(g)
 
@@ -258,18 +272,21 @@ def test_rnaseq_is_less_diverse_in_1000g_than_gtex(small):
 # --------------------------------------------------------------------------- #
 # arguments and command line
 # --------------------------------------------------------------------------- #
-@pytest.mark.parametrize("bad", [
-    dict(n_geo=10, n_duplicates=11),
-    dict(n_geo=1),
-    dict(n_1000g=0),
-    dict(n_gtex=-3),
-    dict(n_latent=0),
-    dict(noise=-0.1),
-    dict(noise=float("nan")),
-    dict(max_targets=0),
-    dict(seed=-1),
-    dict(n_geo=2.5),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(n_geo=10, n_duplicates=11),
+        dict(n_geo=1),
+        dict(n_1000g=0),
+        dict(n_gtex=-3),
+        dict(n_latent=0),
+        dict(noise=-0.1),
+        dict(noise=float("nan")),
+        dict(max_targets=0),
+        dict(seed=-1),
+        dict(n_geo=2.5),
+    ],
+)
 def test_bad_arguments_raise_config_error(tmp_path, bad):
     args = dict(n_geo=20, n_duplicates=2, n_1000g=2, n_gtex=2, max_targets=10) | bad
     with pytest.raises(ConfigError):
@@ -285,8 +302,21 @@ def test_output_dir_that_is_a_file_is_rejected(tmp_path):
 
 def test_cli_demo_data(tmp_path):
     out = tmp_path / "d"
-    res = run_dgex("demo-data", "--output-dir", out, "--n-geo", 100, "--n-duplicates", 5, "--max-targets", 50,
-                   "--n-1000g", 20, "--n-gtex", 20)
+    res = run_dgex(
+        "demo-data",
+        "--output-dir",
+        out,
+        "--n-geo",
+        100,
+        "--n-duplicates",
+        5,
+        "--max-targets",
+        50,
+        "--n-1000g",
+        20,
+        "--n-gtex",
+        20,
+    )
     assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in out.iterdir()) == FILES
     assert "demo data in" in res.stderr

@@ -35,8 +35,13 @@ def _env(**extra):
 
 
 def _holder(lock_dir, gpus, seconds):
-    return subprocess.Popen([sys.executable, "-c", HOLDER, str(lock_dir), str(seconds)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env(DGEX_GPUS=gpus))
+    return subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(lock_dir), str(seconds)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(DGEX_GPUS=gpus),
+    )
 
 
 @pytest.fixture
@@ -186,8 +191,18 @@ def test_train_leases_a_gpu_and_gives_it_back(tmp_path, clean_env):
 
     toy = write_toy_dataset(tmp_path / "toy.h5", n_tr=60, n_landmarks=4, n_targets=4, n_parts=1)
     clean_env.setenv("DGEX_GPUS", "0")
-    kw = dict(dataset=toy["path"], layers=1, units=4, dropout=0.0, part=None, epochs=1, batch_size=30,
-              monitor_size=20, progress=False, gpu_lock_dir=tmp_path / "locks")
+    kw = dict(
+        dataset=toy["path"],
+        layers=1,
+        units=4,
+        dropout=0.0,
+        part=None,
+        epochs=1,
+        batch_size=30,
+        monitor_size=20,
+        progress=False,
+        gpu_lock_dir=tmp_path / "locks",
+    )
     # device "auto": the fake GPU is leased (torch still finds no CUDA here and trains on the CPU)
     summary = train(output_dir=tmp_path / "auto", device="auto", **kw)
     assert summary["gpu_lease"] == {"gpu": "0", "source": "lock"}

@@ -38,8 +38,22 @@ def _train_parts(dataset, root: Path, epochs=3, parts=(0, 1)) -> list[Path]:
     for p in parts:
         d = root / f"part{p}"
         # a large rate and small batches so that a few epochs give outputs that clearly depend on the inputs
-        train(dataset=dataset, output_dir=d, layers=1, units=8, dropout=0.0, part=p, epochs=epochs, batch_size=20,
-              lr=0.02, monitor_size=32, progress=False, device="cpu", checkpoint_interval=0, seed=p)
+        train(
+            dataset=dataset,
+            output_dir=d,
+            layers=1,
+            units=8,
+            dropout=0.0,
+            part=p,
+            epochs=epochs,
+            batch_size=20,
+            lr=0.02,
+            monitor_size=32,
+            progress=False,
+            device="cpu",
+            checkpoint_interval=0,
+            seed=p,
+        )
         dirs.append(d)
     return dirs
 
@@ -48,8 +62,9 @@ def _train_parts(dataset, root: Path, epochs=3, parts=(0, 1)) -> list[Path]:
 def toy(tmp_path_factory):
     """Toy dataset, two trained part runs, an exported bundle and the GEO-te landmarks on the expression scale."""
     root = tmp_path_factory.mktemp("infer")
-    ds_path = write_toy_dataset(root / "toy.h5", n_tr=160, n_landmarks=20, n_targets=16, n_va=40, n_te=30,
-                                n_parts=2)["path"]
+    ds_path = write_toy_dataset(root / "toy.h5", n_tr=160, n_landmarks=20, n_targets=16, n_va=40, n_te=30, n_parts=2)[
+        "path"
+    ]
     # per-gene GEO statistics (the helper writes 8 +- 1 everywhere), so gene-order mix-ups would show
     rng = np.random.default_rng(7)
     with h5py.File(ds_path, "a") as h5:
@@ -59,8 +74,13 @@ def toy(tmp_path_factory):
     bundle = root / "bundle"
     export_bundle(dataset=ds_path, runs=runs, output=bundle, progress=False)
     with ProcessedDataset(ds_path) as ds:
-        X, genes, (mean, std), eps, ids = ds.X("geo-te"), ds.genes(), ds.stats("geo"), ds.attrs["epsilon"], \
-            ds.ids("geo-te")
+        X, genes, (mean, std), eps, ids = (
+            ds.X("geo-te"),
+            ds.genes(),
+            ds.stats("geo"),
+            ds.attrs["epsilon"],
+            ds.ids("geo-te"),
+        )
     L = X.shape[1]
     # the networks' own predictions, mapped back to the expression scale, are the expected output
     preds = []
@@ -72,8 +92,20 @@ def toy(tmp_path_factory):
     x_expr = (X.astype(np.float64) * (std[:L] + eps) + mean[:L]).astype(np.float32)
     gctx = root / "geo_te.gctx"
     write_gctx(gctx, x_expr, genes.landmarks["ensembl"], ids)
-    return {"root": root, "dataset": ds_path, "runs": runs, "bundle": bundle, "genes": genes, "x": x_expr,
-            "ids": ids, "expected": expected, "gctx": gctx, "mean": mean, "std": std, "eps": eps}
+    return {
+        "root": root,
+        "dataset": ds_path,
+        "runs": runs,
+        "bundle": bundle,
+        "genes": genes,
+        "x": x_expr,
+        "ids": ids,
+        "expected": expected,
+        "gctx": gctx,
+        "mean": mean,
+        "std": std,
+        "eps": eps,
+    }
 
 
 def _read(path) -> tuple[np.ndarray, pd.DataFrame, list, list]:
@@ -94,21 +126,34 @@ def _no_leftovers(folder: Path, name: str) -> None:
 # --------------------------------------------------------------------------- #
 def test_export_bundle_contents(toy):
     b = toy["bundle"]
-    assert sorted(p.name for p in b.iterdir()) == ["bundle.json", "landmarks.tsv", "stats.npz", "targets.tsv",
-                                                   "weights_part0.pt", "weights_part1.pt"]
+    assert sorted(p.name for p in b.iterdir()) == [
+        "bundle.json",
+        "landmarks.tsv",
+        "stats.npz",
+        "targets.tsv",
+        "weights_part0.pt",
+        "weights_part1.pt",
+    ]
     info = json.loads((b / "bundle.json").read_text())
     assert info["format_version"] == BUNDLE_FORMAT and info["selection"] == "geo-va"
-    assert info["architecture"] == {"n_landmarks": 20, "n_targets": 16, "layers": 1, "units": 8, "dropout": 0.0,
-                                    "hidden_activation": "tanh", "n_parts": 2}
-    assert set(info["files"]) == {"landmarks.tsv", "targets.tsv", "stats.npz", "weights_part0.pt",
-                                  "weights_part1.pt"}
+    assert info["architecture"] == {
+        "n_landmarks": 20,
+        "n_targets": 16,
+        "layers": 1,
+        "units": 8,
+        "dropout": 0.0,
+        "hidden_activation": "tanh",
+        "n_parts": 2,
+    }
+    assert set(info["files"]) == {"landmarks.tsv", "targets.tsv", "stats.npz", "weights_part0.pt", "weights_part1.pt"}
     for p, run in zip(info["parts"], toy["runs"]):
         run_json = json.loads((run / "run.json").read_text())
         assert p["epoch"] == run_json["best"]["geo-va"]["epoch"]
         assert p["metrics"]["geo-va"] == pytest.approx(run_json["best"]["geo-va"]["mae"])
     n = [p["n_targets"] for p in info["parts"]]
     assert info["metrics"]["geo-te"] == pytest.approx(
-        sum(p["metrics"]["geo-te"] * k for p, k in zip(info["parts"], n)) / sum(n))
+        sum(p["metrics"]["geo-te"] * k for p, k in zip(info["parts"], n)) / sum(n)
+    )
     genes = toy["genes"]
     lm = pd.read_csv(b / "landmarks.tsv", sep="\t", dtype=str, keep_default_na=False)
     tg = pd.read_csv(b / "targets.tsv", sep="\t", dtype=str, keep_default_na=False)
@@ -131,21 +176,33 @@ def test_export_bundle_contents(toy):
 def test_export_cli_and_grid_aggregate(toy, tmp_path):
     from dgex.aggregate import aggregate
 
-    res = run_dgex("export", "--dataset", toy["dataset"], "--runs", *toy["runs"][::-1], "--output",
-                   tmp_path / "b_cli")
+    res = run_dgex("export", "--dataset", toy["dataset"], "--runs", *toy["runs"][::-1], "--output", tmp_path / "b_cli")
     assert res.returncode == 0, res.stderr
     agg = tmp_path / "agg"
     aggregate(dgex_runs=toy["runs"], baseline_runs=[], output_dir=agg)
     # as the workflow's export rule calls it: Snakemake has already created the (empty) output folder
     (tmp_path / "b_agg").mkdir()
-    res = run_dgex("export", "--dataset", toy["dataset"], "--grid-aggregate", agg, "--selection", "geo-va",
-                   "--output", tmp_path / "b_agg", "--overwrite", "--no-progress")
+    res = run_dgex(
+        "export",
+        "--dataset",
+        toy["dataset"],
+        "--grid-aggregate",
+        agg,
+        "--selection",
+        "geo-va",
+        "--output",
+        tmp_path / "b_agg",
+        "--overwrite",
+        "--no-progress",
+    )
     assert res.returncode == 0, res.stderr
     info = json.loads((tmp_path / "b_agg" / "bundle.json").read_text())
     assert info["grid_choice"]["layers"] == 1 and info["grid_choice"]["units"] == 8
     for name in ("weights_part0.pt", "weights_part1.pt", "targets.tsv", "landmarks.tsv", "stats.npz"):
-        a, b, c = (json.loads((p / "bundle.json").read_text())["files"][name]
-                   for p in (toy["bundle"], tmp_path / "b_cli", tmp_path / "b_agg"))
+        a, b, c = (
+            json.loads((p / "bundle.json").read_text())["files"][name]
+            for p in (toy["bundle"], tmp_path / "b_cli", tmp_path / "b_agg")
+        )
         assert a == b == c, name
     # an existing bundle is kept unless --overwrite
     res = run_dgex("export", "--dataset", toy["dataset"], "--runs", *toy["runs"], "--output", tmp_path / "b_cli")
@@ -161,8 +218,9 @@ def test_export_rejects_bad_runs(toy, tmp_path):
     with pytest.raises(InputError, match="no run.json"):
         export_bundle(dataset=ds, runs=[r0, tmp_path], output=tmp_path / "b")
     # runs trained on other genes than the dataset's
-    other = write_toy_dataset(tmp_path / "other.h5", n_tr=40, n_landmarks=21, n_targets=16, n_va=10, n_te=10,
-                              with_rnaseq=False)["path"]
+    other = write_toy_dataset(
+        tmp_path / "other.h5", n_tr=40, n_landmarks=21, n_targets=16, n_va=10, n_te=10, with_rnaseq=False
+    )["path"]
     with pytest.raises(InputError, match="use the dataset the model was trained on"):
         export_bundle(dataset=other, runs=[r0, r1], output=tmp_path / "b")
     assert not any(p.name.startswith((".b", "b")) for p in tmp_path.iterdir())
@@ -214,8 +272,7 @@ def test_chunk_and_batch_size_do_not_change_result(toy, tmp_path):
     outs = []
     for i, (chunk, batch) in enumerate([(10_000, 4096), (7, 3), (1, 1)]):
         out = tmp_path / f"p{i}.gctx"
-        infer(model=toy["bundle"], input=toy["gctx"], output=out, chunk_size=chunk, batch_size=batch,
-              progress=False)
+        infer(model=toy["bundle"], input=toy["gctx"], output=out, chunk_size=chunk, batch_size=batch, progress=False)
         outs.append(_read(out)[0])
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(outs[2], outs[0], rtol=1e-6, atol=1e-6)
@@ -302,8 +359,7 @@ def test_missing_landmarks_error_and_mean_imputation(toy, tmp_path):
     few = tmp_path / "few.gctx"
     write_gctx(few, toy["x"][:, :9], lm["ensembl"].iloc[:9], toy["ids"])
     with pytest.raises(InputError, match="only 9 of the model's 20 landmark genes"):
-        infer(model=toy["bundle"], input=few, output=tmp_path / "few_pred.gctx", impute_missing="mean",
-              progress=False)
+        infer(model=toy["bundle"], input=few, output=tmp_path / "few_pred.gctx", impute_missing="mean", progress=False)
     _no_leftovers(tmp_path, "few_pred.gctx")
 
 
@@ -328,8 +384,7 @@ def test_non_finite_values_name_the_samples(toy, tmp_path, bad):
     write_gctx(path, x, toy["genes"].landmarks["ensembl"], toy["ids"])
     # chunk 5: the error comes after earlier chunks were written; no output may remain
     with pytest.raises(InputError, match=f"NaN or Inf.*{toy['ids'][17]}"):
-        infer(model=toy["bundle"], input=path, output=tmp_path / "o.gctx", chunk_size=5, batch_size=2,
-              progress=False)
+        infer(model=toy["bundle"], input=path, output=tmp_path / "o.gctx", chunk_size=5, batch_size=2, progress=False)
     _no_leftovers(tmp_path, "o.gctx")
 
 
@@ -416,8 +471,7 @@ def test_real_l1000_file(tmp_path):
     runs = _train_parts(ds, tmp_path / "runs", epochs=1)
     export_bundle(dataset=ds, runs=runs, output=tmp_path / "bundle")
     out = tmp_path / "l1000_pred.gctx"
-    res = run_dgex("infer", "--model", tmp_path / "bundle", "--input", L1000_FILE, "--output", out,
-                   "--no-progress")
+    res = run_dgex("infer", "--model", tmp_path / "bundle", "--input", L1000_FILE, "--output", out, "--no-progress")
     assert res.returncode == 0, res.stderr
     assert "probe ids" in res.stderr and "943/943 landmarks" in res.stderr
     data, row_meta, rows, cols = _read(out)

@@ -32,8 +32,9 @@ def _sk_adjusted(X, Y):
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("interp")
-    ds = write_toy_dataset(root / "toy.h5", n_tr=240, n_landmarks=10, n_targets=12, nonlinear=0.8, n_overlap=2,
-                           n_parts=2, n_va=60, n_te=60)
+    ds = write_toy_dataset(
+        root / "toy.h5", n_tr=240, n_landmarks=10, n_targets=12, nonlinear=0.8, n_overlap=2, n_parts=2, n_va=60, n_te=60
+    )
     runs = {}
     for layers, units in ((1, 8), (2, 6)):
         for part in (0, 1):
@@ -90,8 +91,9 @@ def test_s2_outputs_and_values(toy, tmp_path):
     X, Y = toy["splits"]["geo-tr"]
     # a target that is a copy of a landmark is fitted exactly from the inputs
     np.testing.assert_allclose(table.loc[table["overlap"], "input"], 1.0, atol=1e-6)
-    np.testing.assert_allclose(table["input"], _sk_adjusted(X.astype(np.float64), Y.astype(np.float64)),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        table["input"], _sk_adjusted(X.astype(np.float64), Y.astype(np.float64)), rtol=1e-6, atol=1e-6
+    )
     # hidden columns: sklearn on the eval-mode activations of each part's own network
     for part in (0, 1):
         model, _ = load_weights(toy["runs"][(2, part)] / "best_geo-va.pt")
@@ -112,8 +114,23 @@ def test_s2_outputs_and_values(toy, tmp_path):
 
 def test_s2_cli_subsample_and_nan_fallback(toy, tmp_path):
     runs = [toy["runs"][(1, 0)], toy["runs"][(1, 1)]]
-    res = run_dgex("interpret", "s2", "--dataset", toy["path"], "--runs", *runs, "--split", "geo-va",
-                   "--max-samples", 11, "--device", "cpu", "--output-dir", tmp_path, "--no-progress")
+    res = run_dgex(
+        "interpret",
+        "s2",
+        "--dataset",
+        toy["path"],
+        "--runs",
+        *runs,
+        "--split",
+        "geo-va",
+        "--max-samples",
+        11,
+        "--device",
+        "cpu",
+        "--output-dir",
+        tmp_path,
+        "--no-progress",
+    )
     assert res.returncode == 0, res.stderr
     table = pd.read_csv(tmp_path / "s2_adjusted_r2.csv")
     assert list(table.columns) == ["ensembl", "symbol", "part", "overlap", "input", "hidden1"]
@@ -160,10 +177,23 @@ def test_major_weight_counts_on_hand_built_matrix():
 
 def test_s3_outputs_and_monotone_in_sigma(toy, tmp_path):
     runs = [toy["runs"][(1, 0)], toy["runs"][(1, 1)]]
-    info = interpret_s3(runs=runs, output_dir=tmp_path, sigmas=[2.0, 1.0, 1.5], map_sigmas=(1.0, 1.5),
-                        dataset=toy["path"], progress=False)
-    for name in ("s3_hidden_in_degree.csv", "s3_target_in_degree.csv", "s3_landmark_out_degree.csv",
-                 "s3_hidden_out_degree.csv", "figure_s3.png", "figure_s3.pdf", "s3.json"):
+    info = interpret_s3(
+        runs=runs,
+        output_dir=tmp_path,
+        sigmas=[2.0, 1.0, 1.5],
+        map_sigmas=(1.0, 1.5),
+        dataset=toy["path"],
+        progress=False,
+    )
+    for name in (
+        "s3_hidden_in_degree.csv",
+        "s3_target_in_degree.csv",
+        "s3_landmark_out_degree.csv",
+        "s3_hidden_out_degree.csv",
+        "figure_s3.png",
+        "figure_s3.pdf",
+        "s3.json",
+    ):
         assert (tmp_path / name).stat().st_size > 0, name
     hid = pd.read_csv(tmp_path / "s3_hidden_in_degree.csv")
     tg = pd.read_csv(tmp_path / "s3_target_in_degree.csv")
@@ -195,8 +225,20 @@ def test_bad_inputs_one_line(toy, tmp_path):
     run = toy["runs"][(1, 0)]
     res = run_dgex("interpret", "s2", "--dataset", toy["path"], "--runs", tmp_path / "nope", "--output-dir", tmp_path)
     assert_one_line_error(res, "no run.json")
-    res = run_dgex("interpret", "s2", "--dataset", toy["path"], "--runs", run, "--split", "gtex-xx",
-                   "--device", "cpu", "--output-dir", tmp_path / "o")
+    res = run_dgex(
+        "interpret",
+        "s2",
+        "--dataset",
+        toy["path"],
+        "--runs",
+        run,
+        "--split",
+        "gtex-xx",
+        "--device",
+        "cpu",
+        "--output-dir",
+        tmp_path / "o",
+    )
     assert_one_line_error(res, "--split 'gtex-xx'", "geo-tr")
     assert not (tmp_path / "o").exists()
 
@@ -215,12 +257,21 @@ def test_bad_inputs_raise(toy, tmp_path):
         interpret_s3(runs=[partial], output_dir=tmp_path, selection="1000g-va", progress=False)
     # a dataset with other landmark genes than the checkpoint
     X, Y = toy["splits"]["geo-tr"]
-    other = write_dataset_arrays(tmp_path / "other.h5", {"geo-tr": (X, Y), "geo-va": (X, Y)},
-                                 parts=np.sort(np.arange(12) % 2),
-                                 landmark_ids=[f"ENSG7{i:010d}" for i in range(X.shape[1])])
+    other = write_dataset_arrays(
+        tmp_path / "other.h5",
+        {"geo-tr": (X, Y), "geo-va": (X, Y)},
+        parts=np.sort(np.arange(12) % 2),
+        landmark_ids=[f"ENSG7{i:010d}" for i in range(X.shape[1])],
+    )
     with pytest.raises(InputError, match="landmarks of the checkpoint do not match"):
         interpret_s2(dataset=other, runs=[r[(1, 0)]], output_dir=tmp_path / "o", device="cpu", progress=False)
     assert not (tmp_path / "o").exists()
     with pytest.raises(DgexError, match="no adjusted R"):
-        interpret_s2(dataset=toy["path"], runs=[r[(1, 0)]], output_dir=tmp_path / "o", max_samples=3,
-                     device="cpu", progress=False)
+        interpret_s2(
+            dataset=toy["path"],
+            runs=[r[(1, 0)]],
+            output_dir=tmp_path / "o",
+            max_samples=3,
+            device="cpu",
+            progress=False,
+        )

@@ -11,7 +11,15 @@ import pytest
 
 from dgex.errors import InputError
 from dgex.io import (
-    GCTXReader, GCTXWriter, atomic_path, open_matrix, read_gct, read_tsv, write_gct, write_gctx, write_tsv,
+    GCTXReader,
+    GCTXWriter,
+    atomic_path,
+    open_matrix,
+    read_gct,
+    read_tsv,
+    write_gct,
+    write_gctx,
+    write_tsv,
 )
 
 
@@ -48,7 +56,7 @@ def test_streaming_writer_matches_one_shot_writer(tmp_path):
     data, rows, cols = _matrix(n_samples=10)
     with GCTXWriter(tmp_path / "s.gctx", rows, cols) as w:
         for s in range(0, 10, 3):
-            w.write(data[s:s + 3])
+            w.write(data[s : s + 3])
     with open_matrix(tmp_path / "s.gctx") as m:
         np.testing.assert_array_equal(m.read(), data)
 

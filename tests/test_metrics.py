@@ -11,8 +11,18 @@ from scipy import stats
 
 from dgex import metrics
 from dgex.errors import InputError
-from dgex.metrics import (PER_GENE_COLUMNS, bootstrap_ci, compare, overall, per_gene_frame, per_gene_mae,
-                          per_gene_pearson, per_gene_spearman, read_per_gene, write_per_gene)
+from dgex.metrics import (
+    PER_GENE_COLUMNS,
+    bootstrap_ci,
+    compare,
+    overall,
+    per_gene_frame,
+    per_gene_mae,
+    per_gene_pearson,
+    per_gene_spearman,
+    read_per_gene,
+    write_per_gene,
+)
 
 
 def _pair(n=60, g=25, seed=0, ties=False):
@@ -25,9 +35,15 @@ def _pair(n=60, g=25, seed=0, ties=False):
 
 
 def _targets(g, n_overlap=3):
-    return pd.DataFrame({"ensembl": [f"ENSG{i}" for i in range(g)], "symbol": ["NA"] + [f"G{i}" for i in range(1, g)],
-                         "entrez": [str(100 + i) for i in range(g)], "part": np.sort(np.arange(g) % 2),
-                         "overlap": np.arange(g) < n_overlap})
+    return pd.DataFrame(
+        {
+            "ensembl": [f"ENSG{i}" for i in range(g)],
+            "symbol": ["NA"] + [f"G{i}" for i in range(1, g)],
+            "entrez": [str(100 + i) for i in range(g)],
+            "part": np.sort(np.arange(g) % 2),
+            "overlap": np.arange(g) < n_overlap,
+        }
+    )
 
 
 @pytest.mark.parametrize("ties", [False, True])

@@ -112,12 +112,15 @@ def test_classical_momentum_matches_pylearn2_rule():
         assert float(w.detach()) == pytest.approx(ref)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(units=0), "--units"),
-    (dict(dropout=1.5), "--dropout"),
-    (dict(layers=0), "--layers"),
-    (dict(precision="fp8"), "--precision"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(units=0), "--units"),
+        (dict(dropout=1.5), "--dropout"),
+        (dict(layers=0), "--layers"),
+        (dict(precision="fp8"), "--precision"),
+    ],
+)
 def test_invalid_grid_values(kwargs, message):
     base = dict(layers=2, units=10, dropout=0.1, part=0)
     base.update(kwargs)

@@ -79,8 +79,15 @@ def _rnaseq(tiny_maps, n, seed, path, fmt="tsv"):
 
 
 def _run(tiny_maps, tmp_path, **kw):
-    args = dict(geo=tmp_path / "geo.gctx", output=tmp_path / "out" / "ds.h5", landmarks=tiny_maps["landmarks"],
-                targets=tiny_maps["targets"], dedup_clusters=5, chunk_size=37, progress=False)
+    args = dict(
+        geo=tmp_path / "geo.gctx",
+        output=tmp_path / "out" / "ds.h5",
+        landmarks=tiny_maps["landmarks"],
+        targets=tiny_maps["targets"],
+        dedup_clusters=5,
+        chunk_size=37,
+        progress=False,
+    )
     args.update(kw)
     return preprocess(**args)
 
@@ -118,8 +125,13 @@ def test_preprocess_end_to_end(tmp_path, tiny_maps):
             z = np.hstack([ds.X(split), ds.Y(split)]).astype(np.float64)
             raw = z * (s + 1e-3) + m
             # overlap genes are identical in RNA-seq: landmark i == target i for the first 4 targets
-            lm_cols = [genes.landmarks.index[genes.landmarks["ensembl"] == e][0] for e in genes.targets["ensembl"][genes.targets["overlap"]]]
-            np.testing.assert_allclose(raw[:, lm_cols], raw[:, 12 + np.flatnonzero(genes.targets["overlap"])], atol=1e-4)
+            lm_cols = [
+                genes.landmarks.index[genes.landmarks["ensembl"] == e][0]
+                for e in genes.targets["ensembl"][genes.targets["overlap"]]
+            ]
+            np.testing.assert_allclose(
+                raw[:, lm_cols], raw[:, 12 + np.flatnonzero(genes.targets["overlap"])], atol=1e-4
+            )
             # sample means equal the reference mean (ties only redistribute within their range)
             np.testing.assert_allclose(raw.mean(axis=1), ref.mean(), rtol=1e-4)
         assert ds.Y("geo-te", part=1).shape[1] == (genes.targets["part"] == 1).sum()
@@ -161,7 +173,10 @@ def _assert_no_output(tmp_path):
 def test_missing_probes_are_counted_and_named(tmp_path, tiny_maps):
     probes = [p for p in tiny_maps["probes"] if p not in ("lm3_at", "tg10_0_at")]
     make_geo(tmp_path / "geo.gctx", probes, n_samples=30)
-    with pytest.raises(InputError, match=r"missing 1 of 12 landmark probes \(e.g. lm3_at\) and 1 of \d+ target probes \(e.g. tg10_0_at\)"):
+    with pytest.raises(
+        InputError,
+        match=r"missing 1 of 12 landmark probes \(e.g. lm3_at\) and 1 of \d+ target probes \(e.g. tg10_0_at\)",
+    ):
         _run(tiny_maps, tmp_path)
     _assert_no_output(tmp_path)
 
@@ -206,8 +221,17 @@ def test_too_few_profiles(tmp_path, tiny_maps):
 
 def test_cli_error_is_one_line_and_nonzero(tmp_path, tiny_maps):
     (tmp_path / "geo.gctx").write_bytes(b"")
-    res = run_dgex("preprocess", "--geo", tmp_path / "geo.gctx", "--output", tmp_path / "out" / "ds.h5",
-                   "--landmarks", tiny_maps["landmarks"], "--targets", tiny_maps["targets"])
+    res = run_dgex(
+        "preprocess",
+        "--geo",
+        tmp_path / "geo.gctx",
+        "--output",
+        tmp_path / "out" / "ds.h5",
+        "--landmarks",
+        tiny_maps["landmarks"],
+        "--targets",
+        tiny_maps["targets"],
+    )
     assert_one_line_error(res, "empty file")
     _assert_no_output(tmp_path)
 
@@ -220,8 +244,13 @@ def test_cli_rejects_out_of_range_values(tmp_path):
 # ------------------------------------------------------------------ real data
 @pytest.mark.realdata
 def test_preprocess_real_u133a_profiles(tmp_path, shared_data):
-    res = preprocess(geo=shared_data / "u133a_dev.gctx", geo_quantile_normalize=True, output=tmp_path / "real.h5",
-                     dedup_clusters=10, progress=False)
+    res = preprocess(
+        geo=shared_data / "u133a_dev.gctx",
+        geo_quantile_normalize=True,
+        output=tmp_path / "real.h5",
+        dedup_clusters=10,
+        progress=False,
+    )
     assert res["geo_profiles_in"] == 240
     assert sum(res["splits"].values()) == res["geo_profiles_kept"] == 240 - res["duplicates_removed"]
     assert res["genes"] == {"landmarks": 943, "targets": 9520, "overlap": 445, "parts": {0: 4760, 1: 4760}}

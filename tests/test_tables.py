@@ -33,8 +33,15 @@ def _genes():
     for part, n in enumerate(PART_SIZES):
         for i in range(n):
             g = len(rows)
-            rows.append({"ensembl": f"ENSG{g:011d}", "symbol": f"G{g}", "entrez": str(1000 + g), "part": part,
-                         "overlap": g % 5 == 0})
+            rows.append(
+                {
+                    "ensembl": f"ENSG{g:011d}",
+                    "symbol": f"G{g}",
+                    "entrez": str(1000 + g),
+                    "part": part,
+                    "overlap": g % 5 == 0,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -73,8 +80,16 @@ def make_grid(root, prefer=None, rnaseq=True, seed=0, dataset="ds.h5"):
                     for sel, sel_splits in sels.items():
                         for split in sel_splits:
                             mae = _level(layers, units, dropout, split, prefer) + effect[tg.index]
-                            rows.append(tg.assign(method="D-GEX", selected_by=sel, split=split, mae=mae,
-                                                  r=0.5 + 0 * mae, rho=0.4 + 0 * mae))
+                            rows.append(
+                                tg.assign(
+                                    method="D-GEX",
+                                    selected_by=sel,
+                                    split=split,
+                                    mae=mae,
+                                    r=0.5 + 0 * mae,
+                                    rho=0.4 + 0 * mae,
+                                )
+                            )
                     frame = pd.concat(rows, ignore_index=True)
                     raw.append(frame.assign(layers=layers, units=units, dropout=dropout))
                     n_epochs = 6 if part == 0 else 5  # part 1 stopped earlier: epoch 6 is incomplete
@@ -82,9 +97,17 @@ def make_grid(root, prefer=None, rnaseq=True, seed=0, dataset="ds.h5"):
                     for s in splits:
                         hist[s] = _level(layers, units, dropout, s, prefer) + 0.1 / hist["epoch"] + 0.01 * part
                     d = root / f"{layers}x{units}_d{dropout:g}" / f"part{part}"
-                    _write_run(d, {"config": {"layers": layers, "units": units, "dropout": dropout, "part": part},
-                                   "n_targets": n, "dataset": dataset, "epochs": n_epochs,
-                                   "best": {s: {"epoch": 3, "mae": 0.4} for s in sels}}, frame)
+                    _write_run(
+                        d,
+                        {
+                            "config": {"layers": layers, "units": units, "dropout": dropout, "part": part},
+                            "n_targets": n,
+                            "dataset": dataset,
+                            "epochs": n_epochs,
+                            "best": {s: {"epoch": 3, "mae": 0.4} for s in sels},
+                        },
+                        frame,
+                    )
                     hist.to_csv(d / "history.csv", index=False)
                     dgex_dirs.append(d)
     for method, offset in (("LR", 0.03), ("KNN-GE", 0.08)):
@@ -92,8 +115,11 @@ def make_grid(root, prefer=None, rnaseq=True, seed=0, dataset="ds.h5"):
         for sel, sel_splits in sels.items():
             for split in sel_splits:
                 mae = _level(1, 10, 0.1, split, prefer) + offset + effect + rng.normal(scale=0.02, size=len(genes))
-                rows.append(genes.assign(method=method, selected_by=sel, split=split, mae=mae, r=0.3 + 0 * mae,
-                                         rho=0.2 + 0 * mae))
+                rows.append(
+                    genes.assign(
+                        method=method, selected_by=sel, split=split, mae=mae, r=0.3 + 0 * mae, rho=0.2 + 0 * mae
+                    )
+                )
         frame = pd.concat(rows, ignore_index=True)
         raw.append(frame)
         d = root / "baselines" / method
@@ -193,8 +219,12 @@ def test_main_tables_show_the_dropout_and_architecture_chosen_on_validation(tmp_
 
 def test_supplementary_tables_list_every_architecture_and_dropout(grid):
     make_tables(aggregate=grid["agg"], output_dir=grid["root"] / "tables", n_boot=50)
-    for name, (split, sel) in {"tableS2": ("geo-va", "geo-va"), "tableS3": ("geo-te", "geo-va"),
-                               "tableS4": ("1000g-va", "1000g-va"), "tableS5": ("gtex-te", "1000g-va")}.items():
+    for name, (split, sel) in {
+        "tableS2": ("geo-va", "geo-va"),
+        "tableS3": ("geo-te", "geo-va"),
+        "tableS4": ("1000g-va", "1000g-va"),
+        "tableS5": ("gtex-te", "1000g-va"),
+    }.items():
         t = pd.read_csv(grid["root"] / "tables" / f"{name}.csv")
         dg = t[t["method"] == "D-GEX"]
         assert len(dg) == len(LAYERS) * len(UNITS) * len(DROPOUTS)
@@ -251,8 +281,10 @@ def test_figures_are_written_with_win_fractions_from_the_data(grid):
     h = hist[(hist["layers"] == 2) & (hist["units"] == hist[hist["layers"] == 2]["units"].max())]
     for d, g in h.groupby("dropout"):
         best = g.loc[g["gtex-te"].idxmin()]
-        assert f"{pct(float(d))} {fmt(g.sort_values('epoch')['gtex-te'].iloc[0])} at epoch" in \
-            info["figures"]["figure5"]["caption"]
+        assert (
+            f"{pct(float(d))} {fmt(g.sort_values('epoch')['gtex-te'].iloc[0])} at epoch"
+            in info["figures"]["figure5"]["caption"]
+        )
         assert f"lowest {fmt(best['gtex-te'])} at epoch {int(best['epoch'])}" in info["figures"]["figure5"]["caption"]
     saved = json.loads((grid["root"] / "fig" / "figures.json").read_text())
     assert saved["figures"].keys() == info["figures"].keys()

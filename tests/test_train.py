@@ -81,8 +81,9 @@ def test_seeded_reruns_are_bit_identical(toy, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
     cols = ["epoch", "lr", "train_loss", "monitor_mae", "geo-va", "gtex-te"]
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a" / "history.csv")[cols],
-                                  pd.read_csv(tmp_path / "b" / "history.csv")[cols])
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path / "a" / "history.csv")[cols], pd.read_csv(tmp_path / "b" / "history.csv")[cols]
+    )
 
 
 def test_joint_network_over_all_targets(toy, tmp_path):
@@ -98,16 +99,41 @@ def test_adamw_option_trains(toy, tmp_path):
 
 
 def test_kill_dash_nine_then_resume_reaches_the_same_result(toy, tmp_path):
-    args = ["train", "--dataset", toy["path"], "--layers", "2", "--units", "64", "--dropout", "0.1", "--part", "1",
-            "--epochs", "14", "--batch-size", "10", "--monitor-size", "100", "--seed", "5", "--threads", "1",
-            "--checkpoint-interval", "0",
-            "--no-progress"]
+    args = [
+        "train",
+        "--dataset",
+        toy["path"],
+        "--layers",
+        "2",
+        "--units",
+        "64",
+        "--dropout",
+        "0.1",
+        "--part",
+        "1",
+        "--epochs",
+        "14",
+        "--batch-size",
+        "10",
+        "--monitor-size",
+        "100",
+        "--seed",
+        "5",
+        "--threads",
+        "1",
+        "--checkpoint-interval",
+        "0",
+        "--no-progress",
+    ]
     ref = run_dgex(*args, "--output-dir", tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr
 
     out = tmp_path / "crash"
-    proc = subprocess.Popen([sys.executable, "-m", "dgex", *map(str, args), "--output-dir", str(out), "--resume"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dgex", *map(str, args), "--output-dir", str(out), "--resume"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline:  # kill once a few epochs are checkpointed, well before the end
         hist = out / "history.csv"
@@ -125,14 +151,34 @@ def test_kill_dash_nine_then_resume_reaches_the_same_result(toy, tmp_path):
     a, b = (json.loads((d / "run.json").read_text()) for d in (tmp_path / "ref", out))
     assert a["best"] == b["best"]
     cols = ["epoch", "lr", "train_loss", "monitor_mae", "geo-va", "geo-te", "1000g-va", "gtex-te"]
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "ref" / "history.csv")[cols],
-                                  pd.read_csv(out / "history.csv")[cols])
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path / "ref" / "history.csv")[cols], pd.read_csv(out / "history.csv")[cols]
+    )
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "ref" / "per_gene.csv"), pd.read_csv(out / "per_gene.csv"))
 
 
 def test_resume_with_other_hyper_parameters_is_refused(toy, tmp_path):
-    base = ["train", "--dataset", toy["path"], "--output-dir", tmp_path / "run", "--layers", "1", "--units", "8",
-            "--dropout", "0", "--part", "0", "--epochs", "2", "--monitor-size", "50", "--keep-last", "--no-progress"]
+    base = [
+        "train",
+        "--dataset",
+        toy["path"],
+        "--output-dir",
+        tmp_path / "run",
+        "--layers",
+        "1",
+        "--units",
+        "8",
+        "--dropout",
+        "0",
+        "--part",
+        "0",
+        "--epochs",
+        "2",
+        "--monitor-size",
+        "50",
+        "--keep-last",
+        "--no-progress",
+    ]
     assert run_dgex(*base).returncode == 0
     assert (tmp_path / "run" / "last.ckpt").exists()
     res = run_dgex(*[("16" if a == "8" else a) for a in base], "--resume")
@@ -146,33 +192,71 @@ def test_resume_with_other_hyper_parameters_is_refused(toy, tmp_path):
 def test_dataset_genes_must_match_the_checkpoint(toy, tmp_path):
     _train(toy, tmp_path / "run", epochs=1, keep_last=True)
     # same shapes, different target genes
-    other = write_dataset_arrays(tmp_path / "other.h5", toy["splits"], parts=np.sort(np.arange(16) % 2),
-                                 target_ids=[f"ENSG7{i:010d}" for i in range(16)])
+    other = write_dataset_arrays(
+        tmp_path / "other.h5",
+        toy["splits"],
+        parts=np.sort(np.arange(16) % 2),
+        target_ids=[f"ENSG7{i:010d}" for i in range(16)],
+    )
     with pytest.raises(InputError, match="targets of the checkpoint do not match"):
         from dgex.dataset import ProcessedDataset
 
         with ProcessedDataset(other) as ds:
             g = ds.genes()
         t = g.targets[g.targets.part == 0]
-        load_weights(tmp_path / "run" / "best_geo-va.pt",
-                     gene_ids={"landmarks": g.landmarks.ensembl.tolist(), "targets": t.ensembl.tolist()})
-    res = run_dgex("train", "--dataset", other, "--output-dir", tmp_path / "run", "--layers", "2", "--units", "16",
-                   "--dropout", "0.1", "--part", "0", "--epochs", "2", "--batch-size", "50", "--monitor-size", "100",
-                   "--resume", "--no-progress")
+        load_weights(
+            tmp_path / "run" / "best_geo-va.pt",
+            gene_ids={"landmarks": g.landmarks.ensembl.tolist(), "targets": t.ensembl.tolist()},
+        )
+    res = run_dgex(
+        "train",
+        "--dataset",
+        other,
+        "--output-dir",
+        tmp_path / "run",
+        "--layers",
+        "2",
+        "--units",
+        "16",
+        "--dropout",
+        "0.1",
+        "--part",
+        "0",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "50",
+        "--monitor-size",
+        "100",
+        "--resume",
+        "--no-progress",
+    )
     assert_one_line_error(res, "other landmark/target genes")
 
 
-@pytest.mark.parametrize("flag,value,message", [
-    ("--units", "0", "--units: must be >= 1"),
-    ("--dropout", "1.5", "--dropout: must be in [0, 1)"),
-    ("--layers", "0", "--layers: must be >= 1"),
-    ("--part", "7", "--part 7 does not exist"),
-])
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--units", "0", "--units: must be >= 1"),
+        ("--dropout", "1.5", "--dropout: must be in [0, 1)"),
+        ("--layers", "0", "--layers: must be >= 1"),
+        ("--part", "7", "--part 7 does not exist"),
+    ],
+)
 def test_invalid_grid_values_are_one_line_errors(toy, tmp_path, flag, value, message):
     args = {"--layers": "2", "--units": "8", "--dropout": "0.1", "--part": "0"}
     args[flag] = value
-    res = run_dgex("train", "--dataset", toy["path"], "--output-dir", tmp_path / "run", "--epochs", "1",
-                   *[x for kv in args.items() for x in kv], "--no-progress")
+    res = run_dgex(
+        "train",
+        "--dataset",
+        toy["path"],
+        "--output-dir",
+        tmp_path / "run",
+        "--epochs",
+        "1",
+        *[x for kv in args.items() for x in kv],
+        "--no-progress",
+    )
     assert res.returncode == 2
     assert message in res.stderr, res.stderr
     assert not (tmp_path / "run" / "run.json").exists()
@@ -184,9 +268,28 @@ def test_four_layers_are_allowed(toy, tmp_path):
 
 
 def test_nan_loss_stops_with_epoch_and_learning_rate(toy, tmp_path):
-    res = run_dgex("train", "--dataset", toy["path"], "--output-dir", tmp_path / "run", "--layers", "1",
-                   "--units", "16", "--dropout", "0", "--part", "0", "--epochs", "30", "--lr", "50",
-                   "--monitor-size", "50", "--no-progress")
+    res = run_dgex(
+        "train",
+        "--dataset",
+        toy["path"],
+        "--output-dir",
+        tmp_path / "run",
+        "--layers",
+        "1",
+        "--units",
+        "16",
+        "--dropout",
+        "0",
+        "--part",
+        "0",
+        "--epochs",
+        "30",
+        "--lr",
+        "50",
+        "--monitor-size",
+        "50",
+        "--no-progress",
+    )
     err = assert_one_line_error(res, "training diverged at epoch", "at learning rate", "lower --lr")
     assert "best checkpoints so far are kept" in err
     epoch = int(err.split("at epoch ")[1].split(":")[0])
@@ -196,6 +299,19 @@ def test_nan_loss_stops_with_epoch_and_learning_rate(toy, tmp_path):
 
 
 def test_missing_dataset_is_one_line_error(tmp_path):
-    res = run_dgex("train", "--dataset", tmp_path / "nope.h5", "--output-dir", tmp_path / "run", "--layers", "1",
-                   "--units", "8", "--dropout", "0", "--part", "0")
+    res = run_dgex(
+        "train",
+        "--dataset",
+        tmp_path / "nope.h5",
+        "--output-dir",
+        tmp_path / "run",
+        "--layers",
+        "1",
+        "--units",
+        "8",
+        "--dropout",
+        "0",
+        "--part",
+        "0",
+    )
     assert_one_line_error(res, "processed dataset not found", "dgex preprocess")

@@ -67,8 +67,15 @@ def _job_counts(stdout):
 
 @pytest.mark.parametrize("profile", [[], ["--workflow-profile", "profiles/slurm"]], ids=["local", "slurm"])
 def test_paper_config_dry_run_plans_the_full_grid(tmp_path, profile):
-    res = snakemake("-n", *profile, "--configfile", "config/paper.yaml", "--config", f"resources_dir={tmp_path}",
-                    f"results_dir={tmp_path}")
+    res = snakemake(
+        "-n",
+        *profile,
+        "--configfile",
+        "config/paper.yaml",
+        "--config",
+        f"resources_dir={tmp_path}",
+        f"results_dir={tmp_path}",
+    )
     assert res.returncode == 0, res.stderr
     counts = _job_counts(res.stdout)
     assert counts["train"] == 54  # 3 depths x 3 widths x 3 dropout rates x 2 target halves
@@ -123,15 +130,19 @@ def _check_tables_and_figures(run, cfg):
         dg = table[table["layers"].notna()]
         assert len(dg) == n_grid // len(cfg["grid"]["dropout"])
         for _, r in dg.iterrows():
-            sub = per_gene[(per_gene["layers"] == r["layers"]) & (per_gene["units"] == r["units"])
-                           & (per_gene["dropout"] == r["dropout"]) & (per_gene["selected_by"] == val)
-                           & (per_gene["split"] == test)]
+            sub = per_gene[
+                (per_gene["layers"] == r["layers"])
+                & (per_gene["units"] == r["units"])
+                & (per_gene["dropout"] == r["dropout"])
+                & (per_gene["selected_by"] == val)
+                & (per_gene["split"] == test)
+            ]
             assert len(sub) == cfg["genes"]["max_targets"]
             assert r["mae_mean"] == pytest.approx(sub["mae"].mean(), abs=1e-5)
         # the dropout shown is the one with the lowest validation error over the grid
         val_mae = per_gene[(per_gene["selected_by"] == val) & (per_gene["split"] == val)]
         by_arch = val_mae.groupby(["layers", "units", "dropout"])["mae"].mean()
-        (layers, units), = dg.loc[dg["selected"], ["layers", "units"]].to_numpy().tolist()
+        ((layers, units),) = dg.loc[dg["selected"], ["layers", "units"]].to_numpy().tolist()
         (dropout,) = set(dg["dropout"])
         # 3-epoch networks can tie to 1e-6: the choice must be a minimum, whichever of the tied ones
         assert by_arch[(layers, units, dropout)] == pytest.approx(by_arch.min(), abs=1e-6)

@@ -155,29 +155,46 @@ def download(
         while True:
             try:
                 if session is not None:
-                    _fetch_http(session, source, part, meta_path, state, size=size, timeout=timeout,
-                                chunk_bytes=chunk_bytes, progress=progress)
+                    _fetch_http(
+                        session,
+                        source,
+                        part,
+                        meta_path,
+                        state,
+                        size=size,
+                        timeout=timeout,
+                        chunk_bytes=chunk_bytes,
+                        progress=progress,
+                    )
                 else:
-                    _fetch_file(source, url, part, meta_path, state, size=size, chunk_bytes=chunk_bytes,
-                                progress=progress)
+                    _fetch_file(
+                        source, url, part, meta_path, state, size=size, chunk_bytes=chunk_bytes, progress=progress
+                    )
                 break
             except _Restart as exc:
                 state.restarts += 1
                 if state.restarts > MAX_RESTARTS:
-                    raise DownloadError(f"{url}: could not resume ({exc}) {MAX_RESTARTS} times in a row; "
-                                        f"delete {part} and rerun, or download the file by hand") from None
+                    raise DownloadError(
+                        f"{url}: could not resume ({exc}) {MAX_RESTARTS} times in a row; "
+                        f"delete {part} and rerun, or download the file by hand"
+                    ) from None
                 log.info("%s; starting again from byte 0", exc)
             except _Transient as exc:
                 have = _size_of(part)
                 if failures >= retries:
-                    fix = (f"rerun the same command to resume from byte {have} (kept in {part})" if have
-                           else "check the network and the URL, then rerun")
-                    raise DownloadError(f"{url}: download failed after {failures + 1} attempt(s) ({exc}); {fix}") \
-                        from None
+                    fix = (
+                        f"rerun the same command to resume from byte {have} (kept in {part})"
+                        if have
+                        else "check the network and the URL, then rerun"
+                    )
+                    raise DownloadError(
+                        f"{url}: download failed after {failures + 1} attempt(s) ({exc}); {fix}"
+                    ) from None
                 failures += 1
                 delay = min(BACKOFF_S * 2 ** (failures - 1), MAX_BACKOFF_S)
-                log.warning("%s: %s; retry %d/%d in %.0f s from byte %d", output.name, exc, failures, retries,
-                            delay, have)
+                log.warning(
+                    "%s: %s; retry %d/%d in %.0f s from byte %d", output.name, exc, failures, retries, delay, have
+                )
                 time.sleep(delay)
     finally:
         if session is not None:
@@ -187,8 +204,11 @@ def download(
     want, announced_by = (size, "the configured size") if size is not None else (state.total, "the server")
     if want is not None and got != want:
         _discard(part, meta_path)
-        fix = ("check the size in the config (or delete it to skip the check)" if size is not None
-               else "rerun to download it again")
+        fix = (
+            "check the size in the config (or delete it to skip the check)"
+            if size is not None
+            else "rerun to download it again"
+        )
         raise DownloadError(f"{output}: downloaded {got} bytes but {announced_by} says {want}; {fix}")
     if state.hasher is not None and state.hashed == got:
         digest = state.hasher.hexdigest()
@@ -196,14 +216,21 @@ def download(
         digest = _hash_file(part, chunk_bytes)
     if expected is not None and digest != expected:
         _discard(part, meta_path)
-        raise DownloadError(f"{output}: sha256 mismatch for {url} (expected {expected}, got {digest}); "
-                            f"check the sha256 in the config or delete it to skip verification")
+        raise DownloadError(
+            f"{output}: sha256 mismatch for {url} (expected {expected}, got {digest}); "
+            f"check the sha256 in the config or delete it to skip verification"
+        )
     os.replace(part, output)
     with contextlib.suppress(FileNotFoundError):
         meta_path.unlink()
     _write_sidecar(output, digest)
-    log.info("downloaded %s (%d bytes, sha256 %s%s)", output, got, digest,
-             ", verified" if expected else ", not verified: no sha256 given")
+    log.info(
+        "downloaded %s (%d bytes, sha256 %s%s)",
+        output,
+        got,
+        digest,
+        ", verified" if expected else ", not verified: no sha256 given",
+    )
     return {"path": str(output), "bytes": got, "sha256": digest, "resumed_from": resumed_from}
 
 
@@ -220,8 +247,10 @@ def _check_sha256(sha256: str | None) -> str | None:
         return None
     digest = str(sha256).strip().lower()
     if not _SHA256_RE.match(digest):
-        raise ConfigError(f"sha256 must be 64 hexadecimal digits, got {_one_line(digest, 80)!r}; "
-                          f"fix it in the config or leave it empty to skip verification")
+        raise ConfigError(
+            f"sha256 must be 64 hexadecimal digits, got {_one_line(digest, 80)!r}; "
+            f"fix it in the config or leave it empty to skip verification"
+        )
     return digest
 
 
@@ -229,12 +258,16 @@ def _already_present(output: Path, expected: str | None, size: int | None) -> di
     """Verify an existing ``output`` instead of downloading it again."""
     got = output.stat().st_size
     if size is not None and got != size:
-        raise DownloadError(f"{output}: already exists but has {got} bytes, expected {size}; "
-                            f"delete it to download it again (or fix the size in the config)")
+        raise DownloadError(
+            f"{output}: already exists but has {got} bytes, expected {size}; "
+            f"delete it to download it again (or fix the size in the config)"
+        )
     digest = _hash_file(output)
     if expected is not None and digest != expected:
-        raise DownloadError(f"{output}: already exists but its sha256 is {digest}, expected {expected}; "
-                            f"delete it to download it again (or fix the sha256 in the config)")
+        raise DownloadError(
+            f"{output}: already exists but its sha256 is {digest}, expected {expected}; "
+            f"delete it to download it again (or fix the sha256 in the config)"
+        )
     _write_sidecar(output, digest)
     log.info("%s already present (%d bytes, sha256 %s); not downloading", output, got, digest)
     return {"path": str(output), "bytes": got, "sha256": digest, "resumed_from": 0}
@@ -250,8 +283,9 @@ def _parse_source(url: str) -> str | Path:
         return url
     if scheme == "file":
         if parsed.netloc not in ("", "localhost"):
-            raise DownloadError(f"{url}: file:// URLs must name a local file (file:///path); "
-                                f"check the URL in the config")
+            raise DownloadError(
+                f"{url}: file:// URLs must name a local file (file:///path); check the URL in the config"
+            )
         return Path(urllib.request.url2pathname(parsed.path))
     if scheme == "":
         return Path(url)
@@ -278,7 +312,18 @@ def _reusable_partial(part: Path, meta_path: Path, url: str, size: int | None) -
 # --------------------------------------------------------------------------- #
 # one attempt
 # --------------------------------------------------------------------------- #
-def _fetch_http(session: requests.Session, url: str, part: Path, meta_path: Path, state: _State, *, size: int | None, timeout: float, chunk_bytes: int, progress: bool) -> None:
+def _fetch_http(
+    session: requests.Session,
+    url: str,
+    part: Path,
+    meta_path: Path,
+    state: _State,
+    *,
+    size: int | None,
+    timeout: float,
+    chunk_bytes: int,
+    progress: bool,
+) -> None:
     """One HTTP request that appends the rest of the file to ``part``.
 
     Returns when the body is complete; raises :class:`_Transient` or
@@ -296,8 +341,12 @@ def _fetch_http(session: requests.Session, url: str, part: Path, meta_path: Path
             headers["If-Range"] = validator
     try:
         resp = session.get(url, headers=headers, stream=True, timeout=(timeout, timeout))
-    except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema,
-            requests.exceptions.TooManyRedirects) as exc:
+    except (
+        requests.exceptions.InvalidURL,
+        requests.exceptions.InvalidSchema,
+        requests.exceptions.MissingSchema,
+        requests.exceptions.TooManyRedirects,
+    ) as exc:
         raise DownloadError(f"{url}: {_one_line(exc)}; check the URL in the config") from None
     except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
         raise _Transient(_reason(exc)) from None
@@ -327,8 +376,9 @@ def _fetch_http(session: requests.Session, url: str, part: Path, meta_path: Path
                 raise _Restart(f"server answered a request for byte {have} with byte {start}")
         else:
             if have:
-                log.info("%s: server sent the whole file instead of resuming at byte %d; starting again from 0",
-                         url, have)
+                log.info(
+                    "%s: server sent the whole file instead of resuming at byte %d; starting again from 0", url, have
+                )
             start, total = 0, _int_or_none(resp.headers.get("Content-Length"))
             if resp.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
                 total = None  # Content-Length counts encoded bytes; we store them, but don't trust the count
@@ -343,8 +393,17 @@ def _fetch_http(session: requests.Session, url: str, part: Path, meta_path: Path
         _write_body(_http_chunks(resp, chunk_bytes), part, start, total, state, progress)
 
 
-def _fetch_file(src: Path, url: str, part: Path, meta_path: Path, state: _State, *, size: int | None,
-                chunk_bytes: int, progress: bool) -> None:
+def _fetch_file(
+    src: Path,
+    url: str,
+    part: Path,
+    meta_path: Path,
+    state: _State,
+    *,
+    size: int | None,
+    chunk_bytes: int,
+    progress: bool,
+) -> None:
     """Copy a local file into ``part``, resuming like an HTTP Range request."""
     if not src.is_file():
         raise DownloadError(f"{src}: source file not found; check the URL in the config")
@@ -370,20 +429,32 @@ def _check_announced(total: int | None, size: int | None, url: str, part: Path, 
     """Fail before transferring gigabytes when the source's size already contradicts the config."""
     if total is not None and size is not None and total != size:
         _discard(part, meta_path)
-        raise DownloadError(f"{url}: the source has {total} bytes but the configured size is {size}; "
-                            f"check the size and URL in the config (or delete the size to skip the check)")
+        raise DownloadError(
+            f"{url}: the source has {total} bytes but the configured size is {size}; "
+            f"check the size and URL in the config (or delete the size to skip the check)"
+        )
 
 
-def _write_body(chunks: Iterable[bytes], part: Path, start: int, total: int | None, state: _State,
-                progress: bool) -> None:
+def _write_body(
+    chunks: Iterable[bytes], part: Path, start: int, total: int | None, state: _State, progress: bool
+) -> None:
     """Write ``chunks`` into ``part`` from byte ``start``, hashing and showing progress."""
     if start == 0:
         state.hasher, state.hashed = hashlib.sha256(), 0
     elif state.hasher is not None and state.hashed != start:
         state.hasher = None  # out of step with the file: hash the whole file at the end instead
     got = start
-    bar = tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-               desc=part.name.removesuffix(".part"), disable=not progress, leave=False)
+    bar = tqdm(
+        total=total,
+        initial=start,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        desc=part.name.removesuffix(".part"),
+        disable=not progress,
+        leave=False,
+    )
     try:
         with bar, open(part, "r+b" if start else "wb") as fh:
             fh.seek(start)
@@ -396,8 +467,10 @@ def _write_body(chunks: Iterable[bytes], part: Path, start: int, total: int | No
                 got += len(chunk)
                 bar.update(len(chunk))
     except OSError as exc:  # network errors were turned into _Transient by `chunks`
-        raise DownloadError(f"{part}: cannot write the download ({_one_line(exc)}); "
-                            f"check free disk space and permissions, then rerun to resume") from None
+        raise DownloadError(
+            f"{part}: cannot write the download ({_one_line(exc)}); "
+            f"check free disk space and permissions, then rerun to resume"
+        ) from None
     if total is not None and got < total:
         raise _Transient(f"connection closed after {got} of {total} bytes")
     if total is not None and got > total:
@@ -409,8 +482,12 @@ def _http_chunks(resp: requests.Response, chunk_bytes: int) -> Iterator[bytes]:
     """Raw body bytes (no content decoding); network failures become :class:`_Transient`."""
     try:
         yield from resp.raw.stream(chunk_bytes, decode_content=False)
-    except (urllib3.exceptions.HTTPError, requests.exceptions.RequestException, http.client.HTTPException,
-            OSError) as exc:
+    except (
+        urllib3.exceptions.HTTPError,
+        requests.exceptions.RequestException,
+        http.client.HTTPException,
+        OSError,
+    ) as exc:
         raise _Transient(_reason(exc)) from None
 
 

@@ -46,14 +46,27 @@ def _dgex_runs(dirs) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
         frames.append(pg)
         hist = pd.read_csv(d / "history.csv").assign(**arch, part=str(cfg["part"]), n_genes=info["n_targets"])
         histories.append(hist)
-        runs.append({"method": "D-GEX", **arch, "part": cfg["part"], "dir": str(d), "dataset": info.get("dataset"),
-                     "best_epoch_geo_va": info["best"].get("geo-va", {}).get("epoch"),
-                     "best_epoch_1000g_va": info["best"].get("1000g-va", {}).get("epoch"),
-                     "epochs": info.get("epochs"), "wall_seconds": info.get("wall_seconds"),
-                     "parameters": info.get("parameters"), "profiles_per_second": info.get("profiles_per_second"),
-                     "device": info.get("device")})
-    return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(),
-            pd.concat(histories, ignore_index=True) if histories else pd.DataFrame(), runs)
+        runs.append(
+            {
+                "method": "D-GEX",
+                **arch,
+                "part": cfg["part"],
+                "dir": str(d),
+                "dataset": info.get("dataset"),
+                "best_epoch_geo_va": info["best"].get("geo-va", {}).get("epoch"),
+                "best_epoch_1000g_va": info["best"].get("1000g-va", {}).get("epoch"),
+                "epochs": info.get("epochs"),
+                "wall_seconds": info.get("wall_seconds"),
+                "parameters": info.get("parameters"),
+                "profiles_per_second": info.get("profiles_per_second"),
+                "device": info.get("device"),
+            }
+        )
+    return (
+        pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(),
+        pd.concat(histories, ignore_index=True) if histories else pd.DataFrame(),
+        runs,
+    )
 
 
 def _baseline_runs(dirs) -> tuple[pd.DataFrame, list[dict]]:
@@ -61,10 +74,20 @@ def _baseline_runs(dirs) -> tuple[pd.DataFrame, list[dict]]:
     for d in map(Path, dirs):
         info = read_run_info(d)
         frames.append(read_per_gene(d / "per_gene.csv").assign(layers=np.nan, units=np.nan, dropout=np.nan))
-        runs.append({"method": info.get("method"), "layers": None, "units": None, "dropout": None,
-                     "part": None, "dir": str(d), "dataset": info.get("dataset"), "epochs": None,
-                     "wall_seconds": info.get("seconds", {}).get("total") if isinstance(info.get("seconds"), dict)
-                     else None, "device": "cpu"})
+        runs.append(
+            {
+                "method": info.get("method"),
+                "layers": None,
+                "units": None,
+                "dropout": None,
+                "part": None,
+                "dir": str(d),
+                "dataset": info.get("dataset"),
+                "epochs": None,
+                "wall_seconds": info.get("seconds", {}).get("total") if isinstance(info.get("seconds"), dict) else None,
+                "device": "cpu",
+            }
+        )
     return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), runs
 
 
@@ -76,14 +99,18 @@ def check_coverage(per_gene: pd.DataFrame, runs: list[dict]) -> None:
     dup = dgex.duplicated(KEY + ["ensembl"])
     if dup.any():
         row = dgex[dup].iloc[0]
-        raise InputError(f"gene {row['ensembl']} appears in more than one run of {int(row['layers'])}x"
-                         f"{int(row['units'])} dropout {row['dropout']:g}: pass each target part exactly once")
+        raise InputError(
+            f"gene {row['ensembl']} appears in more than one run of {int(row['layers'])}x"
+            f"{int(row['units'])} dropout {row['dropout']:g}: pass each target part exactly once"
+        )
     splits = dgex.groupby(ARCH + ["part"])["split"].agg(lambda s: tuple(sorted(set(s))))
     for arch, group in splits.groupby(level=[0, 1, 2]):
         if group.nunique() > 1:
             dirs = [r["dir"] for r in runs if (r["layers"], r["units"], r["dropout"]) == arch]
-            raise InputError(f"the parts of grid point {arch} were evaluated on different splits "
-                             f"({', '.join(dirs)}); retrain them on the same dataset")
+            raise InputError(
+                f"the parts of grid point {arch} were evaluated on different splits "
+                f"({', '.join(dirs)}); retrain them on the same dataset"
+            )
 
 
 def weighted_history(histories: pd.DataFrame) -> pd.DataFrame:
@@ -114,11 +141,16 @@ def summarise(per_gene: pd.DataFrame) -> pd.DataFrame:
     pg = per_gene.copy()
     pg[ARCH] = pg[ARCH].fillna(-1)  # groupby drops NaN keys; baselines have no architecture
     no = pg[~pg["overlap"].astype(bool)]
-    agg = pg.groupby(KEY).agg(n_genes=("mae", "size"), mae_mean=("mae", "mean"),
-                              mae_std=("mae", lambda s: float(np.std(s))), r_mean=("r", "mean"),
-                              rho_mean=("rho", "mean"))
-    agg_no = no.groupby(KEY).agg(mae_mean_no_overlap=("mae", "mean"),
-                                 mae_std_no_overlap=("mae", lambda s: float(np.std(s))))
+    agg = pg.groupby(KEY).agg(
+        n_genes=("mae", "size"),
+        mae_mean=("mae", "mean"),
+        mae_std=("mae", lambda s: float(np.std(s))),
+        r_mean=("r", "mean"),
+        rho_mean=("rho", "mean"),
+    )
+    agg_no = no.groupby(KEY).agg(
+        mae_mean_no_overlap=("mae", "mean"), mae_std_no_overlap=("mae", lambda s: float(np.std(s)))
+    )
     out = agg.join(agg_no).reset_index()
     out[ARCH] = out[ARCH].replace(-1, np.nan)
     return out
@@ -133,8 +165,10 @@ def aggregate(*, dgex_runs, baseline_runs, output_dir) -> dict:
         raise InputError("no runs given; pass --dgex-runs and/or --baseline-runs folders")
     datasets = {r["dataset"] for r in runs if r.get("dataset")}
     if len(datasets) > 1:
-        raise InputError(f"runs come from different datasets ({', '.join(sorted(datasets))}); "
-                         f"aggregate the runs of one dataset at a time")
+        raise InputError(
+            f"runs come from different datasets ({', '.join(sorted(datasets))}); "
+            f"aggregate the runs of one dataset at a time"
+        )
     per_gene = pd.concat([f for f in (per_gene_d, per_gene_b) if not f.empty], ignore_index=True)[PER_GENE_AGG]
     check_coverage(per_gene, runs_d)
     out = Path(output_dir)
@@ -152,9 +186,11 @@ def aggregate(*, dgex_runs, baseline_runs, output_dir) -> dict:
     info = {
         "dataset": next(iter(datasets), None),
         "methods": sorted(per_gene["method"].unique()),
-        "grid": {"layers": sorted(int(v) for v in dg["layers"].unique()),
-                 "units": sorted(int(v) for v in dg["units"].unique()),
-                 "dropout": sorted(float(v) for v in dg["dropout"].unique())},
+        "grid": {
+            "layers": sorted(int(v) for v in dg["layers"].unique()),
+            "units": sorted(int(v) for v in dg["units"].unique()),
+            "dropout": sorted(float(v) for v in dg["dropout"].unique()),
+        },
         "splits": [s for s in EVAL_SPLITS if s in set(per_gene["split"])],
         "rnaseq": bool({"1000g-va", "gtex-te"} <= set(per_gene["split"])),
         "n_genes": int(per_gene["ensembl"].nunique()),
@@ -169,14 +205,22 @@ def aggregate(*, dgex_runs, baseline_runs, output_dir) -> dict:
 def load_aggregate(path) -> dict:
     """Read an aggregate folder: ``{"per_gene", "summary", "history", "runs": DataFrame, "info": dict}``."""
     path = Path(path)
-    files = {"per_gene": "per_gene.csv.gz", "summary": "summary.csv", "history": "history.csv",
-             "runs": "runs.csv", "info": "aggregate.json"}
+    files = {
+        "per_gene": "per_gene.csv.gz",
+        "summary": "summary.csv",
+        "history": "history.csv",
+        "runs": "runs.csv",
+        "info": "aggregate.json",
+    }
     missing = [f for f in files.values() if not (path / f).exists()]
     if missing:
         raise InputError(f"{path}: not an aggregate folder (missing {', '.join(missing)}); run `dgex aggregate` first")
     try:
-        out = {k: pd.read_csv(path / f, dtype={"ensembl": str, "symbol": str, "entrez": str})
-               for k, f in files.items() if k != "info"}
+        out = {
+            k: pd.read_csv(path / f, dtype={"ensembl": str, "symbol": str, "entrez": str})
+            for k, f in files.items()
+            if k != "info"
+        }
         out["info"] = json.loads((path / files["info"]).read_text())
     except (ValueError, OSError) as exc:
         raise InputError(f"{path}: corrupt aggregate ({exc}); rerun `dgex aggregate`") from None

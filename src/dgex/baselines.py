@@ -117,8 +117,8 @@ class TrainStats:
         # row blocks bound the float64 temporaries
         rows = max(1, _BLOCK_ELEMENTS // (L + T))
         for s in range(0, n, rows):
-            xb = X[s:s + rows] - self.mean_x
-            yb = Y[s:s + rows] - self.mean_y
+            xb = X[s : s + rows] - self.mean_x
+            yb = Y[s : s + rows] - self.mean_y
             self.xtx += xb.T @ xb
             self.xty += xb.T @ yb
             self.yty += np.einsum("ij,ij->j", yb, yb)
@@ -210,8 +210,9 @@ class LinearRegression(_Spectral):
         self._inv = np.where(keep, 1.0 / np.where(keep, self.s, 1.0), 0.0)
         self.info = {"rank": int(keep.sum()), "condition_number": _num(self.s.max() / self.s[keep].min())}
         if keep.sum() < stats.n_landmarks:
-            log.warning("LR: X'X has rank %d < %d landmarks; using the minimum-norm solution",
-                        keep.sum(), stats.n_landmarks)
+            log.warning(
+                "LR: X'X has rank %d < %d landmarks; using the minimum-norm solution", keep.sum(), stats.n_landmarks
+            )
 
     def _scale(self, i: int) -> np.ndarray:
         return self._inv
@@ -231,8 +232,16 @@ class LassoRegression(Family):
 
     param = "lambda"
 
-    def __init__(self, stats: TrainStats, X: np.ndarray, Y: np.ndarray, grid, n_jobs: int = 1,
-                 progress: bool = False, block: int = LASSO_BLOCK):
+    def __init__(
+        self,
+        stats: TrainStats,
+        X: np.ndarray,
+        Y: np.ndarray,
+        grid,
+        n_jobs: int = 1,
+        progress: bool = False,
+        block: int = LASSO_BLOCK,
+    ):
         super().__init__(stats, grid)
         from joblib import Parallel, delayed
         from sklearn.exceptions import ConvergenceWarning
@@ -263,17 +272,26 @@ class LassoRegression(Family):
             # non-convergence is counted and reported once instead
             warnings.simplefilter("ignore", ConvergenceWarning)
             jobs = Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator_unordered")(
-                delayed(fit_block)(sl) for sl in blocks)
-            for sl, c, k in tqdm(jobs, total=len(blocks), desc="LR-L1 gene blocks", unit="block",
-                                 disable=not progress, leave=False):
+                delayed(fit_block)(sl) for sl in blocks
+            )
+            for sl, c, k in tqdm(
+                jobs, total=len(blocks), desc="LR-L1 gene blocks", unit="block", disable=not progress, leave=False
+            ):
                 self.coefs[:, :, sl] = c
                 capped += k
         self._order = {float(a): i for i, a in enumerate(alphas)}
-        self.info = {"not_converged": {f"{a:.6g}": int(k) for a, k in zip(alphas, capped)},
-                     "tol": LASSO_TOL, "max_iter": LASSO_MAX_ITER, "selection": "random"}
+        self.info = {
+            "not_converged": {f"{a:.6g}": int(k) for a, k in zip(alphas, capped)},
+            "tol": LASSO_TOL,
+            "max_iter": LASSO_MAX_ITER,
+            "selection": "random",
+        }
         if capped.any():
-            log.warning("LR-L1: %d gene x lambda fits stopped at max_iter=%d before the tolerance",
-                        int(capped.sum()), LASSO_MAX_ITER)
+            log.warning(
+                "LR-L1: %d gene x lambda fits stopped at max_iter=%d before the tolerance",
+                int(capped.sum()),
+                LASSO_MAX_ITER,
+            )
 
     def weights(self, i: int):
         W = self.coefs[self._order[float(self.grid[i])]]
@@ -283,8 +301,19 @@ class LassoRegression(Family):
 def _lasso_path(Xc, y, xy, gram, alphas):
     from sklearn.linear_model import lasso_path
 
-    return lasso_path(Xc, y, alphas=alphas, precompute=gram, Xy=xy, check_input=False, return_n_iter=True,
-                      tol=LASSO_TOL, max_iter=LASSO_MAX_ITER, selection="random", random_state=0)
+    return lasso_path(
+        Xc,
+        y,
+        alphas=alphas,
+        precompute=gram,
+        Xy=xy,
+        check_input=False,
+        return_n_iter=True,
+        tol=LASSO_TOL,
+        max_iter=LASSO_MAX_ITER,
+        selection="random",
+        random_state=0,
+    )
 
 
 class KNNGE(Family):
@@ -297,8 +326,8 @@ class KNNGE(Family):
         n, L, T = stats.n, stats.n_landmarks, stats.n_targets
         kmax = max(self.grid)
         # uncentred squared norms and cross products of the gene vectors over training profiles
-        sq_x = np.diag(stats.xtx) + n * stats.mean_x ** 2
-        sq_y = stats.yty + n * stats.mean_y ** 2
+        sq_x = np.diag(stats.xtx) + n * stats.mean_x**2
+        sq_y = stats.yty + n * stats.mean_y**2
         self.neighbours = np.empty((kmax, T), dtype=np.int64)  # nearest first
         self.distances = np.empty((kmax, T))
         width = max(1, _BLOCK_ELEMENTS // L)
@@ -335,8 +364,16 @@ class KNNGE(Family):
         return out
 
 
-def fit(method: str, X: np.ndarray, Y: np.ndarray, grid=None, *, n_jobs: int = 1, progress: bool = False,
-        stats: TrainStats | None = None) -> Family:
+def fit(
+    method: str,
+    X: np.ndarray,
+    Y: np.ndarray,
+    grid=None,
+    *,
+    n_jobs: int = 1,
+    progress: bool = False,
+    stats: TrainStats | None = None,
+) -> Family:
     """Fit baseline ``method`` on ``X`` ``(n, L)``, ``Y`` ``(n, T)`` for every value of ``grid``.
 
     ``grid`` is the list of ``lam`` (ridge, lasso) or ``k`` (knn); None takes
@@ -384,8 +421,9 @@ def check_grid(method: str, grid, n_train: int, n_landmarks: int) -> list:
             raise ConfigError(f"--ks must be whole numbers >= 1, got {values}; e.g. --ks 1 5 10")
         values = sorted({int(k) for k in values})
         if values[-1] > n_landmarks:
-            raise ConfigError(f"k={values[-1]} exceeds the {n_landmarks} landmark genes; "
-                              f"use --ks values <= {n_landmarks}")
+            raise ConfigError(
+                f"k={values[-1]} exceeds the {n_landmarks} landmark genes; use --ks values <= {n_landmarks}"
+            )
         return values
     values = [float(v) for v in values]
     if not all(math.isfinite(v) and v > 0 for v in values):
@@ -401,8 +439,9 @@ def _num(value) -> float | None:
 # --------------------------------------------------------------------------- #
 # the stage
 # --------------------------------------------------------------------------- #
-def run_baseline(method: str, dataset, output_dir, *, lambdas=None, ks=None, n_jobs: int = 1,
-                 progress: bool = True) -> dict:
+def run_baseline(
+    method: str, dataset, output_dir, *, lambdas=None, ks=None, n_jobs: int = 1, progress: bool = True
+) -> dict:
     """Fit, tune and score one baseline; write ``per_gene.csv``, ``metrics.json`` and ``run.json``.
 
     ``lambdas`` (ridge, lasso) or ``ks`` (knn) replace the default grid.
@@ -451,8 +490,13 @@ def run_baseline(method: str, dataset, output_dir, *, lambdas=None, ks=None, n_j
     for s, i in chosen.items():
         log.info("%s selected by %s: %s = %s (MAE %.4f)", name, s, family.param, family.grid[i], curves[s][i])
         if edge[s]:
-            log.warning("%s: the %s chosen by %s is at the end of the grid; consider extending --%s",
-                        name, family.param, s, "ks" if method == "knn" else "lambdas")
+            log.warning(
+                "%s: the %s chosen by %s is at the end of the grid; consider extending --%s",
+                name,
+                family.param,
+                s,
+                "ks" if method == "knn" else "lambdas",
+            )
 
     t = time.time()
     frames, metrics, cache = [], {}, {}

@@ -75,17 +75,33 @@ def runs_from_aggregate(aggregate_dir, selection: str = "geo-va") -> tuple[list[
     agg = load_aggregate(aggregate_dir)
     pick = choose(agg["summary"], "geo" if selection == "geo-va" else "cross")
     if pick is None:
-        raise InputError(f"{aggregate_dir}: no D-GEX runs selected by {selection} in the aggregate; "
-                         f"aggregate trained D-GEX runs first or pass --runs")
+        raise InputError(
+            f"{aggregate_dir}: no D-GEX runs selected by {selection} in the aggregate; "
+            f"aggregate trained D-GEX runs first or pass --runs"
+        )
     runs = agg["runs"]
-    sel = runs[(runs["method"] == "D-GEX") & (runs["layers"] == pick["layers"]) & (runs["units"] == pick["units"])
-               & np.isclose(runs["dropout"].astype(float), pick["dropout"])]
+    sel = runs[
+        (runs["method"] == "D-GEX")
+        & (runs["layers"] == pick["layers"])
+        & (runs["units"] == pick["units"])
+        & np.isclose(runs["dropout"].astype(float), pick["dropout"])
+    ]
     if sel.empty:
-        raise InputError(f"{aggregate_dir}/runs.csv lists no run of the chosen grid point {pick['layers']}x"
-                         f"{pick['units']} dropout {pick['dropout']:g}; rerun `dgex aggregate`")
+        raise InputError(
+            f"{aggregate_dir}/runs.csv lists no run of the chosen grid point {pick['layers']}x"
+            f"{pick['units']} dropout {pick['dropout']:g}; rerun `dgex aggregate`"
+        )
     dirs = [Path(d) for d in sel["dir"]]
-    log.info("%s: %s chose %dx%d dropout %g (validation MAE %.4f): %s", aggregate_dir, selection, pick["layers"],
-             pick["units"], pick["dropout"], pick["validation_mae"], ", ".join(map(str, dirs)))
+    log.info(
+        "%s: %s chose %dx%d dropout %g (validation MAE %.4f): %s",
+        aggregate_dir,
+        selection,
+        pick["layers"],
+        pick["units"],
+        pick["dropout"],
+        pick["validation_mae"],
+        ", ".join(map(str, dirs)),
+    )
     return dirs, pick
 
 
@@ -96,16 +112,21 @@ def _check_parts(runs: list[dict], n_parts: int) -> None:
         return
     outside = [r for r in runs if not 0 <= r["part"] < n_parts]
     if outside:
-        raise InputError(f"{outside[0]['dir']} was trained on target part {outside[0]['part']} but the dataset has "
-                         f"parts 0..{n_parts - 1}; use the dataset the runs were trained on")
+        raise InputError(
+            f"{outside[0]['dir']} was trained on target part {outside[0]['part']} but the dataset has "
+            f"parts 0..{n_parts - 1}; use the dataset the runs were trained on"
+        )
     missing = sorted(set(range(n_parts)) - set(parts))
     if missing:
-        raise InputError(f"target part(s) {', '.join(map(str, missing))} missing: pass one run folder per part "
-                         f"(0..{n_parts - 1}) of the grid point")
+        raise InputError(
+            f"target part(s) {', '.join(map(str, missing))} missing: pass one run folder per part "
+            f"(0..{n_parts - 1}) of the grid point"
+        )
 
 
-def _landmark_reference(dataset, mean: np.ndarray, std: np.ndarray, epsilon: float, chunk: int = 16384,
-                        progress: bool = False) -> np.ndarray:
+def _landmark_reference(
+    dataset, mean: np.ndarray, std: np.ndarray, epsilon: float, chunk: int = 16384, progress: bool = False
+) -> np.ndarray:
     """Mean sorted GEO landmark profile on the expression scale, ``(L,)``, streamed over the GEO splits.
 
     The dataset's ``gene_quantiles`` span landmarks *and* targets; inputs that
@@ -116,11 +137,12 @@ def _landmark_reference(dataset, mean: np.ndarray, std: np.ndarray, epsilon: flo
     total, n = np.zeros(len(mean)), 0
     with h5py.File(dataset, "r") as h5:
         splits = [h5[f"splits/{s}/X"] for s in ("geo-tr", "geo-va", "geo-te") if f"splits/{s}/X" in h5]
-        with tqdm(total=sum(d.shape[0] for d in splits), unit="profile", desc="landmark reference",
-                  disable=not progress) as bar:
+        with tqdm(
+            total=sum(d.shape[0] for d in splits), unit="profile", desc="landmark reference", disable=not progress
+        ) as bar:
             for ds in splits:
                 for s in range(0, ds.shape[0], chunk):
-                    x = ds[s:s + chunk].astype(np.float64) * (std + epsilon) + mean
+                    x = ds[s : s + chunk].astype(np.float64) * (std + epsilon) + mean
                     total += np.sort(x, axis=1).sum(axis=0)
                     n += x.shape[0]
                     bar.update(x.shape[0])
@@ -148,8 +170,16 @@ def _weighted_metrics(parts: list[dict]) -> dict:
     return out
 
 
-def export_bundle(*, dataset, output, runs=None, grid_aggregate=None, selection: str = "geo-va",
-                  overwrite: bool = False, progress: bool = True) -> dict:
+def export_bundle(
+    *,
+    dataset,
+    output,
+    runs=None,
+    grid_aggregate=None,
+    selection: str = "geo-va",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
     """Write a model bundle from the part runs of one grid point; returns ``bundle.json``'s content.
 
     Give either ``runs`` (the part run folders) or ``grid_aggregate`` (an
@@ -191,41 +221,84 @@ def export_bundle(*, dataset, output, runs=None, grid_aggregate=None, selection:
         model, blob = load_weights(run["checkpoint"], n_in=L, n_out=len(idx), gene_ids=gene_ids)
         row = blob.get("metrics", {})
         networks.append((part, model))
-        part_info.append({"epoch": int(blob.get("epoch", 0)), "run_dir": str(run["dir"]),
-                          "metrics": {s: float(row[s]) for s in EVAL_SPLITS if row.get(s) is not None},
-                          "best": run["info"].get("best", {})})
+        part_info.append(
+            {
+                "epoch": int(blob.get("epoch", 0)),
+                "run_dir": str(run["dir"]),
+                "metrics": {s: float(row[s]) for s in EVAL_SPLITS if row.get(s) is not None},
+                "best": run["info"].get("best", {}),
+            }
+        )
         target_idx.append(idx)
     tg_index = np.concatenate(target_idx)
 
     lm = genes.landmarks[["ensembl", "entrez", "symbol"]].copy()
     lm["probe"] = _landmark_probes(lm["ensembl"]).values
     tg = genes.targets.iloc[tg_index][["ensembl", "entrez", "symbol", "part"]].copy()
-    stats = {"landmark_mean": mean[:L], "landmark_std": std[:L],
-             "target_mean": mean[L:][tg_index], "target_std": std[L:][tg_index],
-             "epsilon": epsilon, "standardize": standardize, "gene_quantiles": gene_q,
-             "landmark_quantiles": _landmark_reference(dataset, mean[:L], std[:L], epsilon,
-                                                     progress=progress)}
+    stats = {
+        "landmark_mean": mean[:L],
+        "landmark_std": std[:L],
+        "target_mean": mean[L:][tg_index],
+        "target_std": std[L:][tg_index],
+        "epsilon": epsilon,
+        "standardize": standardize,
+        "gene_quantiles": gene_q,
+        "landmark_quantiles": _landmark_reference(dataset, mean[:L], std[:L], epsilon, progress=progress),
+    }
     if probe_q is not None:
         stats["probe_quantiles"] = probe_q
     cfg = dict(run_list[0]["config"])
     cfg.pop("part", None)
     for p, n in zip(part_info, target_idx):
         p["n_targets"] = len(n)
-    info = write_bundle(output, networks=networks, landmarks=lm, targets=tg, stats=stats, overwrite=overwrite,
-                        part_info=part_info, extra={
-                            "selection": selection, "training": cfg, "grid_choice": pick,
-                            "metrics": _weighted_metrics(part_info),
-                            "dataset": {"path": str(dataset), "standardize": standardize, "epsilon": epsilon,
-                                        "n_landmarks": L, "n_targets": int(len(genes.targets)),
-                                        "params": ds_params}})
+    info = write_bundle(
+        output,
+        networks=networks,
+        landmarks=lm,
+        targets=tg,
+        stats=stats,
+        overwrite=overwrite,
+        part_info=part_info,
+        extra={
+            "selection": selection,
+            "training": cfg,
+            "grid_choice": pick,
+            "metrics": _weighted_metrics(part_info),
+            "dataset": {
+                "path": str(dataset),
+                "standardize": standardize,
+                "epsilon": epsilon,
+                "n_landmarks": L,
+                "n_targets": int(len(genes.targets)),
+                "params": ds_params,
+            },
+        },
+    )
     arch = info["architecture"]
-    log.info("exported %d network(s) (%dx%d, %d landmarks -> %d targets, selected by %s) to %s",
-             len(networks), arch["layers"], arch["units"], L, len(tg_index), selection, output)
+    log.info(
+        "exported %d network(s) (%dx%d, %d landmarks -> %d targets, selected by %s) to %s",
+        len(networks),
+        arch["layers"],
+        arch["units"],
+        L,
+        len(tg_index),
+        selection,
+        output,
+    )
     return info
 
 
-def write_bundle(output, *, networks: list, landmarks: pd.DataFrame, targets: pd.DataFrame, stats: dict,
-                 part_info: list[dict] | None = None, extra: dict | None = None, overwrite: bool = False) -> dict:
+def write_bundle(
+    output,
+    *,
+    networks: list,
+    landmarks: pd.DataFrame,
+    targets: pd.DataFrame,
+    stats: dict,
+    part_info: list[dict] | None = None,
+    extra: dict | None = None,
+    overwrite: bool = False,
+) -> dict:
     """Write a bundle folder atomically (temporary folder renamed into place); returns ``bundle.json``'s content.
 
     ``networks``: ``[(part, DGEX)]`` in output order (part ``None`` = one network
@@ -245,10 +318,24 @@ def write_bundle(output, *, networks: list, landmarks: pd.DataFrame, targets: pd
         for k, (part, model) in enumerate(networks):
             name = _weights_name(part)
             shape = [model.n_in, model.n_out, model.n_layers, model.n_units]
-            torch.save({"state_dict": {key: v.detach().cpu() for key, v in model.state_dict().items()},
-                        "shape": shape, "dropout": float(model.dropout_rate)}, tmp / name)
-            parts.append({"part": part, "file": name, "n_targets": model.n_out, "target_start": start,
-                          "shape": shape, **(part_info[k] if part_info else {})})
+            torch.save(
+                {
+                    "state_dict": {key: v.detach().cpu() for key, v in model.state_dict().items()},
+                    "shape": shape,
+                    "dropout": float(model.dropout_rate),
+                },
+                tmp / name,
+            )
+            parts.append(
+                {
+                    "part": part,
+                    "file": name,
+                    "n_targets": model.n_out,
+                    "target_start": start,
+                    "shape": shape,
+                    **(part_info[k] if part_info else {}),
+                }
+            )
             start += model.n_out
         lm = landmarks.copy()
         if "probe" not in lm.columns:
@@ -267,9 +354,15 @@ def write_bundle(output, *, networks: list, landmarks: pd.DataFrame, targets: pd
             "format_version": BUNDLE_FORMAT,
             "dgex_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "architecture": {"n_landmarks": first[0], "n_targets": start, "layers": first[2], "units": first[3],
-                             "dropout": float(networks[0][1].dropout_rate), "hidden_activation": "tanh",
-                             "n_parts": len(parts)},
+            "architecture": {
+                "n_landmarks": first[0],
+                "n_targets": start,
+                "layers": first[2],
+                "units": first[3],
+                "dropout": float(networks[0][1].dropout_rate),
+                "hidden_activation": "tanh",
+                "n_parts": len(parts),
+            },
             **(extra or {}),
             "parts": parts,
             "files": {f: sha256_file(tmp / f) for f in sorted(p.name for p in tmp.iterdir())},
@@ -361,15 +454,19 @@ class Bundle:
             if len(self._workspace) >= 2:
                 self._workspace.clear()
             kw = dict(dtype=torch.float32, device=self.device)
-            ws = {"z": torch.empty((n, self.n_landmarks), **kw),
-                  "h": [torch.empty((n, layer.out_features), **kw) for layer in self.networks[0].hidden]
-                  if len({net.n_units for net in self.networks}) == 1 else None}
+            ws = {
+                "z": torch.empty((n, self.n_landmarks), **kw),
+                "h": [torch.empty((n, layer.out_features), **kw) for layer in self.networks[0].hidden]
+                if len({net.n_units for net in self.networks}) == 1
+                else None,
+            }
             self._workspace[n] = ws
         return ws
 
     @torch.inference_mode()
-    def predict_tensor(self, x: torch.Tensor, present: torch.Tensor | None = None,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
+    def predict_tensor(
+        self, x: torch.Tensor, present: torch.Tensor | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Targets on the expression scale ``(n, T)`` from landmark expression on ``self.device``.
 
         ``x`` is ``(n, L)``, or ``(n, k)`` with ``present`` the ``(k,)`` landmark
@@ -391,8 +488,11 @@ class Bundle:
             h = z
             for k, layer in enumerate(net.hidden):
                 buf = ws["h"][k] if ws["h"] is not None else None
-                h = torch.addmm(layer.bias, h, layer.weight.t(), out=buf) if buf is not None else \
-                    torch.addmm(layer.bias, h, layer.weight.t())
+                h = (
+                    torch.addmm(layer.bias, h, layer.weight.t(), out=buf)
+                    if buf is not None
+                    else torch.addmm(layer.bias, h, layer.weight.t())
+                )
                 h.tanh_()
             torch.addmm(b_out, h, w_out.t(), out=out[:, sl])
         return out
@@ -427,12 +527,15 @@ def load_bundle(path, device="cpu", verify: bool = True) -> Bundle:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise _corrupt(path, f"bundle.json unreadable: {exc}") from None
     if not isinstance(info, dict) or info.get("format") != BUNDLE_KIND:
-        raise InputError(f"{path}: bundle.json is not a dgex model bundle description; pass a folder written by "
-                         f"`dgex export`")
+        raise InputError(
+            f"{path}: bundle.json is not a dgex model bundle description; pass a folder written by `dgex export`"
+        )
     if info.get("format_version") != BUNDLE_FORMAT:
-        raise InputError(f"{path}: bundle format version {info.get('format_version')!r} (written by dgex "
-                         f"{info.get('dgex_version')}), this dgex {__version__} reads version {BUNDLE_FORMAT}; "
-                         f"re-export the model with `dgex export` of this version")
+        raise InputError(
+            f"{path}: bundle format version {info.get('format_version')!r} (written by dgex "
+            f"{info.get('dgex_version')}), this dgex {__version__} reads version {BUNDLE_FORMAT}; "
+            f"re-export the model with `dgex export` of this version"
+        )
     try:
         files, parts, arch = info["files"], info["parts"], info["architecture"]
         L, T = int(arch["n_landmarks"]), int(arch["n_targets"])
@@ -457,16 +560,24 @@ def load_bundle(path, device="cpu", verify: bool = True) -> Bundle:
     need = ("landmark_mean", "landmark_std", "target_mean", "target_std", "epsilon", "landmark_quantiles")
     if any(k not in stats for k in need):
         raise _corrupt(path, f"stats.npz lacks {', '.join(k for k in need if k not in stats)}")
-    sizes = {"landmarks.tsv": len(lm), "stats landmark_mean": len(stats["landmark_mean"]),
-             "stats landmark_std": len(stats["landmark_std"]),
-             "stats landmark_quantiles": len(stats["landmark_quantiles"])}
-    tsizes = {"targets.tsv": len(tg), "stats target_mean": len(stats["target_mean"]),
-              "stats target_std": len(stats["target_std"]),
-              "parts in bundle.json": sum(int(p.get("n_targets", -1)) for p in parts)}
+    sizes = {
+        "landmarks.tsv": len(lm),
+        "stats landmark_mean": len(stats["landmark_mean"]),
+        "stats landmark_std": len(stats["landmark_std"]),
+        "stats landmark_quantiles": len(stats["landmark_quantiles"]),
+    }
+    tsizes = {
+        "targets.tsv": len(tg),
+        "stats target_mean": len(stats["target_mean"]),
+        "stats target_std": len(stats["target_std"]),
+        "parts in bundle.json": sum(int(p.get("n_targets", -1)) for p in parts),
+    }
     bad = [f"{k} has {v}" for k, v in sizes.items() if v != L] + [f"{k} has {v}" for k, v in tsizes.items() if v != T]
     if bad:
-        raise InputError(f"{path}: bundle files disagree: the model maps {L} landmarks -> {T} targets but "
-                         f"{'; '.join(bad)}; re-export the bundle with `dgex export`")
+        raise InputError(
+            f"{path}: bundle files disagree: the model maps {L} landmarks -> {T} targets but "
+            f"{'; '.join(bad)}; re-export the bundle with `dgex export`"
+        )
 
     networks, slices = [], []
     for p in parts:
@@ -478,15 +589,19 @@ def load_bundle(path, device="cpu", verify: bool = True) -> Bundle:
             raise _corrupt(path, f"{p.get('file')} unreadable: {type(exc).__name__}") from None
         start, n = int(p["target_start"]), int(p["n_targets"])
         if n_in != L or n_out != n:
-            raise InputError(f"{path}: bundle files disagree: {p['file']} maps {n_in} -> {n_out} genes but the "
-                             f"gene tables give {L} landmarks and {n} targets for part {p['part']}; "
-                             f"re-export the bundle with `dgex export`")
+            raise InputError(
+                f"{path}: bundle files disagree: {p['file']} maps {n_in} -> {n_out} genes but the "
+                f"gene tables give {L} landmarks and {n} targets for part {p['part']}; "
+                f"re-export the bundle with `dgex export`"
+            )
         net = DGEX(n_in, n_out, layers, units, float(blob.get("dropout", 0.0)))
         try:
             net.load_state_dict(blob["state_dict"])
         except (RuntimeError, KeyError) as exc:
-            raise InputError(f"{path}: bundle files disagree: {p['file']} does not fit its declared shape "
-                             f"({str(exc).splitlines()[0]}); re-export the bundle with `dgex export`") from None
+            raise InputError(
+                f"{path}: bundle files disagree: {p['file']} does not fit its declared shape "
+                f"({str(exc).splitlines()[0]}); re-export the bundle with `dgex export`"
+            ) from None
         net.eval()
         networks.append(net)
         slices.append(slice(start, start + n))
@@ -499,12 +614,13 @@ def load_bundle(path, device="cpu", verify: bool = True) -> Bundle:
     if verify:
         for name, digest in files.items():
             if sha256_file(path / name) != digest:
-                raise InputError(f"{path}: {name} does not match its checksum in bundle.json; the bundle is corrupt "
-                                 f"or was modified: re-export it with `dgex export`")
+                raise InputError(
+                    f"{path}: {name} does not match its checksum in bundle.json; the bundle is corrupt "
+                    f"or was modified: re-export it with `dgex export`"
+                )
     lm["entrez"] = lm["entrez"].map(_clean_entrez)
     tg["entrez"] = tg["entrez"].map(_clean_entrez)
-    bundle = Bundle(path=path, info=info, landmarks=lm, targets=tg, stats=stats, networks=networks,
-                    part_slices=slices)
+    bundle = Bundle(path=path, info=info, landmarks=lm, targets=tg, stats=stats, networks=networks, part_slices=slices)
     return bundle.to(device)
 
 

@@ -95,8 +95,14 @@ N_CLUSTERS = 8
 CLUSTER_SPREAD = 0.5
 G1000_SPREAD = 0.4
 N_REFERENCE = 4096
-GTEX_TISSUES = ("Whole Blood", "Lung", "Muscle - Skeletal", "Thyroid", "Adipose - Subcutaneous",
-                "Skin - Sun Exposed (Lower leg)")
+GTEX_TISSUES = (
+    "Whole Blood",
+    "Lung",
+    "Muscle - Skeletal",
+    "Thyroid",
+    "Adipose - Subcutaneous",
+    "Skin - Sun Exposed (Lower leg)",
+)
 GTEX_SHIFT = 0.35
 # gene level
 MU_RANGE = (5.0, 11.5)
@@ -130,25 +136,37 @@ RNASEQ_ZERO_PROB = 0.5
 CHROMOSOMES = np.array([str(i) for i in range(1, 23)] + ["X"], dtype=object)
 
 
-def _check_args(output_dir, seed, n_geo, n_duplicates, n_1000g, n_gtex, n_latent, noise, max_targets,
-                target_seed) -> None:
+def _check_args(
+    output_dir, seed, n_geo, n_duplicates, n_1000g, n_gtex, n_latent, noise, max_targets, target_seed
+) -> None:
     def is_int(v):
         return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
-    for name, value, low in (("n_geo", n_geo, 2), ("n_duplicates", n_duplicates, 0), ("n_1000g", n_1000g, 1),
-                             ("n_gtex", n_gtex, 1), ("n_latent", n_latent, 1)):
+    for name, value, low in (
+        ("n_geo", n_geo, 2),
+        ("n_duplicates", n_duplicates, 0),
+        ("n_1000g", n_1000g, 1),
+        ("n_gtex", n_gtex, 1),
+        ("n_latent", n_latent, 1),
+    ):
         if not is_int(value) or value < low:
             raise ConfigError(f"demo: {name} must be an integer >= {low}, got {value!r}")
     for name, value in (("seed", seed), ("target_seed", target_seed)):
         if not is_int(value) or value < 0:
             raise ConfigError(f"demo: {name} must be a non-negative integer, got {value!r}")
     if n_duplicates > n_geo:
-        raise ConfigError(f"demo: n_duplicates ({n_duplicates}) must not exceed n_geo ({n_geo}); "
-                          f"each planted duplicate copies a different profile")
+        raise ConfigError(
+            f"demo: n_duplicates ({n_duplicates}) must not exceed n_geo ({n_geo}); "
+            f"each planted duplicate copies a different profile"
+        )
     if max_targets is not None and (not is_int(max_targets) or max_targets < 1):
         raise ConfigError(f"demo: max_targets must be a positive integer or None (all targets), got {max_targets!r}")
-    if not isinstance(noise, (int, float, np.floating)) or isinstance(noise, bool) or not math.isfinite(noise) \
-            or noise < 0:
+    if (
+        not isinstance(noise, (int, float, np.floating))
+        or isinstance(noise, bool)
+        or not math.isfinite(noise)
+        or noise < 0
+    ):
         raise ConfigError(f"demo: noise must be a finite number >= 0 (gene-level s.d., log2 units), got {noise!r}")
     if output_dir is None or str(output_dir) == "":
         raise ConfigError("demo: output_dir is required")
@@ -163,10 +181,10 @@ def _check_args(output_dir, seed, n_geo, n_duplicates, n_1000g, n_gtex, n_latent
 class _Latents:
     """The tissue clusters of the latent space and the reference statistics of ``z``."""
 
-    centres: np.ndarray        # (N_CLUSTERS, K)
-    weights: np.ndarray        # (N_CLUSTERS,) GEO mixture weights
-    z_mean: np.ndarray         # (K,)
-    z_sd: np.ndarray           # (K,)
+    centres: np.ndarray  # (N_CLUSTERS, K)
+    weights: np.ndarray  # (N_CLUSTERS,) GEO mixture weights
+    z_mean: np.ndarray  # (K,)
+    z_sd: np.ndarray  # (K,)
 
     def draw(self, rng, n: int, centres: np.ndarray, probs: np.ndarray, spread: float):
         """``n`` latent vectors from a mixture over ``centres``; returns ``(z, labels)``."""
@@ -182,19 +200,19 @@ class _Latents:
 class _GeneModel:
     """Parameters of every modelled gene; column order = ``self.names``."""
 
-    names: np.ndarray          # (G,) keys: Ensembl ids, or probe ids for filler "genes"
-    mu: np.ndarray             # (G,)
-    lin: np.ndarray            # (G, K) linear loadings on zs (already scaled)
-    nonlinear: np.ndarray      # (Gn,) column index of genes with a nonlinear part
-    bank_w: np.ndarray         # (N_BANK, K) tanh directions * gains
-    bank_b: np.ndarray         # (N_BANK,)
-    bank_mean: np.ndarray      # (N_BANK,) reference standardisation
+    names: np.ndarray  # (G,) keys: Ensembl ids, or probe ids for filler "genes"
+    mu: np.ndarray  # (G,)
+    lin: np.ndarray  # (G, K) linear loadings on zs (already scaled)
+    nonlinear: np.ndarray  # (Gn,) column index of genes with a nonlinear part
+    bank_w: np.ndarray  # (N_BANK, K) tanh directions * gains
+    bank_b: np.ndarray  # (N_BANK,)
+    bank_mean: np.ndarray  # (N_BANK,) reference standardisation
     bank_sd: np.ndarray
-    bank_coef: np.ndarray      # (Gn, N_BANK) scaled
-    pairs: np.ndarray          # (N_PAIRS, 2)
+    bank_coef: np.ndarray  # (Gn, N_BANK) scaled
+    pairs: np.ndarray  # (N_PAIRS, 2)
     pair_mean: np.ndarray
     pair_sd: np.ndarray
-    pair_coef: np.ndarray      # (Gn, N_PAIRS) scaled
+    pair_coef: np.ndarray  # (Gn, N_PAIRS) scaled
 
     def features(self, zs):
         h = np.tanh(zs @ self.bank_w.T + self.bank_b)
@@ -248,18 +266,27 @@ def _build_model(rng, lat: _Latents, names, n_linear: int) -> _GeneModel:
     bank_b = rng.normal(0.0, BIAS_SD, size=N_BANK)
     if k >= 2:
         i = rng.integers(0, k, size=N_PAIRS)
-        j = (i + rng.integers(1, k, size=N_PAIRS)) % k       # j != i
+        j = (i + rng.integers(1, k, size=N_PAIRS)) % k  # j != i
         pairs = np.stack([i, j], axis=1)
     else:
-        pairs = np.zeros((N_PAIRS, 2), dtype=np.int64)       # only squares exist in one dimension
+        pairs = np.zeros((N_PAIRS, 2), dtype=np.int64)  # only squares exist in one dimension
     zs_ref = lat.standardise(lat.draw(rng, N_REFERENCE, lat.centres, lat.weights, CLUSTER_SPREAD)[0])
     h = np.tanh(zs_ref @ bank_w.T + bank_b)
     q = zs_ref[:, pairs[:, 0]] * zs_ref[:, pairs[:, 1]]
     model = _GeneModel(
-        names=np.asarray(names, dtype=object), mu=mu, lin=lin, nonlinear=np.arange(n_linear, n),
-        bank_w=bank_w, bank_b=bank_b, bank_mean=h.mean(axis=0), bank_sd=h.std(axis=0) + 1e-6,
-        bank_coef=np.zeros((n_nl, N_BANK)), pairs=pairs, pair_mean=q.mean(axis=0),
-        pair_sd=q.std(axis=0) + 1e-6, pair_coef=np.zeros((n_nl, N_PAIRS)),
+        names=np.asarray(names, dtype=object),
+        mu=mu,
+        lin=lin,
+        nonlinear=np.arange(n_linear, n),
+        bank_w=bank_w,
+        bank_b=bank_b,
+        bank_mean=h.mean(axis=0),
+        bank_sd=h.std(axis=0) + 1e-6,
+        bank_coef=np.zeros((n_nl, N_BANK)),
+        pairs=pairs,
+        pair_mean=q.mean(axis=0),
+        pair_sd=q.std(axis=0) + 1e-6,
+        pair_coef=np.zeros((n_nl, N_PAIRS)),
     )
     # each nonlinear gene: unit combination of BANK_PER_TARGET tanh units + one product
     pick = np.argsort(rng.random((n_nl, N_BANK)), axis=1)[:, :BANK_PER_TARGET]
@@ -299,8 +326,20 @@ def _versioned(ids, rng) -> np.ndarray:
 # --------------------------------------------------------------------------- #
 # the stage
 # --------------------------------------------------------------------------- #
-def generate(output_dir, *, seed=0, n_geo=2000, n_duplicates=100, n_1000g=150, n_gtex=300, n_latent=12,
-             noise=0.25, max_targets=None, target_seed=0, targets="builtin") -> dict:
+def generate(
+    output_dir,
+    *,
+    seed=0,
+    n_geo=2000,
+    n_duplicates=100,
+    n_1000g=150,
+    n_gtex=300,
+    n_latent=12,
+    noise=0.25,
+    max_targets=None,
+    target_seed=0,
+    targets="builtin",
+) -> dict:
     """Write ``geo.gctx``, ``1000g.tsv.gz``, ``gtex.gctx`` and ``demo.json`` into ``output_dir``.
 
     Deterministic for given arguments.  Returns the contents of ``demo.json``.
@@ -311,14 +350,24 @@ def generate(output_dir, *, seed=0, n_geo=2000, n_duplicates=100, n_1000g=150, n
     if targets not in ("builtin", ALL_PROBES):
         raise ConfigError(f"demo: targets must be 'builtin' or '{ALL_PROBES}', got {targets!r}")
     _check_args(output_dir, seed, n_geo, n_duplicates, n_1000g, n_gtex, n_latent, noise, max_targets, target_seed)
-    params = {"seed": seed, "n_geo": n_geo, "n_duplicates": n_duplicates, "n_1000g": n_1000g, "n_gtex": n_gtex,
-              "n_latent": n_latent, "noise": float(noise), "max_targets": max_targets, "target_seed": target_seed,
-              "targets": targets}
+    params = {
+        "seed": seed,
+        "n_geo": n_geo,
+        "n_duplicates": n_duplicates,
+        "n_1000g": n_1000g,
+        "n_gtex": n_gtex,
+        "n_latent": n_latent,
+        "noise": float(noise),
+        "max_targets": max_targets,
+        "target_seed": target_seed,
+        "targets": targets,
+    }
     t0 = time.time()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    r_model, r_layout, r_geo, r_1000g, r_gtex = (np.random.default_rng(s)
-                                                 for s in np.random.SeedSequence(seed).spawn(5))
+    r_model, r_layout, r_geo, r_1000g, r_gtex = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)
+    )
 
     # -- genes: the model covers the FULL maps, so a gene's parameters do not depend on max_targets
     # the builtin maps as load_gene_map('builtin', ...) gives them, without its (slow, unused) Entrez column
@@ -351,7 +400,7 @@ def generate(output_dir, *, seed=0, n_geo=2000, n_duplicates=100, n_1000g=150, n
     order = r_layout.permutation(len(probe_ids))
     probe_ids = probe_ids[order]
     probe_col = col_of.reindex([probe_gene[i][1] for i in order]).to_numpy()
-    geo_genes, probe_to_gene = np.unique(probe_col, return_inverse=True)      # genes GEO needs
+    geo_genes, probe_to_gene = np.unique(probe_col, return_inverse=True)  # genes GEO needs
     offsets = r_layout.normal(0.0, PROBE_OFFSET_SD, size=len(probe_ids)).astype(np.float32)
     n_probes = len(probe_ids)
 
@@ -371,7 +420,7 @@ def generate(output_dir, *, seed=0, n_geo=2000, n_duplicates=100, n_1000g=150, n
     src = np.sort(r_geo.choice(n_geo, size=n_duplicates, replace=False))
     dups = geo[src] + np.float32(dup_sd) * r_geo.standard_normal((n_duplicates, n_probes), dtype=np.float32)
     geo = np.clip(np.vstack([geo, dups]), *CLIP)
-    origin = np.concatenate([np.arange(n_geo), src])       # which distinct profile each column shows
+    origin = np.concatenate([np.arange(n_geo), src])  # which distinct profile each column shows
     cols = r_layout.permutation(len(geo))
     geo, origin = geo[cols], origin[cols]
     is_dup = cols >= n_geo
@@ -379,8 +428,9 @@ def generate(output_dir, *, seed=0, n_geo=2000, n_duplicates=100, n_1000g=150, n
     first = pd.Series(np.arange(len(geo)))[~is_dup]
     id_of_origin = pd.Series(sample_ids[first.values], index=origin[first.values])
     dup_of = np.where(is_dup, id_of_origin.reindex(origin).to_numpy(), "")
-    row_meta = pd.DataFrame({"pr_gene_symbol": ann["symbol"].reindex(probe_ids).fillna("-666").to_numpy()},
-                            index=probe_ids)
+    row_meta = pd.DataFrame(
+        {"pr_gene_symbol": ann["symbol"].reindex(probe_ids).fillna("-666").to_numpy()}, index=probe_ids
+    )
     col_meta = pd.DataFrame({"dup_of": dup_of, "cluster": labels[origin].astype(np.int64)}, index=sample_ids)
     write_gctx(out / FILES["geo"], geo, probe_ids, sample_ids, row_meta, col_meta)
     geo_range = (float(geo.min()), float(np.median(geo)), float(geo.max()))
@@ -392,20 +442,24 @@ def generate(output_dir, *, seed=0, n_geo=2000, n_duplicates=100, n_1000g=150, n
     rs_ids = np.array(list(dict.fromkeys(list(lm["ensembl"]) + list(tg["ensembl"]) + extra_ids)), dtype=object)
     rs_ids = rs_ids[r_layout.permutation(len(rs_ids))]
     rs_cols = col_of.reindex(rs_ids).to_numpy()
-    platform = (r_layout.uniform(*RNASEQ_SLOPE, size=len(rs_ids)),
-                model.mu[rs_cols] + RNASEQ_SHIFT + r_layout.normal(0.0, RNASEQ_OFFSET_SD, size=len(rs_ids)),
-                r_layout.uniform(-RNASEQ_BEND, RNASEQ_BEND, size=len(rs_ids)))
+    platform = (
+        r_layout.uniform(*RNASEQ_SLOPE, size=len(rs_ids)),
+        model.mu[rs_cols] + RNASEQ_SHIFT + r_layout.normal(0.0, RNASEQ_OFFSET_SD, size=len(rs_ids)),
+        r_layout.uniform(-RNASEQ_BEND, RNASEQ_BEND, size=len(rs_ids)),
+    )
     rs_mu = model.mu[rs_cols]
 
     # 1000G: one lymphoblastoid-like cluster (cluster 0), narrower than GEO
     z, _ = lat.draw(r_1000g, n_1000g, lat.centres[:1], np.ones(1), G1000_SPREAD)
     g1000 = _rnaseq(model.values(lat.standardise(z), r_1000g, noise, rs_cols), rs_mu, platform, r_1000g)
     g_ids = np.array([f"NA_DEMO_{i:04d}" for i in range(1, n_1000g + 1)], dtype=object)
-    meta_1000g = pd.DataFrame({
-        "Gene_Symbol": [symbols[e] for e in rs_ids],
-        "Chr": CHROMOSOMES[r_layout.integers(0, len(CHROMOSOMES), size=len(rs_ids))],
-        "Coord": r_layout.integers(1_000_000, 200_000_000, size=len(rs_ids)),
-    })
+    meta_1000g = pd.DataFrame(
+        {
+            "Gene_Symbol": [symbols[e] for e in rs_ids],
+            "Chr": CHROMOSOMES[r_layout.integers(0, len(CHROMOSOMES), size=len(rs_ids))],
+            "Coord": r_layout.integers(1_000_000, 200_000_000, size=len(rs_ids)),
+        }
+    )
     write_tsv(out / FILES["1000g"], g1000, _versioned(rs_ids, r_layout), g_ids, meta_1000g, id_name="TargetID")
     zeros_1000g = float((g1000 == 0).mean())
     del g1000
@@ -419,9 +473,14 @@ def generate(output_dir, *, seed=0, n_geo=2000, n_duplicates=100, n_1000g=150, n
     gtex = _rnaseq(model.values(lat.standardise(z), r_gtex, noise, rs_cols), rs_mu, platform, r_gtex)
     t_ids = np.array([f"GTEX-DEMO-{i:04d}" for i in range(1, n_gtex + 1)], dtype=object)
     gtex_rows = _versioned(rs_ids, r_layout)
-    write_gctx(out / FILES["gtex"], gtex, gtex_rows, t_ids,
-               pd.DataFrame({"Description": [symbols[e] for e in rs_ids]}, index=gtex_rows),
-               pd.DataFrame({"tissue": np.array(GTEX_TISSUES, dtype=object)[tissue]}, index=t_ids))
+    write_gctx(
+        out / FILES["gtex"],
+        gtex,
+        gtex_rows,
+        t_ids,
+        pd.DataFrame({"Description": [symbols[e] for e in rs_ids]}, index=gtex_rows),
+        pd.DataFrame({"tissue": np.array(GTEX_TISSUES, dtype=object)[tissue]}, index=t_ids),
+    )
     zeros_gtex = float((gtex == 0).mean())
     del gtex
 
@@ -432,28 +491,66 @@ def generate(output_dir, *, seed=0, n_geo=2000, n_duplicates=100, n_1000g=150, n
         "params": params,
         "files": dict(FILES),
         "counts": {
-            "landmark_genes": len(lm), "target_genes": len(tg), "overlap_genes": n_overlap,
-            "geo_probes": n_probes, "geo_filler_probes": len(filler), "geo_genes": len(lm) + len(tg) - n_overlap,
-            "geo_samples": n_geo + n_duplicates, "geo_distinct_samples": n_geo, "geo_duplicates": n_duplicates,
-            "1000g_genes": len(rs_ids), "1000g_samples": n_1000g, "1000g_extra_genes": len(extra_ids),
-            "gtex_genes": len(rs_ids), "gtex_samples": n_gtex,
+            "landmark_genes": len(lm),
+            "target_genes": len(tg),
+            "overlap_genes": n_overlap,
+            "geo_probes": n_probes,
+            "geo_filler_probes": len(filler),
+            "geo_genes": len(lm) + len(tg) - n_overlap,
+            "geo_samples": n_geo + n_duplicates,
+            "geo_distinct_samples": n_geo,
+            "geo_duplicates": n_duplicates,
+            "1000g_genes": len(rs_ids),
+            "1000g_samples": n_1000g,
+            "1000g_extra_genes": len(extra_ids),
+            "gtex_genes": len(rs_ids),
+            "gtex_samples": n_gtex,
         },
-        "values": {"geo_min": geo_range[0], "geo_median": geo_range[1], "geo_max": geo_range[2],
-                   "1000g_zero_fraction": zeros_1000g, "gtex_zero_fraction": zeros_gtex},
+        "values": {
+            "geo_min": geo_range[0],
+            "geo_median": geo_range[1],
+            "geo_max": geo_range[2],
+            "1000g_zero_fraction": zeros_1000g,
+            "gtex_zero_fraction": zeros_gtex,
+        },
         "model": {
-            "clusters": N_CLUSTERS, "cluster_spread": CLUSTER_SPREAD, "1000g_spread": G1000_SPREAD,
-            "gtex_tissues": list(GTEX_TISSUES), "gtex_shift": GTEX_SHIFT, "mu_range": MU_RANGE,
-            "scale_range": SCALE_RANGE, "tanh_units": N_BANK, "tanh_units_per_target": BANK_PER_TARGET,
-            "product_pairs": N_PAIRS, "nonlinear_share": NONLINEAR_SHARE, "product_share": PRODUCT_SHARE,
-            "probe_offset_sd": PROBE_OFFSET_SD, "probe_noise_sd": PROBE_NOISE_SD, "duplicate_noise_sd": dup_sd,
-            "rnaseq_slope": RNASEQ_SLOPE, "rnaseq_offset_sd": RNASEQ_OFFSET_SD, "rnaseq_bend": RNASEQ_BEND,
+            "clusters": N_CLUSTERS,
+            "cluster_spread": CLUSTER_SPREAD,
+            "1000g_spread": G1000_SPREAD,
+            "gtex_tissues": list(GTEX_TISSUES),
+            "gtex_shift": GTEX_SHIFT,
+            "mu_range": MU_RANGE,
+            "scale_range": SCALE_RANGE,
+            "tanh_units": N_BANK,
+            "tanh_units_per_target": BANK_PER_TARGET,
+            "product_pairs": N_PAIRS,
+            "nonlinear_share": NONLINEAR_SHARE,
+            "product_share": PRODUCT_SHARE,
+            "probe_offset_sd": PROBE_OFFSET_SD,
+            "probe_noise_sd": PROBE_NOISE_SD,
+            "duplicate_noise_sd": dup_sd,
+            "rnaseq_slope": RNASEQ_SLOPE,
+            "rnaseq_offset_sd": RNASEQ_OFFSET_SD,
+            "rnaseq_bend": RNASEQ_BEND,
             "rnaseq_noise_sd": RNASEQ_NOISE_SD,
         },
         "seconds": round(time.time() - t0, 3),
     }
     write_json(out / FILES["meta"], meta)
-    log.info("demo data in %s: GEO %d probes x %d samples (%d planted duplicates), 1000G %d genes x %d, "
-             "GTEx %d genes x %d; %d landmarks, %d targets (%d overlap); %.1f s",
-             out, n_probes, n_geo + n_duplicates, n_duplicates, len(rs_ids), n_1000g, len(rs_ids), n_gtex,
-             len(lm), len(tg), n_overlap, meta["seconds"])
+    log.info(
+        "demo data in %s: GEO %d probes x %d samples (%d planted duplicates), 1000G %d genes x %d, "
+        "GTEx %d genes x %d; %d landmarks, %d targets (%d overlap); %.1f s",
+        out,
+        n_probes,
+        n_geo + n_duplicates,
+        n_duplicates,
+        len(rs_ids),
+        n_1000g,
+        len(rs_ids),
+        n_gtex,
+        len(lm),
+        len(tg),
+        n_overlap,
+        meta["seconds"],
+    )
     return meta

@@ -49,8 +49,9 @@ def visible_gpus() -> list[str]:
         ids = [i.strip() for i in os.environ["DGEX_GPUS"].split(",") if i.strip()]
     elif shutil.which("nvidia-smi"):
         try:
-            res = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=10)
+            res = subprocess.run(
+                ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+            )
             ids = [line.strip() for line in res.stdout.splitlines() if line.strip()] if res.returncode == 0 else []
         except (OSError, subprocess.TimeoutExpired):
             ids = []
@@ -115,8 +116,10 @@ def lease_gpu(lock_dir=None, wait: bool = True, timeout: float | None = None, po
     nothing under SLURM, or None when no GPU is visible (run on the CPU).
     """
     if os.environ.get("SLURM_JOB_ID") and os.environ.get("CUDA_VISIBLE_DEVICES"):
-        log.info("SLURM job: using the scheduler's GPU assignment CUDA_VISIBLE_DEVICES=%s",
-                 os.environ["CUDA_VISIBLE_DEVICES"])
+        log.info(
+            "SLURM job: using the scheduler's GPU assignment CUDA_VISIBLE_DEVICES=%s",
+            os.environ["CUDA_VISIBLE_DEVICES"],
+        )
         return GpuLease(os.environ["CUDA_VISIBLE_DEVICES"], "slurm")
     gpus = visible_gpus()
     if not gpus:
@@ -127,8 +130,10 @@ def lease_gpu(lock_dir=None, wait: bool = True, timeout: float | None = None, po
         if not os.access(lock_dir, os.W_OK | os.X_OK):
             raise PermissionError(13, "permission denied")
     except OSError as e:
-        raise ConfigError(f"GPU lock folder {lock_dir} is not writable ({e.strerror}); "
-                          f"pass --gpu-lock-dir or set DGEX_GPU_LOCK_DIR to a writable folder") from None
+        raise ConfigError(
+            f"GPU lock folder {lock_dir} is not writable ({e.strerror}); "
+            f"pass --gpu-lock-dir or set DGEX_GPU_LOCK_DIR to a writable folder"
+        ) from None
     start, warned = time.monotonic(), False
     while True:
         for gpu in gpus:
@@ -142,8 +147,10 @@ def lease_gpu(lock_dir=None, wait: bool = True, timeout: float | None = None, po
         if not wait:
             return None
         if timeout is not None and time.monotonic() - start > timeout:
-            raise ConfigError(f"no free GPU among {', '.join(gpus)} after {timeout:g} s (leases in {lock_dir}); "
-                              f"lower --resources gpu=N to the number of GPUs or free the devices")
+            raise ConfigError(
+                f"no free GPU among {', '.join(gpus)} after {timeout:g} s (leases in {lock_dir}); "
+                f"lower --resources gpu=N to the number of GPUs or free the devices"
+            )
         if not warned:
             log.warning("all GPUs (%s) are leased in %s; waiting for a free GPU", ", ".join(gpus), lock_dir)
             warned = True

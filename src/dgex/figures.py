@@ -57,8 +57,10 @@ def figure1(agg, out):
     ax.set_xticks(sorted(s["units"].unique()))
     ax.set_title(f"Figure 1. GEO-te error of {pct(pick['dropout'])} by architecture")
     ax.legend(frameon=False, ncol=2)
-    caption = (f"GEO-te overall error (mean per-gene MAE) of {pct(pick['dropout'])} (the dropout chosen "
-               f"on GEO-va) for each depth and width; dashed lines: the baselines.")
+    caption = (
+        f"GEO-te overall error (mean per-gene MAE) of {pct(pick['dropout'])} (the dropout chosen "
+        f"on GEO-va) for each depth and width; dashed lines: the baselines."
+    )
     return save_figure(fig, out, "figure1"), caption
 
 
@@ -67,9 +69,11 @@ def figure2(agg, out):
 
     plt = pyplot()
     arch = chosen_arch(agg["summary"], "geo")
-    series = {"LR": _genes(agg["per_gene"], "LR", "geo-va", "geo-te"),
-              "KNN-GE": _genes(agg["per_gene"], "KNN-GE", "geo-va", "geo-te"),
-              arch_name(arch): _genes(agg["per_gene"], "D-GEX", "geo-va", "geo-te", arch)}
+    series = {
+        "LR": _genes(agg["per_gene"], "LR", "geo-va", "geo-te"),
+        "KNN-GE": _genes(agg["per_gene"], "KNN-GE", "geo-va", "geo-te"),
+        arch_name(arch): _genes(agg["per_gene"], "D-GEX", "geo-va", "geo-te", arch),
+    }
     series = {k: v for k, v in series.items() if len(v) > 1}
     lo = min(v.min() for v in series.values())
     hi = max(v.quantile(0.995) for v in series.values())
@@ -82,7 +86,7 @@ def figure2(agg, out):
     ax.set_ylabel("density of target genes")
     ax.set_title("Figure 2. Distribution of per-gene errors (GEO-te)")
     ax.legend(frameon=False)
-    caption = (f"Density of the per-gene GEO-te MAE of LR, KNN-GE and the best D-GEX by GEO-va ({arch_name(arch)}).")
+    caption = f"Density of the per-gene GEO-te MAE of LR, KNN-GE and the best D-GEX by GEO-va ({arch_name(arch)})."
     return save_figure(fig, out, "figure2"), caption
 
 
@@ -113,9 +117,12 @@ def _scatter(agg, out, task: str, number: int):
         ax.text(0.04, 0.95, f"D-GEX better on {100 * win:.2f}% of genes", transform=ax.transAxes, va="top")
         ax.set_title(f"vs {base_name}")
     fig.suptitle(f"Figure {number}. Per-gene errors on {t['title']} (selected by {t['validation']})")
-    caption = (f"Per-gene {t['title']} MAE of the best D-GEX by {t['validation']} ({arch_name(arch)}) against LR and "
-               f"KNN-GE; below the diagonal D-GEX is better ("
-               + ", ".join(f"{100 * w:.2f}% of genes vs {b}" for b, w in wins.items()) + ").")
+    caption = (
+        f"Per-gene {t['title']} MAE of the best D-GEX by {t['validation']} ({arch_name(arch)}) against LR and "
+        f"KNN-GE; below the diagonal D-GEX is better ("
+        + ", ".join(f"{100 * w:.2f}% of genes vs {b}" for b, w in wins.items())
+        + ")."
+    )
     return save_figure(fig, out, f"figure{number}"), caption, wins
 
 
@@ -143,11 +150,18 @@ def figure5(agg, out):
     for d, g in h.groupby("dropout"):
         e = g.sort_values("epoch")
         best = e.loc[e["gtex-te"].idxmin()]
-        trend.append(f"{pct(float(d))} {fmt(e['gtex-te'].iloc[0])} at epoch {int(e['epoch'].iloc[0])}, lowest "
-                     f"{fmt(best['gtex-te'])} at epoch {int(best['epoch'])}, {fmt(e['gtex-te'].iloc[-1])} at the last")
-    caption = (f"GTEx-te overall error after each training epoch of the {layers}-layer {units}-unit network at each "
-               f"dropout rate; dashed: LR" + (f" ({fmt(lr['mae_mean'].iloc[0])})" if len(lr) else "") + ". "
-               + "; ".join(trend) + ".")
+        trend.append(
+            f"{pct(float(d))} {fmt(e['gtex-te'].iloc[0])} at epoch {int(e['epoch'].iloc[0])}, lowest "
+            f"{fmt(best['gtex-te'])} at epoch {int(best['epoch'])}, {fmt(e['gtex-te'].iloc[-1])} at the last"
+        )
+    caption = (
+        f"GTEx-te overall error after each training epoch of the {layers}-layer {units}-unit network at each "
+        f"dropout rate; dashed: LR"
+        + (f" ({fmt(lr['mae_mean'].iloc[0])})" if len(lr) else "")
+        + ". "
+        + "; ".join(trend)
+        + "."
+    )
     return save_figure(fig, out, "figure5"), caption
 
 

@@ -89,8 +89,14 @@ def all_probe_targets() -> pd.DataFrame:
     ann = ann[~ann.index.str.startswith("AFFX")]
     entrez = ann["entrez"].where(ann["entrez"] != "-666", "").fillna("")
     symbol = ann["symbol"].where(ann["entrez"] != "-666", ann.index.to_series()).fillna("")
-    return pd.DataFrame({"symbol": symbol.values, "ensembl": ann.index.values,
-                         "probes": [(p,) for p in ann.index], "entrez": entrez.values})
+    return pd.DataFrame(
+        {
+            "symbol": symbol.values,
+            "ensembl": ann.index.values,
+            "probes": [(p,) for p in ann.index],
+            "entrez": entrez.values,
+        }
+    )
 
 
 def load_gene_map(spec: str | Path, role: str) -> pd.DataFrame:

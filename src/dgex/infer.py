@@ -148,8 +148,9 @@ def map_landmarks(bundle: Bundle, ids, id_type: str = "auto", source="input") ->
                 f"landmark of the model as an Ensembl id, Entrez id, gene symbol or L1000/HG-U133A probe id; "
                 f"put gene ids of one of these types in the first column (rows = genes) or pass --id-type"
             )
-        log.info("gene ids recognised as %s ids (%s)", id_type,
-                 ", ".join(f"{t}: {c} landmarks" for t, c in counts.items()))
+        log.info(
+            "gene ids recognised as %s ids (%s)", id_type, ", ".join(f"{t}: {c} landmarks" for t, c in counts.items())
+        )
         idx = found[id_type]
     else:
         idx = landmark_of(bundle, ids, id_type)
@@ -168,8 +169,9 @@ def map_landmarks(bundle: Bundle, ids, id_type: str = "auto", source="input") ->
         from scipy import sparse
 
         col = np.searchsorted(present, landmark)
-        weights = sparse.csr_matrix((1.0 / counts[col], (np.arange(len(rows)), col)),
-                                    shape=(len(rows), len(present)), dtype=np.float32)
+        weights = sparse.csr_matrix(
+            (1.0 / counts[col], (np.arange(len(rows)), col)), shape=(len(rows), len(present)), dtype=np.float32
+        )
         log.info("%d landmarks are measured by several rows; their rows are averaged", int((counts > 1).sum()))
     return LandmarkMapping(id_type, present, rows, landmark, weights, bundle.n_landmarks)
 
@@ -195,8 +197,13 @@ def check_coverage(bundle: Bundle, mapping: LandmarkMapping, impute_missing: str
             f"{source}: {len(missing)} of the model's {L} landmark genes are missing ({listed}); add them, or "
             f"pass --impute-missing mean to fill them with the GEO training mean (predictions get less accurate)"
         )
-    log.warning("%d of %d landmark genes missing from %s, filled with the GEO training mean: %s",
-                len(missing), L, source, listed)
+    log.warning(
+        "%d of %d landmark genes missing from %s, filled with the GEO training mean: %s",
+        len(missing),
+        L,
+        source,
+        listed,
+    )
 
 
 def _reference_for(bundle: Bundle, k: int) -> np.ndarray:
@@ -215,8 +222,16 @@ def _reference_for(bundle: Bundle, k: int) -> np.ndarray:
 # --------------------------------------------------------------------------- #
 # the Python API
 # --------------------------------------------------------------------------- #
-def predict(bundle, x, *, id_type: str = "auto", impute_missing: str = "none", quantile_normalize: bool = False,
-            device: str = "auto", batch_size: int = 4096):
+def predict(
+    bundle,
+    x,
+    *,
+    id_type: str = "auto",
+    impute_missing: str = "none",
+    quantile_normalize: bool = False,
+    device: str = "auto",
+    batch_size: int = 4096,
+):
     """Predict target-gene expression from landmark expression (log2, GEO scale).
 
     ``bundle``: a :class:`~dgex.bundle.Bundle` or the path of a bundle folder.
@@ -237,27 +252,30 @@ def predict(bundle, x, *, id_type: str = "auto", impute_missing: str = "none", q
         return pd.DataFrame(out, index=x.index, columns=pd.Index(bundle.targets["ensembl"], name="ensembl"))
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != bundle.n_landmarks:
-        raise InputError(f"expected landmark expression of shape (n_samples, {bundle.n_landmarks}), got "
-                         f"{x.shape}; order the columns as bundle.landmarks or pass a DataFrame with gene ids")
+        raise InputError(
+            f"expected landmark expression of shape (n_samples, {bundle.n_landmarks}), got "
+            f"{x.shape}; order the columns as bundle.landmarks or pass a DataFrame with gene ids"
+        )
     check_finite(x, [f"row {i}" for i in range(len(x))], "array")
     return _predict_present(bundle, x, np.arange(bundle.n_landmarks), quantile_normalize, batch_size)
 
 
-def _predict_present(bundle: Bundle, x: np.ndarray, present: np.ndarray, quantile_normalize: bool,
-                     batch_size: int) -> np.ndarray:
+def _predict_present(
+    bundle: Bundle, x: np.ndarray, present: np.ndarray, quantile_normalize: bool, batch_size: int
+) -> np.ndarray:
     """Targets ``(n, T)`` from the present landmarks ``x`` ``(n, k)``."""
     full = len(present) == bundle.n_landmarks
     present_t = None if full else torch.as_tensor(present, device=bundle.device)
     ref = _reference_for(bundle, len(present)) if quantile_normalize else None
     out = np.empty((x.shape[0], bundle.n_targets), dtype=np.float32)
     for s in range(0, x.shape[0], batch_size):
-        block = x[s:s + batch_size]
+        block = x[s : s + batch_size]
         if ref is not None:
             from .preprocess import quantile_map  # imports scikit-learn: only when needed
 
             block = quantile_map(block, ref).astype(np.float32)
         xt = torch.as_tensor(np.ascontiguousarray(block), device=bundle.device)
-        out[s:s + len(block)] = bundle.predict_tensor(xt, present_t).cpu().numpy()
+        out[s : s + len(block)] = bundle.predict_tensor(xt, present_t).cpu().numpy()
     return out
 
 
@@ -361,12 +379,20 @@ def _output_format(output: Path, fmt: str | None) -> str:
             raise ConfigError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
         return fmt
     name = output.name.lower().removesuffix(".gz")
-    for ext, f in ((".gctx", "gctx"), (".h5", "gctx"), (".csv", "csv"), (".tsv", "tsv"), (".txt", "tsv"),
-                   (".parquet", "parquet")):
+    for ext, f in (
+        (".gctx", "gctx"),
+        (".h5", "gctx"),
+        (".csv", "csv"),
+        (".tsv", "tsv"),
+        (".txt", "tsv"),
+        (".parquet", "parquet"),
+    ):
         if name.endswith(ext):
             return f
-    raise ConfigError(f"{output}: cannot tell the output format from the extension; name it .gctx, .csv, .tsv "
-                      f"or .parquet, or pass --format")
+    raise ConfigError(
+        f"{output}: cannot tell the output format from the extension; name it .gctx, .csv, .tsv "
+        f"or .parquet, or pass --format"
+    )
 
 
 def auto_batch_size(n_targets: int) -> int:
@@ -374,10 +400,22 @@ def auto_batch_size(n_targets: int) -> int:
     return int(min(8192, max(256, BATCH_BYTES // (4 * max(1, n_targets)))))
 
 
-def infer(*, model, input, output, id_type: str = "auto", output_format: str | None = None,
-          chunk_size: int = 4096, batch_size: int | None = None, impute_missing: str = "none",
-          quantile_normalize: bool = False, device: str = "auto", overwrite: bool = False, force: bool = False,
-          progress: bool = True) -> dict:
+def infer(
+    *,
+    model,
+    input,
+    output,
+    id_type: str = "auto",
+    output_format: str | None = None,
+    chunk_size: int = 4096,
+    batch_size: int | None = None,
+    impute_missing: str = "none",
+    quantile_normalize: bool = False,
+    device: str = "auto",
+    overwrite: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
     """Predict the targets of every sample of ``input`` with the bundle ``model`` and write ``output``.
 
     ``chunk_size`` samples are read at a time (one chunk ahead, in a thread)
@@ -397,8 +435,9 @@ def infer(*, model, input, output, id_type: str = "auto", output_format: str | N
         try:
             import pyarrow  # noqa: F401
         except ImportError:
-            raise ConfigError("parquet output needs pyarrow, which is not installed; pip install pyarrow, or "
-                              "write .gctx or .csv") from None
+            raise ConfigError(
+                "parquet output needs pyarrow, which is not installed; pip install pyarrow, or write .gctx or .csv"
+            ) from None
     if output.exists() and not overwrite:
         raise InputError(f"{output} exists; pass --overwrite to replace it or choose another --output")
     if output.exists() and input.exists() and output.resolve() == input.resolve():
@@ -415,18 +454,25 @@ def infer(*, model, input, output, id_type: str = "auto", output_format: str | N
         if n == 0:
             raise InputError(f"{input}: no samples (columns); pass a genes x samples matrix")
         if fmt != "gctx" and n > MAX_TEXT_SAMPLES and not force:
-            raise InputError(f"{input}: {n} samples is too many for {fmt} output (built in memory, "
-                             f"> {MAX_TEXT_SAMPLES}); write .gctx, or pass --force")
+            raise InputError(
+                f"{input}: {n} samples is too many for {fmt} output (built in memory, "
+                f"> {MAX_TEXT_SAMPLES}); write .gctx, or pass --force"
+            )
         col_ids = reader.col_ids
         try:
             col_meta = reader.col_meta()
         except Exception:  # metadata are a courtesy: never fail a prediction on them
             col_meta = None
         tg = bundle.targets
-        row_meta = pd.DataFrame({"ensembl": tg["ensembl"].values, "symbol": tg["symbol"].values,
-                                 "entrez": tg["entrez"].values, "part": tg["part"].values})
-        present_t = (None if len(mapping.present) == bundle.n_landmarks
-                     else torch.as_tensor(mapping.present, device=dev))
+        row_meta = pd.DataFrame(
+            {
+                "ensembl": tg["ensembl"].values,
+                "symbol": tg["symbol"].values,
+                "entrez": tg["entrez"].values,
+                "part": tg["part"].values,
+            }
+        )
+        present_t = None if len(mapping.present) == bundle.n_landmarks else torch.as_tensor(mapping.present, device=dev)
         ref = _reference_for(bundle, len(mapping.present)) if quantile_normalize else None
         if ref is not None:
             from .preprocess import quantile_map  # imports scikit-learn: only when needed
@@ -435,8 +481,13 @@ def infer(*, model, input, output, id_type: str = "auto", output_format: str | N
         collected: list[np.ndarray] = []
         writer = sink = None
         if fmt == "gctx":
-            writer = GCTXWriter(output, tg["ensembl"].values, col_ids, row_meta=row_meta,
-                                col_meta=col_meta if col_meta is not None and len(col_meta.columns) else None)
+            writer = GCTXWriter(
+                output,
+                tg["ensembl"].values,
+                col_ids,
+                row_meta=row_meta,
+                col_meta=col_meta if col_meta is not None and len(col_meta.columns) else None,
+            )
             sink = _BufferedWriter(writer.write, (batch_size, bundle.n_targets))
         chunks = ((start, stop, mapping.gather(block)) for start, stop, block in reader.iter_samples(chunk_size))
         ok = False
@@ -445,15 +496,24 @@ def infer(*, model, input, output, id_type: str = "auto", output_format: str | N
             for start, stop, x in _prefetch(chunks):  # x: (chunk, k) present landmarks
                 check_finite(x, col_ids[start:stop], input)
                 if start == 0:
-                    check_scale(x[:2000], input, linear_fix="log2(x + 1)-transform the input and retry",
-                                ratio_fix="use expression values (e.g. L1000 level 3, not 4/5)")
+                    check_scale(
+                        x[:2000],
+                        input,
+                        linear_fix="log2(x + 1)-transform the input and retry",
+                        ratio_fix="use expression values (e.g. L1000 level 3, not 4/5)",
+                    )
                     ref_med = float(np.median(bundle.stats["landmark_quantiles"]))
                     med = float(np.median(x[:2000]))
                     if ref is None and abs(med - ref_med) > 2.0:
-                        log.warning("median landmark value %.2f of %s differs from the GEO reference's %.2f: "
-                                    "consider --quantile-normalize", med, input, ref_med)
+                        log.warning(
+                            "median landmark value %.2f of %s differs from the GEO reference's %.2f: "
+                            "consider --quantile-normalize",
+                            med,
+                            input,
+                            ref_med,
+                        )
                 for s in range(0, len(x), batch_size):
-                    xb = x[s:s + batch_size]
+                    xb = x[s : s + batch_size]
                     k = len(xb)
                     if ref is not None:
                         xb = quantile_map(xb, ref).astype(np.float32)
@@ -485,24 +545,47 @@ def infer(*, model, input, output, id_type: str = "auto", output_format: str | N
     if fmt != "gctx":
         _write_table(output, fmt, np.concatenate(collected), col_ids, row_meta)
     wall = time.time() - t0
-    summary = {"model": str(model), "input": str(input), "output": str(output), "format": fmt,
-               "samples": int(n), "targets": bundle.n_targets, "landmarks_present": int(len(mapping.present)),
-               "landmarks_imputed": int(len(mapping.missing)), "id_type": mapping.id_type,
-               "quantile_normalize": bool(quantile_normalize), "device": str(dev), "batch_size": int(batch_size),
-               "seconds": round(wall, 3), "profiles_per_second": n / max(wall, 1e-9)}
-    log.info("predicted %d targets for %d samples (%s ids, %d/%d landmarks) in %.2f s (%.0f profiles/s) -> %s",
-             bundle.n_targets, n, mapping.id_type, len(mapping.present), bundle.n_landmarks, wall,
-             summary["profiles_per_second"], output)
+    summary = {
+        "model": str(model),
+        "input": str(input),
+        "output": str(output),
+        "format": fmt,
+        "samples": int(n),
+        "targets": bundle.n_targets,
+        "landmarks_present": int(len(mapping.present)),
+        "landmarks_imputed": int(len(mapping.missing)),
+        "id_type": mapping.id_type,
+        "quantile_normalize": bool(quantile_normalize),
+        "device": str(dev),
+        "batch_size": int(batch_size),
+        "seconds": round(wall, 3),
+        "profiles_per_second": n / max(wall, 1e-9),
+    }
+    log.info(
+        "predicted %d targets for %d samples (%s ids, %d/%d landmarks) in %.2f s (%.0f profiles/s) -> %s",
+        bundle.n_targets,
+        n,
+        mapping.id_type,
+        len(mapping.present),
+        bundle.n_landmarks,
+        wall,
+        summary["profiles_per_second"],
+        output,
+    )
     return summary
 
 
 def _write_table(path: Path, fmt: str, y: np.ndarray, col_ids, row_meta: pd.DataFrame) -> None:
     """Genes x samples table: ensembl, symbol, entrez, part, then one column per sample; ``y`` ``(n, T)``."""
-    df = pd.concat([row_meta.reset_index(drop=True),
-                    pd.DataFrame(y.T, columns=[str(c) for c in col_ids])], axis=1)
+    df = pd.concat([row_meta.reset_index(drop=True), pd.DataFrame(y.T, columns=[str(c) for c in col_ids])], axis=1)
     with atomic_path(path) as tmp:
         if fmt == "parquet":
             df.to_parquet(tmp, index=False)
         else:
-            df.to_csv(tmp, sep="," if fmt == "csv" else "\t", index=False, float_format="%.6g",
-                      compression="gzip" if path.name.endswith(".gz") else None)
+            df.to_csv(
+                tmp,
+                sep="," if fmt == "csv" else "\t",
+                index=False,
+                float_format="%.6g",
+                compression="gzip" if path.name.endswith(".gz") else None,
+            )

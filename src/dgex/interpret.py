@@ -115,17 +115,25 @@ class GramFit:
             adjusted = 1.0 - (1.0 - r2) * (n - 1) / (n - p - 1)
         else:
             adjusted = torch.full_like(r2, torch.nan)
-            note = (f"adjusted R² undefined: n={n} samples but {p} predictors need n > p + 1; "
-                    f"use a split with more samples (or a larger --max-samples)")
-        return {"r2": r2.cpu().numpy(), "adjusted": adjusted.cpu().numpy(), "rank": int(keep.sum()), "n": n, "p": p,
-                "note": note}
+            note = (
+                f"adjusted R² undefined: n={n} samples but {p} predictors need n > p + 1; "
+                f"use a split with more samples (or a larger --max-samples)"
+            )
+        return {
+            "r2": r2.cpu().numpy(),
+            "adjusted": adjusted.cpu().numpy(),
+            "rank": int(keep.sum()),
+            "n": n,
+            "p": p,
+            "note": note,
+        }
 
 
 def adjusted_r2(X: np.ndarray, Y: np.ndarray, chunk_size: int = 8192) -> np.ndarray:
     """Adjusted R² ``(t,)`` of OLS (with intercept) of each column of ``Y`` ``(n, t)`` on ``X`` ``(n, p)``."""
     fit = GramFit(X.shape[1], Y.shape[1])
     for s in range(0, X.shape[0], chunk_size):
-        fit.update(X[s:s + chunk_size], Y[s:s + chunk_size])
+        fit.update(X[s : s + chunk_size], Y[s : s + chunk_size])
     return fit.solve()["adjusted"]
 
 
@@ -136,8 +144,10 @@ def _part_targets(targets: pd.DataFrame, part) -> pd.DataFrame:
     if part is None:
         return targets
     if part >= int(targets["part"].max()) + 1:
-        raise InputError(f"run of target part {part}, but the dataset has parts 0..{int(targets['part'].max())}; "
-                         f"use the dataset the model was trained on")
+        raise InputError(
+            f"run of target part {part}, but the dataset has parts 0..{int(targets['part'].max())}; "
+            f"use the dataset the model was trained on"
+        )
     return targets[targets["part"] == part].reset_index(drop=True)
 
 
@@ -148,9 +158,15 @@ def _arch_name(arch) -> str:
 def _network_info(run_list: list[dict], selection: str) -> dict:
     """The analysed network as S2/S3 record it in their JSON (runs from :func:`dgex.runs.load_runs`)."""
     layers, units, dropout = run_list[0]["arch"]
-    return {"name": _arch_name(run_list[0]["arch"]), "layers": layers, "units": units, "dropout": dropout,
-            "selection": selection, "runs": [str(r["dir"]) for r in run_list],
-            "parts": ["all" if r["part"] is None else r["part"] for r in run_list]}
+    return {
+        "name": _arch_name(run_list[0]["arch"]),
+        "layers": layers,
+        "units": units,
+        "dropout": dropout,
+        "selection": selection,
+        "runs": [str(r["dir"]) for r in run_list],
+        "parts": ["all" if r["part"] is None else r["part"] for r in run_list],
+    }
 
 
 # --------------------------------------------------------------------------- #
@@ -164,9 +180,19 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
 # --------------------------------------------------------------------------- #
 # S2
 # --------------------------------------------------------------------------- #
-def interpret_s2(*, dataset, runs, output_dir, selection: str = "geo-va", split: str = "geo-tr",
-                 max_samples: int | None = None, seed: int = 0, batch_size: int = 4096, device: str = "auto",
-                 progress: bool = True) -> dict:
+def interpret_s2(
+    *,
+    dataset,
+    runs,
+    output_dir,
+    selection: str = "geo-va",
+    split: str = "geo-tr",
+    max_samples: int | None = None,
+    seed: int = 0,
+    batch_size: int = 4096,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
     """Adjusted R² of every target gene from the landmarks and from each hidden layer; writes S2 outputs.
 
     Writes into ``output_dir``: ``s2_adjusted_r2.csv`` (one row per target gene:
@@ -192,8 +218,10 @@ def interpret_s2(*, dataset, runs, output_dir, selection: str = "geo-va", split:
 
     with ProcessedDataset(dataset) as ds:
         if split not in SPLITS or not ds.has(split):
-            raise ConfigError(f"--split {split!r} is not in {dataset} (splits: {', '.join(ds.splits)}); "
-                              f"pick one of those (the paper uses geo-tr)")
+            raise ConfigError(
+                f"--split {split!r} is not in {dataset} (splits: {', '.join(ds.splits)}); "
+                f"pick one of those (the paper uses geo-tr)"
+            )
         genes = ds.genes()
         n_total = ds.n_samples(split)
         idx = None
@@ -207,8 +235,9 @@ def interpret_s2(*, dataset, runs, output_dir, selection: str = "geo-va", split:
         for run in run_list:
             part = run["part"]
             targets = _part_targets(genes.targets, part)
-            model, _ = load_weights(run["checkpoint"], gene_ids={"landmarks": landmark_ids,
-                                                                 "targets": targets["ensembl"].tolist()})
+            model, _ = load_weights(
+                run["checkpoint"], gene_ids={"landmarks": landmark_ids, "targets": targets["ensembl"].tolist()}
+            )
             model.to(dev).eval()
             Y = ds.Y(split, part)
             Y = Y[idx] if idx is not None else Y
@@ -217,8 +246,8 @@ def interpret_s2(*, dataset, runs, output_dir, selection: str = "geo-va", split:
             desc = f"S2 part {'all' if part is None else part}"
             with torch.no_grad():
                 for s in tqdm(starts, desc=desc, unit="chunk", disable=not progress, leave=False):
-                    xb = torch.as_tensor(X[s:s + batch_size], device=dev)
-                    yb = torch.as_tensor(Y[s:s + batch_size], device=dev)
+                    xb = torch.as_tensor(X[s : s + batch_size], device=dev)
+                    yb = torch.as_tensor(Y[s : s + batch_size], device=dev)
                     _, acts = model(xb, return_hidden=True)
                     for fit, rep in zip(stats, [xb, *acts]):
                         fit.update(rep, yb)
@@ -226,8 +255,16 @@ def interpret_s2(*, dataset, runs, output_dir, selection: str = "geo-va", split:
             for rep, fit in zip(reps, stats):
                 res = fit.solve()
                 frame[rep] = res["adjusted"]
-                fits.append({"part": part, "representation": rep, "n": res["n"], "p": res["p"], "rank": res["rank"],
-                             "note": res["note"]})
+                fits.append(
+                    {
+                        "part": part,
+                        "representation": rep,
+                        "n": res["n"],
+                        "p": res["p"],
+                        "rank": res["rank"],
+                        "note": res["note"],
+                    }
+                )
                 if res["note"]:
                     log.warning("S2 part %s %s: %s", part, rep, res["note"])
             frames.append(frame)
@@ -236,20 +273,29 @@ def interpret_s2(*, dataset, runs, output_dir, selection: str = "geo-va", split:
 
     table = pd.concat(frames, ignore_index=True)
     if table[reps].isna().all().all():
-        raise InputError(f"no adjusted R² could be computed on {split} (n={n} samples for up to "
-                         f"{max(X.shape[1], units)} predictors); use a larger split or raise --max-samples")
+        raise InputError(
+            f"no adjusted R² could be computed on {split} (n={n} samples for up to "
+            f"{max(X.shape[1], units)} predictors); use a larger split or raise --max-samples"
+        )
     last = reps[-1]
     summary_rows = []
     for rep in reps:
         v = table[rep]
         no_ov = table.loc[~table["overlap"].astype(bool), rep]
-        row = {"representation": rep,
-               "n_predictors": X.shape[1] if rep == "input" else units,
-               "rank_min": min(f["rank"] for f in fits if f["representation"] == rep),
-               "n_samples": n, "n_genes": int(v.notna().sum()),
-               "mean": v.mean(), "median": v.median(), "q25": v.quantile(0.25), "q75": v.quantile(0.75),
-               "mean_no_overlap": no_ov.mean(), "median_no_overlap": no_ov.median(),
-               "frac_above_input": np.nan if rep == "input" else _frac_above(table[rep], table["input"])}
+        row = {
+            "representation": rep,
+            "n_predictors": X.shape[1] if rep == "input" else units,
+            "rank_min": min(f["rank"] for f in fits if f["representation"] == rep),
+            "n_samples": n,
+            "n_genes": int(v.notna().sum()),
+            "mean": v.mean(),
+            "median": v.median(),
+            "q25": v.quantile(0.25),
+            "q75": v.quantile(0.75),
+            "mean_no_overlap": no_ov.mean(),
+            "median_no_overlap": no_ov.median(),
+            "frac_above_input": np.nan if rep == "input" else _frac_above(table[rep], table["input"]),
+        }
         summary_rows.append(row)
     summary = pd.DataFrame(summary_rows)
 
@@ -259,32 +305,50 @@ def interpret_s2(*, dataset, runs, output_dir, selection: str = "geo-va", split:
     name = _arch_name((layers, units, dropout))
     files = ["s2_adjusted_r2.csv", "s2_summary.csv"] + _figure_s2(table, reps, name, split, out)
     frac = float(summary.loc[summary["representation"] == last, "frac_above_input"].iloc[0])
-    caption = (f"Supplementary Figure S2. Adjusted R² of a linear regression of each of {len(table):,} target genes "
-               f"on {split} (n = {n:,} profiles), fitted and evaluated on the same profiles, from the "
-               f"{X.shape[1]:,} raw landmark inputs and from the activations of each hidden layer "
-               f"({units:,} units) of {name} (model selected by {selection}). Left: distribution per "
-               f"representation. Right: gene-wise comparison of the raw inputs with the last hidden layer; "
-               f"{frac:.2%} of the genes lie above the diagonal (paper: 99.99% for D-GEX-10%-9000x3 on GEO-tr).")
+    caption = (
+        f"Supplementary Figure S2. Adjusted R² of a linear regression of each of {len(table):,} target genes "
+        f"on {split} (n = {n:,} profiles), fitted and evaluated on the same profiles, from the "
+        f"{X.shape[1]:,} raw landmark inputs and from the activations of each hidden layer "
+        f"({units:,} units) of {name} (model selected by {selection}). Left: distribution per "
+        f"representation. Right: gene-wise comparison of the raw inputs with the last hidden layer; "
+        f"{frac:.2%} of the genes lie above the diagonal (paper: 99.99% for D-GEX-10%-9000x3 on GEO-tr)."
+    )
     info = {
         "analysis": "S2",
         "network": _network_info(run_list, selection),
-        "dataset": str(dataset), "split": split, "n_samples": n, "n_samples_split": n_total,
-        "max_samples": max_samples, "seed": seed, "device": str(dev),
-        "targets_covered": len(table), "all_parts_covered": run_list[0]["part"] is None or len(run_list) == n_parts,
+        "dataset": str(dataset),
+        "split": split,
+        "n_samples": n,
+        "n_samples_split": n_total,
+        "max_samples": max_samples,
+        "seed": seed,
+        "device": str(dev),
+        "targets_covered": len(table),
+        "all_parts_covered": run_list[0]["part"] is None or len(run_list) == n_parts,
         "adjusted_r2": "1 - (1 - R2) (n - 1) / (n - p - 1), p = number of predictors; fit and R2 on the same split",
         "fits": fits,
         "notes": [f"part {f['part']} {f['representation']}: {f['note']}" for f in fits if f["note"]],
         "summary": json.loads(summary.to_json(orient="records")),
         "files": files + ["s2.json"],
-        "captions": {"figure_s2": caption,
-                     "s2_adjusted_r2": "Adjusted R² per target gene (rows) and representation (columns: raw landmark "
-                                       "inputs, hidden layers 1..N); overlap marks targets that are also landmarks.",
-                     "s2_summary": "Mean, median and quartiles of the adjusted R² per representation; "
-                                   "frac_above_input = fraction of genes whose adjusted R² exceeds the raw inputs'."},
+        "captions": {
+            "figure_s2": caption,
+            "s2_adjusted_r2": "Adjusted R² per target gene (rows) and representation (columns: raw landmark "
+            "inputs, hidden layers 1..N); overlap marks targets that are also landmarks.",
+            "s2_summary": "Mean, median and quartiles of the adjusted R² per representation; "
+            "frac_above_input = fraction of genes whose adjusted R² exceeds the raw inputs'.",
+        },
     }
     write_json(out / "s2.json", info)
-    log.info("S2 %s on %s (n=%d): mean adjusted R2 input %.4f, %s %.4f; %.2f%% of genes above input", name, split, n,
-             summary["mean"].iloc[0], last, summary["mean"].iloc[-1], 100 * frac)
+    log.info(
+        "S2 %s on %s (n=%d): mean adjusted R2 input %.4f, %s %.4f; %.2f%% of genes above input",
+        name,
+        split,
+        n,
+        summary["mean"].iloc[0],
+        last,
+        summary["mean"].iloc[-1],
+        100 * frac,
+    )
     return info
 
 
@@ -308,10 +372,24 @@ def _figure_s2(table: pd.DataFrame, reps: list[str], name: str, split: str, out:
     both = table[["input", last]].dropna()
     if len(both):
         above = both[last] > both["input"]
-        ax2.scatter(both.loc[~above, "input"], both.loc[~above, last], s=4, alpha=0.5, color=NEG_COLOR,
-                    label=f"below diagonal ({(~above).mean():.2%})", rasterized=True)
-        ax2.scatter(both.loc[above, "input"], both.loc[above, last], s=4, alpha=0.5, color=POS_COLOR,
-                    label=f"above diagonal ({above.mean():.2%})", rasterized=True)
+        ax2.scatter(
+            both.loc[~above, "input"],
+            both.loc[~above, last],
+            s=4,
+            alpha=0.5,
+            color=NEG_COLOR,
+            label=f"below diagonal ({(~above).mean():.2%})",
+            rasterized=True,
+        )
+        ax2.scatter(
+            both.loc[above, "input"],
+            both.loc[above, last],
+            s=4,
+            alpha=0.5,
+            color=POS_COLOR,
+            label=f"above diagonal ({above.mean():.2%})",
+            rasterized=True,
+        )
         lo = float(min(both.min().min(), 0.0))
         ax2.plot([lo, 1], [lo, 1], color="black", lw=0.8, ls="--")
         ax2.legend(loc="upper left", markerscale=3)
@@ -368,9 +446,14 @@ def s3_degrees(w_in: np.ndarray, w_out: np.ndarray, k: float, scope: str = "unit
         raise ConfigError(f"--scope must be one of {', '.join(SCOPES)} (got {scope!r})")
     m_in = major_weights(w_in, k, axis=0 if scope == "unit" else None)
     m_out = major_weights(w_out, k, axis=1 if scope == "unit" else None)
-    return {"mask_in": m_in, "mask_out": m_out,
-            "hidden_in": _degrees(w_in, m_in, 1), "landmark_out": _degrees(w_in, m_in, 0),
-            "target_in": _degrees(w_out, m_out, 1), "hidden_out": _degrees(w_out, m_out, 0)}
+    return {
+        "mask_in": m_in,
+        "mask_out": m_out,
+        "hidden_in": _degrees(w_in, m_in, 1),
+        "landmark_out": _degrees(w_in, m_in, 0),
+        "target_in": _degrees(w_out, m_out, 1),
+        "hidden_out": _degrees(w_out, m_out, 0),
+    }
 
 
 def _s3_counts(d: dict) -> dict:
@@ -379,11 +462,14 @@ def _s3_counts(d: dict) -> dict:
     multi = hid_out >= 2  # a unit with one output connection is trivially single-signed
     return {
         "input_connections": int(d["mask_in"].sum()),
-        "landmarks": int(lm_out.size), "landmarks_connected": int((lm_out > 0).sum()),
-        "hidden_units": int(hid_in.size), "hidden_with_major_input": int((hid_in > 0).sum()),
+        "landmarks": int(lm_out.size),
+        "landmarks_connected": int((lm_out > 0).sum()),
+        "hidden_units": int(hid_in.size),
+        "hidden_with_major_input": int((hid_in > 0).sum()),
         "hidden_without_major_input": int((hid_in == 0).sum()),
         "output_connections": int(d["mask_out"].sum()),
-        "targets": int(tg_in.size), "targets_connected": int((tg_in > 0).sum()),
+        "targets": int(tg_in.size),
+        "targets_connected": int((tg_in > 0).sum()),
         "hidden_with_major_output": int((hid_out > 0).sum()),
         "hidden_without_major_output": int((hid_out == 0).sum()),
         "hidden_with_major_input_and_output": int(((hid_in > 0) & (hid_out > 0)).sum()),
@@ -395,8 +481,18 @@ def _s3_counts(d: dict) -> dict:
     }
 
 
-def interpret_s3(*, runs, output_dir, selection: str = "geo-va", sigmas=(4.0, 5.0), scope: str = "unit",
-                 map_sigmas=(4.0, 5.0), map_size: int = 60, dataset=None, progress: bool = True) -> dict:
+def interpret_s3(
+    *,
+    runs,
+    output_dir,
+    selection: str = "geo-va",
+    sigmas=(4.0, 5.0),
+    scope: str = "unit",
+    map_sigmas=(4.0, 5.0),
+    map_size: int = 60,
+    dataset=None,
+    progress: bool = True,
+) -> dict:
     """Major-weight connectivity of a one-hidden-layer network; writes the S3 outputs.
 
     Writes into ``output_dir`` (one row per part x sigma x unit/gene):
@@ -425,8 +521,10 @@ def interpret_s3(*, runs, output_dir, selection: str = "geo-va", sigmas=(4.0, 5.
     run_list = load_runs(runs, selection)
     layers, units, dropout = run_list[0]["arch"]
     if layers != 1:
-        raise InputError(f"S3 analyses a network with one hidden layer (the paper's 3000x1), but "
-                         f"{run_list[0]['dir']} has {layers} hidden layers; pass the part runs of a 1-layer network")
+        raise InputError(
+            f"S3 analyses a network with one hidden layer (the paper's 3000x1), but "
+            f"{run_list[0]['dir']} has {layers} hidden layers; pass the part runs of a 1-layer network"
+        )
     genes = None
     if dataset is not None:
         with ProcessedDataset(dataset) as ds:
@@ -437,8 +535,10 @@ def interpret_s3(*, runs, output_dir, selection: str = "geo-va", sigmas=(4.0, 5.
         part = run["part"]
         gene_ids = None
         if genes is not None:
-            gene_ids = {"landmarks": genes.landmarks["ensembl"].tolist(),
-                        "targets": _part_targets(genes.targets, part)["ensembl"].tolist()}
+            gene_ids = {
+                "landmarks": genes.landmarks["ensembl"].tolist(),
+                "targets": _part_targets(genes.targets, part)["ensembl"].tolist(),
+            }
         model, blob = load_weights(run["checkpoint"], gene_ids=gene_ids)
         lm_ids = list(blob.get("genes", {}).get("landmarks", [f"landmark{i}" for i in range(model.n_in)]))
         tg_ids = list(blob.get("genes", {}).get("targets", [f"target{i}" for i in range(model.n_out)]))
@@ -452,41 +552,68 @@ def interpret_s3(*, runs, output_dir, selection: str = "geo-va", sigmas=(4.0, 5.
             d = s3_degrees(w_in, w_out, k, scope)
             hid_in_rows.append(_degree_frame(part_label, k, {"unit": unit_idx}, d["hidden_in"], "n_landmarks"))
             hid_out_rows.append(_degree_frame(part_label, k, {"unit": unit_idx}, d["hidden_out"], "n_targets"))
-            lm_rows.append(_degree_frame(part_label, k, {"ensembl": lm_ids, "symbol": lm_sym}, d["landmark_out"],
-                                         "n_hidden"))
-            tg_rows.append(_degree_frame(part_label, k, {"ensembl": tg_ids, "symbol": tg_sym}, d["target_in"],
-                                         "n_hidden"))
+            lm_rows.append(
+                _degree_frame(part_label, k, {"ensembl": lm_ids, "symbol": lm_sym}, d["landmark_out"], "n_hidden")
+            )
+            tg_rows.append(
+                _degree_frame(part_label, k, {"ensembl": tg_ids, "symbol": tg_sym}, d["target_in"], "n_hidden")
+            )
             counts.append({"part": part_label, "sigma_in": k, "sigma_out": k, **_s3_counts(d)})
         # the paper's map: input connections at k_in, output connections at k_out
         d_in, d_out = (s3_degrees(w_in, w_out, k, scope) for k in map_sigmas)
-        d_map = {"mask_in": d_in["mask_in"], "hidden_in": d_in["hidden_in"], "landmark_out": d_in["landmark_out"],
-                 "mask_out": d_out["mask_out"], "target_in": d_out["target_in"], "hidden_out": d_out["hidden_out"]}
-        counts.append({"part": part_label, "sigma_in": map_sigmas[0], "sigma_out": map_sigmas[1], "map": True,
-                       **_s3_counts(d_map)})
+        d_map = {
+            "mask_in": d_in["mask_in"],
+            "hidden_in": d_in["hidden_in"],
+            "landmark_out": d_in["landmark_out"],
+            "mask_out": d_out["mask_out"],
+            "target_in": d_out["target_in"],
+            "hidden_out": d_out["hidden_out"],
+        }
+        counts.append(
+            {
+                "part": part_label,
+                "sigma_in": map_sigmas[0],
+                "sigma_out": map_sigmas[1],
+                "map": True,
+                **_s3_counts(d_map),
+            }
+        )
         nets.append({"part": part_label, "w_in": w_in, "w_out": w_out, "d": d_map, "lm": lm_sym, "tg": tg_sym})
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tables = {"s3_hidden_in_degree.csv": hid_in_rows, "s3_target_in_degree.csv": tg_rows,
-              "s3_landmark_out_degree.csv": lm_rows, "s3_hidden_out_degree.csv": hid_out_rows}
+    tables = {
+        "s3_hidden_in_degree.csv": hid_in_rows,
+        "s3_target_in_degree.csv": tg_rows,
+        "s3_landmark_out_degree.csv": lm_rows,
+        "s3_hidden_out_degree.csv": hid_out_rows,
+    }
     for fname, rows in tables.items():
         _write_csv(pd.concat(rows, ignore_index=True), out / fname)
     name = _arch_name((layers, units, dropout))
-    scope_text = ("per input unit (a landmark's weights to all hidden units) and per output unit (a target's weights "
-                  "from all hidden units)" if scope == "unit" else "over each whole weight matrix")
+    scope_text = (
+        "per input unit (a landmark's weights to all hidden units) and per output unit (a target's weights "
+        "from all hidden units)"
+        if scope == "unit"
+        else "over each whole weight matrix"
+    )
     files = list(tables) + _figure_s3(tables, nets[0], sigmas, map_sigmas, map_size, name, out)
-    caption = (f"Supplementary Figure S3. Major weights of {name} (model selected by {selection}): weights more "
-               f"than k standard deviations from the mean, with mean and standard deviation taken {scope_text}. "
-               f"Top rows: for each k in {', '.join(f'{k:g}' for k in sigmas)}, the number of major connections "
-               f"per hidden unit (from landmarks / to targets), per landmark and per target gene"
-               f"{' (all target parts pooled)' if len(nets) > 1 else ''}. Bottom: map of the major connections "
-               f"(red positive, blue negative; input k = {map_sigmas[0]:g}, output k = {map_sigmas[1]:g} as in the "
-               f"paper) for the {min(map_size, units)} hidden units with the most major connections of target "
-               f"part {nets[0]['part']}.")
+    caption = (
+        f"Supplementary Figure S3. Major weights of {name} (model selected by {selection}): weights more "
+        f"than k standard deviations from the mean, with mean and standard deviation taken {scope_text}. "
+        f"Top rows: for each k in {', '.join(f'{k:g}' for k in sigmas)}, the number of major connections "
+        f"per hidden unit (from landmarks / to targets), per landmark and per target gene"
+        f"{' (all target parts pooled)' if len(nets) > 1 else ''}. Bottom: map of the major connections "
+        f"(red positive, blue negative; input k = {map_sigmas[0]:g}, output k = {map_sigmas[1]:g} as in the "
+        f"paper) for the {min(map_size, units)} hidden units with the most major connections of target "
+        f"part {nets[0]['part']}."
+    )
     info = {
         "analysis": "S3",
         "network": _network_info(run_list, selection),
-        "sigmas": sigmas, "map_sigmas": {"input": map_sigmas[0], "output": map_sigmas[1]}, "scope": scope,
+        "sigmas": sigmas,
+        "map_sigmas": {"input": map_sigmas[0], "output": map_sigmas[1]},
+        "scope": scope,
         "threshold": "|w - mean| > k * std, " + scope_text,
         "counts": counts,
         "files": files + ["s3.json"],
@@ -494,17 +621,24 @@ def interpret_s3(*, runs, output_dir, selection: str = "geo-va", sigmas=(4.0, 5.
             "figure_s3": caption,
             "s3_hidden_in_degree": "Major input connections (from landmarks) per hidden unit, by part and k.",
             "s3_hidden_out_degree": "Major output connections (to targets) per hidden unit, by part and k; "
-                                    "units with many are the paper's 'hub units'.",
+            "units with many are the paper's 'hub units'.",
             "s3_landmark_out_degree": "Major connections per landmark gene (to hidden units), by part and k.",
             "s3_target_in_degree": "Major connections per target gene (from hidden units), by part and k.",
         },
     }
     write_json(out / "s3.json", info)
     m = next(c for c in counts if c.get("map"))
-    log.info("S3 %s part %s (k=%g/%g): %d/%d hidden units with major input, %d with major output, "
-             "%d hubs carry half of the output connections", name, m["part"], *map_sigmas,
-             m["hidden_with_major_input"], m["hidden_units"], m["hidden_with_major_output"],
-             m["hubs_for_half_of_output_connections"])
+    log.info(
+        "S3 %s part %s (k=%g/%g): %d/%d hidden units with major input, %d with major output, "
+        "%d hubs carry half of the output connections",
+        name,
+        m["part"],
+        *map_sigmas,
+        m["hidden_with_major_input"],
+        m["hidden_units"],
+        m["hidden_with_major_output"],
+        m["hubs_for_half_of_output_connections"],
+    )
     return info
 
 
@@ -518,8 +652,9 @@ def _symbols(table: pd.DataFrame | None, ids: list[str]) -> list[str]:
 def _degree_frame(part, k: float, keys: dict, degrees, total_name: str) -> pd.DataFrame:
     total, pos, neg = degrees
     n = len(total)
-    return pd.DataFrame({"part": [part] * n, "sigma": k, **keys, total_name: total, "n_positive": pos,
-                         "n_negative": neg})
+    return pd.DataFrame(
+        {"part": [part] * n, "sigma": k, **keys, total_name: total, "n_positive": pos, "n_negative": neg}
+    )
 
 
 def _int_hist(ax, values: np.ndarray, label: str, color: str) -> None:
@@ -531,13 +666,16 @@ def _int_hist(ax, values: np.ndarray, label: str, color: str) -> None:
     ax.set_yscale("log")
 
 
-def _figure_s3(tables: dict, net: dict, sigmas: list[float], map_sigmas: list[float], map_size: int, name: str,
-               out: Path) -> list[str]:
+def _figure_s3(
+    tables: dict, net: dict, sigmas: list[float], map_sigmas: list[float], map_size: int, name: str, out: Path
+) -> list[str]:
     plt = pyplot()
-    panels = [("s3_hidden_in_degree.csv", "n_landmarks", "major inputs per hidden unit", "hidden units"),
-              ("s3_landmark_out_degree.csv", "n_hidden", "major outputs per landmark", "landmark genes"),
-              ("s3_hidden_out_degree.csv", "n_targets", "major outputs per hidden unit", "hidden units"),
-              ("s3_target_in_degree.csv", "n_hidden", "major inputs per target gene", "target genes")]
+    panels = [
+        ("s3_hidden_in_degree.csv", "n_landmarks", "major inputs per hidden unit", "hidden units"),
+        ("s3_landmark_out_degree.csv", "n_hidden", "major outputs per landmark", "landmark genes"),
+        ("s3_hidden_out_degree.csv", "n_targets", "major outputs per hidden unit", "hidden units"),
+        ("s3_target_in_degree.csv", "n_hidden", "major inputs per target gene", "target genes"),
+    ]
     frames = {f: pd.concat(rows, ignore_index=True) for f, rows in tables.items()}
     n_rows = len(sigmas)
     fig = plt.figure(figsize=(13, 2.4 * n_rows + 5.2))
@@ -559,13 +697,19 @@ def _figure_s3(tables: dict, net: dict, sigmas: list[float], map_sigmas: list[fl
     lms = np.argsort(-np.abs(signed_in).sum(1), kind="stable")[:map_size]
     tgs = np.argsort(-np.abs(signed_out).sum(1), kind="stable")[:map_size]
     cmap = plt.matplotlib.colors.ListedColormap([NEG_COLOR, "white", POS_COLOR])
-    for j, (mat, rows, ylabel, k) in enumerate([(signed_in, lms, "landmark genes (input layer)", map_sigmas[0]),
-                                                 (signed_out, tgs, "target genes (output layer)", map_sigmas[1])]):
-        ax = fig.add_subplot(grid[n_rows + 1, 2 * j:2 * j + 2])
+    for j, (mat, rows, ylabel, k) in enumerate(
+        [
+            (signed_in, lms, "landmark genes (input layer)", map_sigmas[0]),
+            (signed_out, tgs, "target genes (output layer)", map_sigmas[1]),
+        ]
+    ):
+        ax = fig.add_subplot(grid[n_rows + 1, 2 * j : 2 * j + 2])
         ax.imshow(mat[rows], aspect="auto", interpolation="nearest", cmap=cmap, vmin=-1.5, vmax=1.5)
         ax.set_xlabel(f"hidden units ({len(units)} with the most major connections, hubs first)")
         ax.set_ylabel(f"{ylabel}\n{len(rows)} most connected")
-        ax.set_title(f"major {'input->hidden' if j == 0 else 'hidden->output'} weights, k = {k:g} "
-                     f"(red > 0, blue < 0); part {net['part']}")
+        ax.set_title(
+            f"major {'input->hidden' if j == 0 else 'hidden->output'} weights, k = {k:g} "
+            f"(red > 0, blue < 0); part {net['part']}"
+        )
     fig.suptitle(f"Major weights of {name}", y=0.995)
     return save_figure(fig, out, "figure_s3")

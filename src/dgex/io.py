@@ -115,12 +115,15 @@ def check_scale(block: np.ndarray, path, linear_fix: str, ratio_fix: str) -> Non
     """
     top = float(np.nanmax(block)) if block.size else 0.0
     if top > MAX_LOG2_VALUE:
-        raise InputError(f"{path}: values up to {top:.4g} look linear-scale, expected log2 expression (~2-16); "
-                         f"{linear_fix}")
+        raise InputError(
+            f"{path}: values up to {top:.4g} look linear-scale, expected log2 expression (~2-16); {linear_fix}"
+        )
     med = float(np.nanmedian(block)) if block.size else 1.0
     if med < 1.0:
-        raise InputError(f"{path}: median value {med:.3g} looks like z-scores or log ratios, expected log2 "
-                         f"expression (~2-16); {ratio_fix}")
+        raise InputError(
+            f"{path}: median value {med:.3g} looks like z-scores or log ratios, expected log2 "
+            f"expression (~2-16); {ratio_fix}"
+        )
 
 
 def _decode(values: np.ndarray) -> np.ndarray:
@@ -205,7 +208,9 @@ class GCTXReader(Matrix):
         try:
             self._h5 = h5py.File(self.path, "r")
         except OSError as exc:
-            raise InputError(f"{self.path}: corrupt or truncated HDF5 file ({exc}); re-download or regenerate it") from None
+            raise InputError(
+                f"{self.path}: corrupt or truncated HDF5 file ({exc}); re-download or regenerate it"
+            ) from None
         try:
             for node in (MATRIX, f"{ROW_META}/id", f"{COL_META}/id"):
                 if node not in self._h5:
@@ -243,7 +248,9 @@ class GCTXReader(Matrix):
         try:
             block = self._data[start:stop, :]
         except (OSError, ValueError) as exc:
-            raise InputError(f"{self.path}: corrupt or truncated GCTX data ({exc}); re-download or regenerate it") from None
+            raise InputError(
+                f"{self.path}: corrupt or truncated GCTX data ({exc}); re-download or regenerate it"
+            ) from None
         block = np.asarray(block, dtype=np.float32)
         return block if rows is None else block[:, rows]
 
@@ -335,8 +342,25 @@ def read_gct(path: str | os.PathLike) -> InMemoryMatrix:
 
 
 #: Gene annotation columns that may be numeric but are never samples (GEUVADIS, GTEx GCT, ...).
-ANNOTATION_COLUMNS = {"gene_symbol", "symbol", "description", "name", "chr", "chrom", "chromosome", "coord",
-                      "start", "end", "stop", "strand", "length", "gene_name", "gene_type", "entrez", "gene_id"}
+ANNOTATION_COLUMNS = {
+    "gene_symbol",
+    "symbol",
+    "description",
+    "name",
+    "chr",
+    "chrom",
+    "chromosome",
+    "coord",
+    "start",
+    "end",
+    "stop",
+    "strand",
+    "length",
+    "gene_name",
+    "gene_type",
+    "entrez",
+    "gene_id",
+}
 
 
 def read_tsv(path: str | os.PathLike, id_column: str | int = 0) -> InMemoryMatrix:
@@ -351,13 +375,16 @@ def read_tsv(path: str | os.PathLike, id_column: str | int = 0) -> InMemoryMatri
     try:
         df = pd.read_csv(path, sep=sep, low_memory=False)
     except (UnicodeDecodeError, gzip.BadGzipFile, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise InputError(f"{path}: cannot parse table ({exc}); expected a tab-separated genes x samples table") from None
+        raise InputError(
+            f"{path}: cannot parse table ({exc}); expected a tab-separated genes x samples table"
+        ) from None
     id_name = df.columns[id_column] if isinstance(id_column, int) else id_column
     if id_name not in df.columns:
         raise InputError(f"{path}: id column {id_name!r} not found; columns start {list(df.columns[:5])}")
     rest = df.drop(columns=[id_name])
-    numeric = [c for c in rest.columns
-               if pd.api.types.is_numeric_dtype(rest[c]) and str(c).lower() not in ANNOTATION_COLUMNS]
+    numeric = [
+        c for c in rest.columns if pd.api.types.is_numeric_dtype(rest[c]) and str(c).lower() not in ANNOTATION_COLUMNS
+    ]
     meta = [c for c in rest.columns if c not in numeric]
     if not numeric:
         raise InputError(f"{path}: no numeric sample columns found; expected genes as rows and samples as columns")
@@ -407,8 +434,15 @@ class GCTXWriter:
     The file appears at ``path`` only after every sample was written.
     """
 
-    def __init__(self, path, row_ids, col_ids, row_meta: pd.DataFrame | None = None,
-                 col_meta: pd.DataFrame | None = None, compression: str | None = None):
+    def __init__(
+        self,
+        path,
+        row_ids,
+        col_ids,
+        row_meta: pd.DataFrame | None = None,
+        col_meta: pd.DataFrame | None = None,
+        compression: str | None = None,
+    ):
         self.path = Path(path)
         self._atomic = atomic_path(self.path)
         self._tmp = self._atomic.__enter__()
@@ -418,7 +452,9 @@ class GCTXWriter:
         self._h5.attrs["src"] = self.path.name
         chunk_rows = max(1, min(self.n_cols, (1 << 20) // max(1, self.n_rows)))
         self._data = self._h5.create_dataset(
-            MATRIX, shape=(self.n_cols, self.n_rows), dtype=np.float32,
+            MATRIX,
+            shape=(self.n_cols, self.n_rows),
+            dtype=np.float32,
             chunks=(chunk_rows, self.n_rows) if self.n_cols and self.n_rows else None,
             compression=compression,
         )
@@ -434,7 +470,7 @@ class GCTXWriter:
         end = self._pos + block.shape[0]
         if end > self.n_cols:
             raise ValueError(f"writing past the declared {self.n_cols} samples")
-        self._data[self._pos:end] = block
+        self._data[self._pos : end] = block
         self._pos = end
 
     def close(self, ok: bool = True) -> None:
@@ -485,5 +521,6 @@ def write_tsv(path, data: np.ndarray, row_ids, col_ids, row_meta: pd.DataFrame |
         df = pd.concat([row_meta.reset_index(drop=True), df], axis=1)
     df.insert(0, id_name, list(row_ids))
     with atomic_path(path) as tmp:
-        df.to_csv(tmp, sep="\t", index=False, float_format="%.6g",
-                  compression="gzip" if str(path).endswith(".gz") else None)
+        df.to_csv(
+            tmp, sep="\t", index=False, float_format="%.6g", compression="gzip" if str(path).endswith(".gz") else None
+        )

@@ -25,8 +25,19 @@ from scipy import stats
 from .errors import InputError
 from .io import atomic_path
 
-PER_GENE_COLUMNS = ["method", "selected_by", "split", "ensembl", "symbol", "entrez", "part", "overlap",
-                    "mae", "r", "rho"]
+PER_GENE_COLUMNS = [
+    "method",
+    "selected_by",
+    "split",
+    "ensembl",
+    "symbol",
+    "entrez",
+    "part",
+    "overlap",
+    "mae",
+    "r",
+    "rho",
+]
 GENE_COLUMNS = ["ensembl", "symbol", "entrez", "part", "overlap"]
 _STRING_COLUMNS = ["method", "selected_by", "split", "ensembl", "symbol", "entrez"]
 _FLOAT_COLUMNS = ["mae", "r", "rho"]
@@ -41,8 +52,10 @@ _BLOCK_ELEMENTS = 1 << 22
 def _pair(y, yhat) -> tuple[np.ndarray, np.ndarray]:
     y, yhat = np.asarray(y), np.asarray(yhat)
     if y.ndim != 2 or y.shape != yhat.shape:
-        raise InputError(f"truth {y.shape} and prediction {yhat.shape} must both be (n_samples, n_genes) "
-                         f"of the same shape; pass matching arrays")
+        raise InputError(
+            f"truth {y.shape} and prediction {yhat.shape} must both be (n_samples, n_genes) "
+            f"of the same shape; pass matching arrays"
+        )
     return y, yhat
 
 
@@ -112,29 +125,36 @@ def per_gene_frame(targets: pd.DataFrame, method: str, selected_by: str, split: 
     if missing:
         raise InputError(f"target table lacks column(s) {', '.join(missing)}; pass ProcessedDataset.genes().targets")
     if len(targets) != y.shape[1]:
-        raise InputError(f"{len(targets)} target genes but {y.shape[1]} predicted columns; "
-                         f"pass the target rows that match the predicted columns")
-    frame = pd.DataFrame({
-        "method": method,
-        "selected_by": selected_by,
-        "split": split,
-        "ensembl": targets["ensembl"].astype(str).values,
-        "symbol": targets["symbol"].astype(str).values,
-        "entrez": targets["entrez"].astype(str).values,
-        "part": targets["part"].astype(np.int64).values,
-        "overlap": targets["overlap"].astype(bool).values,
-        "mae": per_gene_mae(y, yhat),
-        "r": per_gene_pearson(y, yhat),
-        "rho": per_gene_spearman(y, yhat),
-    }, columns=PER_GENE_COLUMNS)
+        raise InputError(
+            f"{len(targets)} target genes but {y.shape[1]} predicted columns; "
+            f"pass the target rows that match the predicted columns"
+        )
+    frame = pd.DataFrame(
+        {
+            "method": method,
+            "selected_by": selected_by,
+            "split": split,
+            "ensembl": targets["ensembl"].astype(str).values,
+            "symbol": targets["symbol"].astype(str).values,
+            "entrez": targets["entrez"].astype(str).values,
+            "part": targets["part"].astype(np.int64).values,
+            "overlap": targets["overlap"].astype(bool).values,
+            "mae": per_gene_mae(y, yhat),
+            "r": per_gene_pearson(y, yhat),
+            "rho": per_gene_spearman(y, yhat),
+        },
+        columns=PER_GENE_COLUMNS,
+    )
     return frame
 
 
 def _check_columns(frame: pd.DataFrame, where) -> None:
     missing = [c for c in PER_GENE_COLUMNS if c not in frame.columns]
     if missing:
-        raise InputError(f"{where}: per-gene table lacks column(s) {', '.join(missing)}; "
-                         f"regenerate it with this dgex version (columns: {', '.join(PER_GENE_COLUMNS)})")
+        raise InputError(
+            f"{where}: per-gene table lacks column(s) {', '.join(missing)}; "
+            f"regenerate it with this dgex version (columns: {', '.join(PER_GENE_COLUMNS)})"
+        )
 
 
 def write_per_gene(path: str | os.PathLike, frame: pd.DataFrame) -> None:
@@ -151,8 +171,12 @@ def read_per_gene(path: str | os.PathLike) -> pd.DataFrame:
         raise InputError(f"{path}: per-gene table not found; run `dgex train` or `dgex baseline` first")
     try:
         # gene ids stay strings (symbol "NA", entrez "nan" are ids, not missing values)
-        frame = pd.read_csv(path, dtype={c: str for c in _STRING_COLUMNS}, keep_default_na=False,
-                            na_values={c: ["", "nan", "NaN"] for c in _FLOAT_COLUMNS})
+        frame = pd.read_csv(
+            path,
+            dtype={c: str for c in _STRING_COLUMNS},
+            keep_default_na=False,
+            na_values={c: ["", "nan", "NaN"] for c in _FLOAT_COLUMNS},
+        )
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot parse per-gene table ({exc}); regenerate it") from None
     _check_columns(frame, path)
@@ -194,8 +218,10 @@ def overall(frame_or_mae, exclude_overlap: bool = False, overlap=None) -> dict:
         _check_columns(frame, "overall()")
         groups = frame[["method", "selected_by", "split"]].drop_duplicates()
         if len(groups) > 1:
-            raise InputError(f"per-gene frame holds {len(groups)} evaluations (method x selected_by x split); "
-                             f"select one before calling overall()")
+            raise InputError(
+                f"per-gene frame holds {len(groups)} evaluations (method x selected_by x split); "
+                f"select one before calling overall()"
+            )
         mae = frame["mae"].to_numpy(np.float64)
         r, rho = frame["r"].to_numpy(np.float64), frame["rho"].to_numpy(np.float64)
         overlap = frame["overlap"].to_numpy(bool)
@@ -275,7 +301,7 @@ def bootstrap_ci(mae, n_boot: int = 2000, seed: int = 0, level: float = 0.95) ->
     rows = max(1, _BLOCK_ELEMENTS // x.size)
     for s in range(0, n_boot, rows):
         m = min(rows, n_boot - s)
-        means[s:s + m] = x[rng.integers(0, x.size, size=(m, x.size))].mean(axis=1)
+        means[s : s + m] = x[rng.integers(0, x.size, size=(m, x.size))].mean(axis=1)
     tail = (1.0 - level) / 2.0
     lo, hi = np.quantile(means, [tail, 1.0 - tail])
     return float(lo), float(hi)

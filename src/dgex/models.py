@@ -67,8 +67,12 @@ class DGEX(nn.Module):
         base = [p for p in self.parameters() if id(p) not in deep_ids]
         return [
             {"params": base, "lr": base_lr, "lr_scale": 1.0, "name": "base"},
-            {"params": deep_weights, "lr": base_lr * DEEP_LR_MULTIPLIER, "lr_scale": DEEP_LR_MULTIPLIER,
-             "name": "deep_weights"},
+            {
+                "params": deep_weights,
+                "lr": base_lr * DEEP_LR_MULTIPLIER,
+                "lr_scale": DEEP_LR_MULTIPLIER,
+                "name": "deep_weights",
+            },
         ]
 
     def n_parameters(self) -> int:

@@ -41,6 +41,7 @@ from .io import Matrix, atomic_path, check_finite, check_scale, open_matrix, wri
 
 log = logging.getLogger(__name__)
 
+
 # --------------------------------------------------------------------------- #
 # building blocks (pure functions on arrays)
 # --------------------------------------------------------------------------- #
@@ -107,8 +108,8 @@ def split_indices(n: int, va_fraction: float, te_fraction: float, seed: int) -> 
     perm = np.random.default_rng(seed).permutation(n)
     return {
         "geo-va": np.sort(perm[:n_va]),
-        "geo-te": np.sort(perm[n_va:n_va + n_te]),
-        "geo-tr": np.sort(perm[n_va + n_te:]),
+        "geo-te": np.sort(perm[n_va : n_va + n_te]),
+        "geo-tr": np.sort(perm[n_va + n_te :]),
     }
 
 
@@ -148,7 +149,8 @@ def _probe_positions(matrix: Matrix, lm: pd.DataFrame, tg: pd.DataFrame) -> tupl
             problems.append(f"{len(missing)} of {len(probes)} {role} probes (e.g. {', '.join(missing[:6])})")
     if problems:
         raise InputError(
-            f"{matrix.path}: missing " + " and ".join(problems)
+            f"{matrix.path}: missing "
+            + " and ".join(problems)
             + "; the GEO input must be an HG-U133A probe-level matrix with these probe ids as rows"
         )
     probes = list(dict.fromkeys(lm["probes"].explode().tolist() + tg["probes"].explode().tolist()))
@@ -188,12 +190,36 @@ def rnaseq_gene_matrix(matrix: Matrix, genes: pd.DataFrame, id_type: str) -> np.
 # --------------------------------------------------------------------------- #
 # the stage
 # --------------------------------------------------------------------------- #
-def preprocess(*, geo, output, summary=None, geo_quantile_normalize=False, geo_log2=False,
-               g1000=None, g1000_id_type="ensembl", gtex=None, gtex_id_type="ensembl",
-               landmarks="builtin", targets="builtin", max_targets=None, target_seed=0,
-               target_parts=2, part_seed=0, dedup=True, dedup_clusters=100, dedup_threshold=1.0,
-               standardize="transductive", epsilon=1e-3, va_fraction=0.1, te_fraction=0.1,
-               split_seed=0, seed=0, chunk_size=4096, memory_mb=2048, progress=True) -> dict:
+def preprocess(
+    *,
+    geo,
+    output,
+    summary=None,
+    geo_quantile_normalize=False,
+    geo_log2=False,
+    g1000=None,
+    g1000_id_type="ensembl",
+    gtex=None,
+    gtex_id_type="ensembl",
+    landmarks="builtin",
+    targets="builtin",
+    max_targets=None,
+    target_seed=0,
+    target_parts=2,
+    part_seed=0,
+    dedup=True,
+    dedup_clusters=100,
+    dedup_threshold=1.0,
+    standardize="transductive",
+    epsilon=1e-3,
+    va_fraction=0.1,
+    te_fraction=0.1,
+    split_seed=0,
+    seed=0,
+    chunk_size=4096,
+    memory_mb=2048,
+    progress=True,
+) -> dict:
     """Build the processed dataset ``output`` (HDF5, see :mod:`dgex.dataset`) and its JSON ``summary``."""
     params = {k: v for k, v in locals().items() if k not in ("progress",)}
     t0 = time.time()
@@ -204,8 +230,12 @@ def preprocess(*, geo, output, summary=None, geo_quantile_normalize=False, geo_l
         now = time.time()
         timings[name] = round(now - tick[0], 3)
         tick[0] = now
-        log.debug("phase %s: %.2f s, peak RSS %.0f MB", name, timings[name],
-                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        log.debug(
+            "phase %s: %.2f s, peak RSS %.0f MB",
+            name,
+            timings[name],
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        )
 
     output = Path(output)
     summary_path = Path(summary) if summary else output.with_suffix(".json")
@@ -216,8 +246,9 @@ def preprocess(*, geo, output, summary=None, geo_quantile_normalize=False, geo_l
     genes = pd.concat([lm, tg], ignore_index=True)
     L, T = len(lm), len(tg)
     G = L + T
-    log.info("genes: %d landmarks, %d targets (%d also landmarks) in %d parts", L, T, int(tg["overlap"].sum()),
-             target_parts)
+    log.info(
+        "genes: %d landmarks, %d targets (%d also landmarks) in %d parts", L, T, int(tg["overlap"].sum()), target_parts
+    )
 
     matrix = open_matrix(geo)
     with ExitStack() as stack:
@@ -251,16 +282,21 @@ def preprocess(*, geo, output, summary=None, geo_quantile_normalize=False, geo_l
         work_path = output.with_name(f".{output.name}.{os.getpid()}.work.h5")
         stack.callback(lambda: work_path.unlink(missing_ok=True))
         work = stack.enter_context(h5py.File(work_path, "w"))
-        gene_ds = work.create_dataset("genes", shape=(n_geo, G), dtype=np.float32,
-                                      chunks=(max(1, min(n_geo, (1 << 22) // (4 * G))), G))
+        gene_ds = work.create_dataset(
+            "genes", shape=(n_geo, G), dtype=np.float32, chunks=(max(1, min(n_geo, (1 << 22) // (4 * G))), G)
+        )
         k = min(dedup_clusters, n_geo)
         kmeans = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=max(1024, 3 * k), n_init=3)
         pending = []
         checked_scale = False
         for start, stop, block in raw_chunks("gene means"):
             if not checked_scale:
-                check_scale(block, geo, linear_fix="log2-transform them (set log2: true for this input, or pass "
-                            "--geo-log2)", ratio_fix="use the un-standardised expression matrix")
+                check_scale(
+                    block,
+                    geo,
+                    linear_fix="log2-transform them (set log2: true for this input, or pass --geo-log2)",
+                    ratio_fix="use the un-standardised expression matrix",
+                )
                 checked_scale = True
             if probe_reference is not None:
                 block = quantile_map(block, probe_reference)
@@ -283,8 +319,9 @@ def preprocess(*, geo, output, summary=None, geo_quantile_normalize=False, geo_l
         kept = np.flatnonzero(keep)
         phase("dedup")
         n_removed = int(n_geo - kept.size)
-        log.info("de-duplication: removed %d of %d GEO profiles (K=%d, threshold %.3g)", n_removed, n_geo, k,
-                 dedup_threshold)
+        log.info(
+            "de-duplication: removed %d of %d GEO profiles (K=%d, threshold %.3g)", n_removed, n_geo, k, dedup_threshold
+        )
 
         # -- splits over the kept profiles
         split_pos = split_indices(kept.size, va_fraction, te_fraction, split_seed)
@@ -304,7 +341,7 @@ def preprocess(*, geo, output, summary=None, geo_quantile_normalize=False, geo_l
             qsum += np.sort(block[keep[s:e]], axis=1).sum(axis=0)
         n_stat = int(stat_rows.sum())
         geo_mean = s1 / n_stat
-        geo_std = np.sqrt(np.maximum(s2 / n_stat - geo_mean ** 2, 0.0))
+        geo_std = np.sqrt(np.maximum(s2 / n_stat - geo_mean**2, 0.0))
         gene_reference = qsum / kept.size
         phase("statistics")
 
@@ -332,8 +369,10 @@ def preprocess(*, geo, output, summary=None, geo_quantile_normalize=False, geo_l
                 n = len(split_rows[name])
                 grp = out.create_group(f"splits/{name}")
                 grp["ids"] = encode(matrix.col_ids[split_rows[name]])
-                dsets[i] = (grp.create_dataset("X", (n, L), np.float32, chunks=_chunks(n, L)),
-                            grp.create_dataset("Y", (n, T), np.float32, chunks=_chunks(n, T)))
+                dsets[i] = (
+                    grp.create_dataset("X", (n, L), np.float32, chunks=_chunks(n, L)),
+                    grp.create_dataset("Y", (n, T), np.float32, chunks=_chunks(n, T)),
+                )
             cursor = {0: 0, 1: 0, 2: 0}
             for s, e in _progress(_spans(n_geo, chunk_size), n_chunks, "write", progress):
                 z = standardise(gene_ds[s:e].astype(np.float64), geo_mean, geo_std, epsilon)
@@ -342,8 +381,8 @@ def preprocess(*, geo, output, summary=None, geo_quantile_normalize=False, geo_l
                     rows = z[which == i]
                     if len(rows):
                         x_ds, y_ds = dsets[i]
-                        x_ds[cursor[i]:cursor[i] + len(rows)] = rows[:, :L]
-                        y_ds[cursor[i]:cursor[i] + len(rows)] = rows[:, L:]
+                        x_ds[cursor[i] : cursor[i] + len(rows)] = rows[:, :L]
+                        y_ds[cursor[i] : cursor[i] + len(rows)] = rows[:, L:]
                         cursor[i] += len(rows)
             _write_stats(out, "geo", geo_mean, geo_std)
             for name, (values, ids) in rnaseq.items():
@@ -408,8 +447,9 @@ def _write_stats(out: h5py.File, source: str, mean: np.ndarray, std: np.ndarray)
     out[f"stats/{source}/std"] = std
 
 
-def _dedup_by_cluster(gene_ds, labels: np.ndarray, threshold: float, memory_mb: int, chunk_size: int,
-                      progress: bool) -> np.ndarray:
+def _dedup_by_cluster(
+    gene_ds, labels: np.ndarray, threshold: float, memory_mb: int, chunk_size: int, progress: bool
+) -> np.ndarray:
     """Drop mask over all rows of ``gene_ds`` ``(n, G)``: duplicates found within each cluster.
 
     Clusters are processed in groups that fit the memory budget; each group

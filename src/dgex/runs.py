@@ -21,8 +21,10 @@ def read_run_info(run_dir) -> dict:
     run_dir = Path(run_dir)
     path = run_dir / "run.json"
     if not path.is_file():
-        raise InputError(f"{run_dir}: no run.json, so the run did not finish (or this is not a run folder); "
-                         f"train it with `dgex train` or rerun the workflow to complete it")
+        raise InputError(
+            f"{run_dir}: no run.json, so the run did not finish (or this is not a run folder); "
+            f"train it with `dgex train` or rerun the workflow to complete it"
+        )
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -48,8 +50,9 @@ def load_runs(runs, selection: str) -> list[dict]:
             arch = (int(cfg["layers"]), int(cfg["units"]), float(cfg["dropout"]))
             part = cfg["part"]
         except (ValueError, KeyError, TypeError) as exc:
-            raise InputError(f"{r / 'run.json'}: not a D-GEX run ({exc!r} missing or invalid); pass folders "
-                             f"written by `dgex train`") from None
+            raise InputError(
+                f"{r / 'run.json'}: not a D-GEX run ({exc!r} missing or invalid); pass folders written by `dgex train`"
+            ) from None
         ckpt = r / f"best_{selection}.pt"
         if not ckpt.is_file():
             other = [s for s in SELECTIONS if s != selection and (r / f"best_{s}.pt").is_file()]

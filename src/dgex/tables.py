@@ -33,30 +33,58 @@ TASKS = {
 #: Published overall MAEs (Chen et al. 2016): Table 1 (GEO-te, D-GEX-10%) and
 #: Table 2 (GTEx-te, D-GEX-25%); keys are (layers, units) or a baseline name.
 PAPER = {
-    "geo": {"dropout": 0.10,
-            (1, 3000): .3421, (2, 3000): .3377, (3, 3000): .3362,
-            (1, 6000): .3337, (2, 6000): .3280, (3, 6000): .3252,
-            (1, 9000): .3300, (2, 9000): .3224, (3, 9000): .3204,
-            "LR": .3784, "LR-L1": .3782, "LR-L2": .3784, "KNN-GE": .5866},
-    "cross": {"dropout": 0.25,
-              (1, 3000): .4507, (2, 3000): .4586, (3, 3000): .5160,
-              (1, 6000): .4428, (2, 6000): .4446, (3, 6000): .4595,
-              (1, 9000): .4394, (2, 9000): .4393, (3, 9000): .4492,
-              "LR": .4702, "LR-L1": .5667, "LR-L2": .4702, "KNN-GE": .6520},
+    "geo": {
+        "dropout": 0.10,
+        (1, 3000): 0.3421,
+        (2, 3000): 0.3377,
+        (3, 3000): 0.3362,
+        (1, 6000): 0.3337,
+        (2, 6000): 0.3280,
+        (3, 6000): 0.3252,
+        (1, 9000): 0.3300,
+        (2, 9000): 0.3224,
+        (3, 9000): 0.3204,
+        "LR": 0.3784,
+        "LR-L1": 0.3782,
+        "LR-L2": 0.3784,
+        "KNN-GE": 0.5866,
+    },
+    "cross": {
+        "dropout": 0.25,
+        (1, 3000): 0.4507,
+        (2, 3000): 0.4586,
+        (3, 3000): 0.5160,
+        (1, 6000): 0.4428,
+        (2, 6000): 0.4446,
+        (3, 6000): 0.4595,
+        (1, 9000): 0.4394,
+        (2, 9000): 0.4393,
+        (3, 9000): 0.4492,
+        "LR": 0.4702,
+        "LR-L1": 0.5667,
+        "LR-L2": 0.4702,
+        "KNN-GE": 0.6520,
+    },
 }
 
 #: Supplementary tables: all dropout rates on one split, with the models selected by...
-SUPPLEMENT = {"tableS2": ("geo-va", "geo-va"), "tableS3": ("geo-te", "geo-va"),
-              "tableS4": ("1000g-va", "1000g-va"), "tableS5": ("gtex-te", "1000g-va")}
+SUPPLEMENT = {
+    "tableS2": ("geo-va", "geo-va"),
+    "tableS3": ("geo-te", "geo-va"),
+    "tableS4": ("1000g-va", "1000g-va"),
+    "tableS5": ("gtex-te", "1000g-va"),
+}
 
 
 def fmt(mean: float, std: float | None = None) -> str:
     """``.3421 ± .0912`` (the paper's style); '–' for missing values."""
+
     def one(v):
         if v is None or not np.isfinite(v):
             return "–"
         s = f"{v:.4f}"
         return s[1:] if s.startswith("0.") else ("-" + s[2:] if s.startswith("-0.") else s)
+
     return one(mean) if std is None else f"{one(mean)} ± {one(std)}"
 
 
@@ -72,8 +100,9 @@ def dgex_rows(summary: pd.DataFrame, selected_by: str, split: str) -> pd.DataFra
 
 def baseline_rows(summary: pd.DataFrame, selected_by: str, split: str) -> pd.DataFrame:
     """The baseline rows of ``summary`` tuned on ``selected_by``, evaluated on ``split``."""
-    return summary[summary["method"].isin(BASELINES) & (summary["selected_by"] == selected_by)
-                   & (summary["split"] == split)]
+    return summary[
+        summary["method"].isin(BASELINES) & (summary["selected_by"] == selected_by) & (summary["split"] == split)
+    ]
 
 
 def choose(summary: pd.DataFrame, task: str) -> dict | None:
@@ -85,9 +114,13 @@ def choose(summary: pd.DataFrame, task: str) -> dict | None:
     best_per_dropout = val.groupby("dropout")["mae_mean"].min()
     dropout = float(best_per_dropout.idxmin())
     at = val[val["dropout"] == dropout].sort_values("mae_mean").iloc[0]
-    return {"dropout": dropout, "layers": int(at["layers"]), "units": int(at["units"]),
-            "validation_mae": float(at["mae_mean"]),
-            "validation_by_dropout": {f"{d:g}": float(v) for d, v in best_per_dropout.items()}}
+    return {
+        "dropout": dropout,
+        "layers": int(at["layers"]),
+        "units": int(at["units"]),
+        "validation_mae": float(at["mae_mean"]),
+        "validation_by_dropout": {f"{d:g}": float(v) for d, v in best_per_dropout.items()},
+    }
 
 
 def chosen_arch(summary: pd.DataFrame, task: str) -> tuple | None:
@@ -111,17 +144,36 @@ def main_table(summary: pd.DataFrame, task: str, paper_reference: bool) -> tuple
         test = test[test["dropout"] == pick["dropout"]].sort_values(["units", "layers"])
         best = test["mae_mean"].min()
         for _, r in test.iterrows():
-            rows.append({"method": pct(pick["dropout"]), "layers": r["layers"], "units": r["units"],
-                         "dropout": pick["dropout"], "mae_mean": r["mae_mean"], "mae_std": r["mae_std"],
-                         "best": bool(r["mae_mean"] == best),
-                         "selected": bool((r["layers"], r["units"]) == (pick["layers"], pick["units"])),
-                         "paper_mae": PAPER[task].get((r["layers"], r["units"]))})
+            rows.append(
+                {
+                    "method": pct(pick["dropout"]),
+                    "layers": r["layers"],
+                    "units": r["units"],
+                    "dropout": pick["dropout"],
+                    "mae_mean": r["mae_mean"],
+                    "mae_std": r["mae_std"],
+                    "best": bool(r["mae_mean"] == best),
+                    "selected": bool((r["layers"], r["units"]) == (pick["layers"], pick["units"])),
+                    "paper_mae": PAPER[task].get((r["layers"], r["units"])),
+                }
+            )
     for _, r in baseline_rows(summary, t["validation"], t["test"]).sort_values("method").iterrows():
-        rows.append({"method": r["method"], "layers": None, "units": None, "dropout": None,
-                     "mae_mean": r["mae_mean"], "mae_std": r["mae_std"], "best": False, "selected": False,
-                     "paper_mae": PAPER[task].get(r["method"])})
-    table = pd.DataFrame(rows, columns=["method", "layers", "units", "dropout", "mae_mean", "mae_std", "best",
-                                        "selected", "paper_mae"])
+        rows.append(
+            {
+                "method": r["method"],
+                "layers": None,
+                "units": None,
+                "dropout": None,
+                "mae_mean": r["mae_mean"],
+                "mae_std": r["mae_std"],
+                "best": False,
+                "selected": False,
+                "paper_mae": PAPER[task].get(r["method"]),
+            }
+        )
+    table = pd.DataFrame(
+        rows, columns=["method", "layers", "units", "dropout", "mae_mean", "mae_std", "best", "selected", "paper_mae"]
+    )
     if paper_reference:
         table["difference"] = table["mae_mean"] - table["paper_mae"].astype(float)
     else:
@@ -132,15 +184,19 @@ def main_table(summary: pd.DataFrame, task: str, paper_reference: bool) -> tuple
 def _main_markdown(table: pd.DataFrame, task: str, pick: dict | None, paper_reference: bool) -> str:
     t = TASKS[task]
     num = {"geo": "1", "cross": "2"}[task]
-    lines = [f"**Table {num}.** Overall error on {t['title']} (MAE per gene, mean ± std over genes; lower is "
-             f"better). Models selected by {t['validation']}."]
+    lines = [
+        f"**Table {num}.** Overall error on {t['title']} (MAE per gene, mean ± std over genes; lower is "
+        f"better). Models selected by {t['validation']}."
+    ]
     if pick is None:
         return "\n".join(lines + ["", "No D-GEX runs."]) + "\n"
     by = ", ".join(f"{pct(float(d))} {fmt(v)}" for d, v in pick["validation_by_dropout"].items())
-    lines.append(f"Dropout shown: {pct(pick['dropout'])}, the rate whose best architecture has the lowest "
-                 f"{t['validation']} error ({by}; paper: {pct(PAPER[task]['dropout'])}). **Bold**: the best "
-                 f"{pct(pick['dropout'])} architecture on {t['title']}; <u>underlined</u>: the architecture selected by {t['validation']} "
-                 f"({pick['layers']}×{pick['units']}).")
+    lines.append(
+        f"Dropout shown: {pct(pick['dropout'])}, the rate whose best architecture has the lowest "
+        f"{t['validation']} error ({by}; paper: {pct(PAPER[task]['dropout'])}). **Bold**: the best "
+        f"{pct(pick['dropout'])} architecture on {t['title']}; <u>underlined</u>: the architecture selected by {t['validation']} "
+        f"({pick['layers']}×{pick['units']})."
+    )
     lines.append("")
     dg = table[table["layers"].notna()]
     layers = sorted(dg["layers"].astype(int).unique())
@@ -165,8 +221,11 @@ def _main_markdown(table: pd.DataFrame, task: str, pick: dict | None, paper_refe
         lines.append("| " + " | ".join(cells) + " |")
     base = table[table["layers"].isna()]
     if len(base):
-        lines += ["", "| method | error |" + (" paper | Δ |" if paper_reference else ""),
-                  "|---|---|" + ("---|---|" if paper_reference else "")]
+        lines += [
+            "",
+            "| method | error |" + (" paper | Δ |" if paper_reference else ""),
+            "|---|---|" + ("---|---|" if paper_reference else ""),
+        ]
         for _, r in base.iterrows():
             extra = f" {fmt(r['paper_mae'])} | {_signed(r['difference'])} |" if paper_reference else ""
             lines.append(f"| {r['method']} | {fmt(r['mae_mean'], r['mae_std'])} |{extra}")
@@ -183,14 +242,35 @@ def supplementary(summary: pd.DataFrame, name: str) -> tuple[pd.DataFrame, str]:
     """S2-S5: every architecture x dropout on one split (plus the baselines)."""
     split, selected_by = SUPPLEMENT[name]
     dg = dgex_rows(summary, selected_by, split)
-    rows = [{"method": "D-GEX", "layers": r["layers"], "units": r["units"], "dropout": r["dropout"],
-             "mae_mean": r["mae_mean"], "mae_std": r["mae_std"]} for _, r in dg.iterrows()]
+    rows = [
+        {
+            "method": "D-GEX",
+            "layers": r["layers"],
+            "units": r["units"],
+            "dropout": r["dropout"],
+            "mae_mean": r["mae_mean"],
+            "mae_std": r["mae_std"],
+        }
+        for _, r in dg.iterrows()
+    ]
     base = baseline_rows(summary, selected_by, split)
-    rows += [{"method": r["method"], "layers": None, "units": None, "dropout": None, "mae_mean": r["mae_mean"],
-              "mae_std": r["mae_std"]} for _, r in base.iterrows()]
+    rows += [
+        {
+            "method": r["method"],
+            "layers": None,
+            "units": None,
+            "dropout": None,
+            "mae_mean": r["mae_mean"],
+            "mae_std": r["mae_std"],
+        }
+        for _, r in base.iterrows()
+    ]
     table = pd.DataFrame(rows, columns=["method", "layers", "units", "dropout", "mae_mean", "mae_std"])
-    lines = [f"**Table {name[5:]}.** Overall error on {split} for every architecture and dropout rate "
-             f"(models selected by {selected_by}; mean ± std over genes).", ""]
+    lines = [
+        f"**Table {name[5:]}.** Overall error on {split} for every architecture and dropout rate "
+        f"(models selected by {selected_by}; mean ± std over genes).",
+        "",
+    ]
     if dg.empty:
         return table, "\n".join(lines + ["No D-GEX runs on this split."]) + "\n"
     dropouts = sorted(dg["dropout"].unique())
@@ -217,8 +297,13 @@ def stats_table(per_gene: pd.DataFrame, summary: pd.DataFrame, n_boot: int = 200
         if arch is None or t["test"] not in set(per_gene["split"]):
             continue
         sel = (per_gene["selected_by"] == t["validation"]) & (per_gene["split"] == t["test"])
-        model = per_gene[sel & (per_gene["method"] == "D-GEX") & (per_gene["layers"] == arch[0])
-                         & (per_gene["units"] == arch[1]) & (per_gene["dropout"] == arch[2])]
+        model = per_gene[
+            sel
+            & (per_gene["method"] == "D-GEX")
+            & (per_gene["layers"] == arch[0])
+            & (per_gene["units"] == arch[1])
+            & (per_gene["dropout"] == arch[2])
+        ]
         model = model.set_index("ensembl")
         name = arch_name(arch)
         for base_name in BASELINES:
@@ -234,29 +319,51 @@ def stats_table(per_gene: pd.DataFrame, summary: pd.DataFrame, n_boot: int = 200
                 c = compare(a["mae"].to_numpy(), b["mae"].to_numpy())
                 lo_a, hi_a = bootstrap_ci(a["mae"].to_numpy(), n_boot=n_boot)
                 lo_b, hi_b = bootstrap_ci(b["mae"].to_numpy(), n_boot=n_boot)
-                rows.append({"task": t["title"], "model": name, "baseline": base_name, "genes": subset,
-                             "n_genes": c["n_genes"], "dgex_mae": c["mean_a"], "baseline_mae": c["mean_b"],
-                             "rel_improvement": c["rel_improvement"], "dgex_wins": c["a_wins"],
-                             "wilcoxon_p": c["wilcoxon_p"], "dgex_ci_low": lo_a, "dgex_ci_high": hi_a,
-                             "baseline_ci_low": lo_b, "baseline_ci_high": hi_b,
-                             "dgex_r": float(a["r"].mean()), "baseline_r": float(b["r"].mean()),
-                             "dgex_rho": float(a["rho"].mean()), "baseline_rho": float(b["rho"].mean())})
+                rows.append(
+                    {
+                        "task": t["title"],
+                        "model": name,
+                        "baseline": base_name,
+                        "genes": subset,
+                        "n_genes": c["n_genes"],
+                        "dgex_mae": c["mean_a"],
+                        "baseline_mae": c["mean_b"],
+                        "rel_improvement": c["rel_improvement"],
+                        "dgex_wins": c["a_wins"],
+                        "wilcoxon_p": c["wilcoxon_p"],
+                        "dgex_ci_low": lo_a,
+                        "dgex_ci_high": hi_a,
+                        "baseline_ci_low": lo_b,
+                        "baseline_ci_high": hi_b,
+                        "dgex_r": float(a["r"].mean()),
+                        "baseline_r": float(b["r"].mean()),
+                        "dgex_rho": float(a["rho"].mean()),
+                        "baseline_rho": float(b["rho"].mean()),
+                    }
+                )
     table = pd.DataFrame(rows)
-    lines = ["**Statistics.** The best D-GEX of each task (chosen on validation) against each baseline on the "
-             "test set: mean per-gene MAE with bootstrap 95% CI over genes, relative improvement, fraction of "
-             "genes where D-GEX has the lower error (two-sided Wilcoxon signed-rank p), mean per-gene Pearson r "
-             "and Spearman ρ; `no_overlap` leaves out the targets that are also landmarks.", ""]
+    lines = [
+        "**Statistics.** The best D-GEX of each task (chosen on validation) against each baseline on the "
+        "test set: mean per-gene MAE with bootstrap 95% CI over genes, relative improvement, fraction of "
+        "genes where D-GEX has the lower error (two-sided Wilcoxon signed-rank p), mean per-gene Pearson r "
+        "and Spearman ρ; `no_overlap` leaves out the targets that are also landmarks.",
+        "",
+    ]
     if table.empty:
         return table, "\n".join(lines + ["No D-GEX runs."]) + "\n"
-    lines += ["| task | model | vs | genes | D-GEX MAE [95% CI] | baseline MAE [95% CI] | rel. impr. | "
-              "D-GEX wins | Wilcoxon p | r D-GEX / base | ρ D-GEX / base |", "|" + "---|" * 11]
+    lines += [
+        "| task | model | vs | genes | D-GEX MAE [95% CI] | baseline MAE [95% CI] | rel. impr. | "
+        "D-GEX wins | Wilcoxon p | r D-GEX / base | ρ D-GEX / base |",
+        "|" + "---|" * 11,
+    ]
     for _, r in table.iterrows():
         lines.append(
             f"| {r['task']} | {r['model']} | {r['baseline']} | {r['genes']} ({r['n_genes']}) | "
             f"{fmt(r['dgex_mae'])} [{fmt(r['dgex_ci_low'])}, {fmt(r['dgex_ci_high'])}] | "
             f"{fmt(r['baseline_mae'])} [{fmt(r['baseline_ci_low'])}, {fmt(r['baseline_ci_high'])}] | "
             f"{100 * r['rel_improvement']:.1f}% | {100 * r['dgex_wins']:.2f}% | {r['wilcoxon_p']:.2g} | "
-            f"{fmt(r['dgex_r'])} / {fmt(r['baseline_r'])} | {fmt(r['dgex_rho'])} / {fmt(r['baseline_rho'])} |")
+            f"{fmt(r['dgex_r'])} / {fmt(r['baseline_r'])} | {fmt(r['dgex_rho'])} / {fmt(r['baseline_rho'])} |"
+        )
     return table, "\n".join(lines) + "\n"
 
 
@@ -283,8 +390,12 @@ def make_tables(*, aggregate, output_dir, paper_reference: bool = False, n_boot:
     for name in SUPPLEMENT:
         written[name] = _write(out, name, *supplementary(summary, name))
     written["table_stats"] = _write(out, "table_stats", *stats_table(per_gene, summary, n_boot))
-    info = {"tables": written, "chosen": chosen, "paper_reference": paper_reference,
-            "rnaseq": bool(agg["info"].get("rnaseq"))}
+    info = {
+        "tables": written,
+        "chosen": chosen,
+        "paper_reference": paper_reference,
+        "rnaseq": bool(agg["info"].get("rnaseq")),
+    }
     write_json(out / "tables.json", info)
     log.info("wrote %d tables into %s", len(written), out)
     return info

@@ -174,14 +174,16 @@ class ShuffledBatches:
     def __iter__(self):
         order = torch.randperm(self.x.shape[0], generator=self.generator).to(self.x.device)
         for s in range(0, len(order), self.batch_size):
-            idx = order[s:s + self.batch_size]
+            idx = order[s : s + self.batch_size]
             yield self.x.index_select(0, idx), self.y.index_select(0, idx)
 
 
 def load_training_data(dataset: ProcessedDataset, part: int | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{split: (X, Y)}`` for every split in the dataset; ``Y`` restricted to target ``part``."""
     if part is not None and part >= dataset.genes().n_parts:
-        raise ConfigError(f"--part {part} does not exist: the dataset has target parts 0..{dataset.genes().n_parts - 1}")
+        raise ConfigError(
+            f"--part {part} does not exist: the dataset has target parts 0..{dataset.genes().n_parts - 1}"
+        )
     return {s: (dataset.X(s), dataset.Y(s, part)) for s in dataset.splits}
 
 
@@ -220,12 +222,14 @@ def build_task(cfg: TrainConfig, data: dict, device: torch.device, run_dir: Path
             self.history: list[dict] = []
             self._epoch_loss = None
             self._epoch_start = None
-            self._tensors = {s: (torch.as_tensor(x, device=device), torch.as_tensor(y, device=device))
-                             for s, (x, y) in data.items()}
+            self._tensors = {
+                s: (torch.as_tensor(x, device=device), torch.as_tensor(y, device=device)) for s, (x, y) in data.items()
+            }
             gen = np.random.default_rng(cfg.seed)
             n_tr = x_tr.shape[0]
-            self._monitor_idx = torch.as_tensor(np.sort(gen.choice(n_tr, size=min(cfg.monitor_size, n_tr),
-                                                                   replace=False)), device=device)
+            self._monitor_idx = torch.as_tensor(
+                np.sort(gen.choice(n_tr, size=min(cfg.monitor_size, n_tr), replace=False)), device=device
+            )
             self.batches = ShuffledBatches(*self._tensors["geo-tr"], cfg.batch_size, cfg.seed)
             self._best_state: dict = {}
             self._last_save = time.time()
@@ -262,8 +266,9 @@ def build_task(cfg: TrainConfig, data: dict, device: torch.device, run_dir: Path
         def _predict(self, x: torch.Tensor) -> torch.Tensor:
             was_training = self.model.training
             self.model.eval()
-            out = torch.cat([self.model(x[s:s + cfg.eval_batch_size]).float()
-                             for s in range(0, x.shape[0], cfg.eval_batch_size)])
+            out = torch.cat(
+                [self.model(x[s : s + cfg.eval_batch_size]).float() for s in range(0, x.shape[0], cfg.eval_batch_size)]
+            )
             self.model.train(was_training)
             return out
 
@@ -290,8 +295,11 @@ def build_task(cfg: TrainConfig, data: dict, device: torch.device, run_dir: Path
                 if row[sel] < best["mae"]:
                     best.update(mae=row[sel], epoch=epoch + 1)
                     # kept on the device; written with the next checkpoint (large nets improve every epoch)
-                    self._best_state[sel] = ({k: v.detach().clone() for k, v in self.model.state_dict().items()},
-                                             epoch + 1, dict(row))
+                    self._best_state[sel] = (
+                        {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                        epoch + 1,
+                        dict(row),
+                    )
             # the paper's decay rule, applied for the next epoch
             self.lr = decayed_lr(self.lr, monitor, self.previous_monitor, cfg.lr_decay, cfg.lr_min)
             self.previous_monitor = monitor
@@ -334,8 +342,9 @@ def build_task(cfg: TrainConfig, data: dict, device: torch.device, run_dir: Path
             if state is None:
                 raise InputError(f"{run_dir / 'last.ckpt'} is not a dgex checkpoint; delete it to start afresh")
             if state["config"] != cfg.resume_key():
-                diff = {k: (state["config"].get(k), v) for k, v in cfg.resume_key().items()
-                        if state["config"].get(k) != v}
+                diff = {
+                    k: (state["config"].get(k), v) for k, v in cfg.resume_key().items() if state["config"].get(k) != v
+                }
                 raise ConfigError(
                     f"cannot resume {run_dir}: hyper-parameters differ from the checkpoint "
                     f"({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in diff.items())}); "
@@ -358,13 +367,22 @@ def build_task(cfg: TrainConfig, data: dict, device: torch.device, run_dir: Path
     return DGEXTask()
 
 
-def _save_weights(path: Path, state: dict, model: DGEX, cfg: TrainConfig, epoch: int, row: dict,
-                  gene_ids: dict) -> None:
+def _save_weights(
+    path: Path, state: dict, model: DGEX, cfg: TrainConfig, epoch: int, row: dict, gene_ids: dict
+) -> None:
     with atomic_path(path) as tmp:
-        torch.save({"state_dict": {k: v.cpu() for k, v in state.items()},
-                    "config": asdict(cfg), "epoch": epoch, "metrics": dict(row), "genes": gene_ids,
-                    "shape": [model.n_in, model.n_out, model.n_layers, model.n_units],
-                    "dgex_version": __version__}, tmp)
+        torch.save(
+            {
+                "state_dict": {k: v.cpu() for k, v in state.items()},
+                "config": asdict(cfg),
+                "epoch": epoch,
+                "metrics": dict(row),
+                "genes": gene_ids,
+                "shape": [model.n_in, model.n_out, model.n_layers, model.n_units],
+                "dgex_version": __version__,
+            },
+            tmp,
+        )
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
@@ -375,8 +393,9 @@ def _write_history(path: Path, history: list[dict]) -> None:
         w.writerows(history)
 
 
-def load_weights(path: str | Path, n_in: int | None = None, n_out: int | None = None,
-                 gene_ids: dict | None = None) -> tuple[DGEX, dict]:
+def load_weights(
+    path: str | Path, n_in: int | None = None, n_out: int | None = None, gene_ids: dict | None = None
+) -> tuple[DGEX, dict]:
     """Rebuild a network from a ``best_*.pt`` file.
 
     Checks that it fits ``n_in`` landmarks / ``n_out`` targets and, given
@@ -399,10 +418,15 @@ def load_weights(path: str | Path, n_in: int | None = None, n_out: int | None = 
             want, have = list(gene_ids[role]), list(blob["genes"][role])
             if want != have:
                 diff = sorted(set(want) ^ set(have))
-                what = (f"{len(diff)} genes differ, e.g. {', '.join(diff[:5])}" if diff
-                        else "same genes in a different order")
-                raise InputError(f"{path}: {role} of the checkpoint do not match the dataset ({what}); "
-                                 f"use the dataset the model was trained on")
+                what = (
+                    f"{len(diff)} genes differ, e.g. {', '.join(diff[:5])}"
+                    if diff
+                    else "same genes in a different order"
+                )
+                raise InputError(
+                    f"{path}: {role} of the checkpoint do not match the dataset ({what}); "
+                    f"use the dataset the model was trained on"
+                )
     model = DGEX(shape_in, shape_out, layers, units, blob["config"]["dropout"])
     model.load_state_dict(blob["state_dict"])
     model.eval()
@@ -412,15 +436,52 @@ def load_weights(path: str | Path, n_in: int | None = None, n_out: int | None = 
 # --------------------------------------------------------------------------- #
 # the stage
 # --------------------------------------------------------------------------- #
-def train(*, dataset, output_dir, layers, units, dropout, part, epochs=200, batch_size=200, lr=None,
-          momentum=0.5, lr_decay=0.9, lr_min=1e-5, monitor_size=5000, optimizer="sgd", weight_decay=0.0,
-          precision="32", seed=0, device="auto", resume=False, keep_last=False, progress=True,
-          threads=None, checkpoint_interval=60.0, gpu_lock_dir=None) -> dict:
+def train(
+    *,
+    dataset,
+    output_dir,
+    layers,
+    units,
+    dropout,
+    part,
+    epochs=200,
+    batch_size=200,
+    lr=None,
+    momentum=0.5,
+    lr_decay=0.9,
+    lr_min=1e-5,
+    monitor_size=5000,
+    optimizer="sgd",
+    weight_decay=0.0,
+    precision="32",
+    seed=0,
+    device="auto",
+    resume=False,
+    keep_last=False,
+    progress=True,
+    threads=None,
+    checkpoint_interval=60.0,
+    gpu_lock_dir=None,
+) -> dict:
     """Train one network and write its checkpoints, per-gene metrics, history and ``run.json``."""
-    cfg = TrainConfig(layers=layers, units=units, dropout=dropout, part=part, epochs=epochs, batch_size=batch_size,
-                      lr=lr, momentum=momentum, lr_decay=lr_decay, lr_min=lr_min, monitor_size=monitor_size,
-                      optimizer=optimizer, weight_decay=weight_decay, precision=precision, seed=seed,
-                      checkpoint_interval=checkpoint_interval)
+    cfg = TrainConfig(
+        layers=layers,
+        units=units,
+        dropout=dropout,
+        part=part,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        momentum=momentum,
+        lr_decay=lr_decay,
+        lr_min=lr_min,
+        monitor_size=monitor_size,
+        optimizer=optimizer,
+        weight_decay=weight_decay,
+        precision=precision,
+        seed=seed,
+        checkpoint_interval=checkpoint_interval,
+    )
     run_dir = Path(output_dir)
     last = run_dir / "last.ckpt"
     if resume and not last.exists():
@@ -490,8 +551,16 @@ def train(*, dataset, output_dir, layers, units, dropout, part, epochs=200, batc
                 x, y = data[split]
                 with torch.no_grad():
                     xt = torch.as_tensor(x, device=dev)
-                    pred = torch.cat([model(xt[s:s + cfg.eval_batch_size]).float()
-                                      for s in range(0, len(xt), cfg.eval_batch_size)]).cpu().numpy()
+                    pred = (
+                        torch.cat(
+                            [
+                                model(xt[s : s + cfg.eval_batch_size]).float()
+                                for s in range(0, len(xt), cfg.eval_batch_size)
+                            ]
+                        )
+                        .cpu()
+                        .numpy()
+                    )
                 frames.append(per_gene_frame(targets, "D-GEX", sel, split, y, pred))
         import pandas as pd
 
@@ -521,8 +590,16 @@ def train(*, dataset, output_dir, layers, units, dropout, part, epochs=200, batc
         write_json(run_dir / "run.json", summary)
         if not keep_last:
             last.unlink(missing_ok=True)
-        log.info("trained %dx%d dropout %.2f part %s: best geo-va %.4f (epoch %s) in %.1f s", layers, units, dropout,
-                 "all" if part is None else part, task.best["geo-va"]["mae"], task.best["geo-va"]["epoch"], wall)
+        log.info(
+            "trained %dx%d dropout %.2f part %s: best geo-va %.4f (epoch %s) in %.1f s",
+            layers,
+            units,
+            dropout,
+            "all" if part is None else part,
+            task.best["geo-va"]["mae"],
+            task.best["geo-va"]["epoch"],
+            wall,
+        )
     finally:
         if lease is not None:  # a failed run must not keep the GPU from the next job
             lease.release()

@@ -8,20 +8,20 @@ wildcard_constraints:
 rule acquire:
     output:
         str(Path(RESOURCES, "download", "{source}", "{filename}")),
+    log:
+        str(Path(RESOURCES, "logs", "acquire_{source}_{filename}.log")),
+    conda:
+        "../../envs/dgex.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=600,
     params:
         url=lambda wc: input_cfg(wc.source)["url"],
         verify=lambda wc: " ".join(
             ([f"--sha256 {input_cfg(wc.source)['sha256']}"] if input_cfg(wc.source).get("sha256") else [])
             + ([f"--size {input_cfg(wc.source)['size']}"] if input_cfg(wc.source).get("size") else [])
         ),
-    log:
-        str(Path(RESOURCES, "logs", "acquire_{source}_{filename}.log")),
-    threads: 1
-    resources:
-        mem_mb=500,
-        runtime=600,
-    conda:
-        "../../envs/dgex.yaml"
     shell:
         "python -m dgex acquire --url {params.url:q} --output {output:q} {params.verify} --no-progress > {log} 2>&1"
 
@@ -33,11 +33,11 @@ rule decompress_gctx:
         str(Path(RESOURCES, "unpacked", "{source}", "{name}.gctx")),
     log:
         str(Path(RESOURCES, "logs", "decompress_{source}_{name}.log")),
+    conda:
+        "../../envs/dgex.yaml"
     threads: 1
     resources:
         mem_mb=500,
         runtime=60,
-    conda:
-        "../../envs/dgex.yaml"
     shell:
         "(gzip -dc {input:q} > {output:q}.tmp && mv {output:q}.tmp {output:q}) > {log} 2>&1"

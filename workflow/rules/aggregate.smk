@@ -11,20 +11,20 @@ rule aggregate:
         history=out("aggregate", "history.csv"),
         runs=out("aggregate", "runs.csv"),
         info=out("aggregate", "aggregate.json"),
-    params:
-        dgex=lambda wc, input: run_dirs(input.dgex),
-        baselines=lambda wc, input: run_dirs(input.baselines),
-        outdir=lambda wc, output: os.path.dirname(output.info),
     log:
         out("logs", "aggregate.log"),
     benchmark:
         out("benchmarks", "aggregate.tsv")
+    conda:
+        "../../envs/dgex.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../../envs/dgex.yaml"
+    params:
+        dgex=lambda wc, input: run_dirs(input.dgex),
+        baselines=lambda wc, input: run_dirs(input.baselines),
+        outdir=lambda wc, output: os.path.dirname(output.info),
     shell:
         "python -m dgex aggregate --dgex-runs {params.dgex} --baseline-runs {params.baselines} "
         "--output-dir {params.outdir:q} > {log} 2>&1"
@@ -35,20 +35,20 @@ rule tables:
         out("aggregate", "aggregate.json"),
     output:
         **table_outputs(),
-    params:
-        aggregate=lambda wc, input: os.path.dirname(input[0]),
-        outdir=lambda wc, output: os.path.dirname(output.info),
-        paper="--paper-reference" if config["report"]["paper_reference"] else "",
     log:
         out("logs", "tables.log"),
     benchmark:
         out("benchmarks", "tables.tsv")
+    conda:
+        "../../envs/dgex.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../../envs/dgex.yaml"
+    params:
+        aggregate=lambda wc, input: os.path.dirname(input[0]),
+        outdir=lambda wc, output: os.path.dirname(output.info),
+        paper="--paper-reference" if config["report"]["paper_reference"] else "",
     shell:
         "python -m dgex tables --aggregate {params.aggregate:q} --output-dir {params.outdir:q} {params.paper} "
         "> {log} 2>&1"
@@ -59,18 +59,18 @@ rule figures:
         out("aggregate", "aggregate.json"),
     output:
         **figure_outputs(),
-    params:
-        aggregate=lambda wc, input: os.path.dirname(input[0]),
-        outdir=lambda wc, output: os.path.dirname(output.info),
     log:
         out("logs", "figures.log"),
     benchmark:
         out("benchmarks", "figures.tsv")
+    conda:
+        "../../envs/dgex.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../../envs/dgex.yaml"
+    params:
+        aggregate=lambda wc, input: os.path.dirname(input[0]),
+        outdir=lambda wc, output: os.path.dirname(output.info),
     shell:
         "python -m dgex figures --aggregate {params.aggregate:q} --output-dir {params.outdir:q} > {log} 2>&1"

@@ -12,18 +12,18 @@ rule baseline:
         run=out("runs", "baselines", "{method}", "run.json"),
         per_gene=out("runs", "baselines", "{method}", "per_gene.csv"),
         metrics=out("runs", "baselines", "{method}", "metrics.json"),
-    params:
-        outdir=lambda wc, output: os.path.dirname(output.run),
     log:
         out("logs", "baseline_{method}.log"),
     benchmark:
         out("benchmarks", "baseline_{method}.tsv")
+    conda:
+        "../../envs/dgex.yaml"
     threads: config["baselines"]["threads"]
     resources:
         mem_mb=config["baselines"]["mem_mb"],
         runtime=config["baselines"]["runtime"],
-    conda:
-        "../../envs/dgex.yaml"
+    params:
+        outdir=lambda wc, output: os.path.dirname(output.run),
     shell:
         "python -m dgex baseline {wildcards.method} --dataset {input.dataset:q} --output-dir {params.outdir:q} "
         "--n-jobs {threads} --no-progress > {log} 2>&1"

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
+
 def _uses_conda():
     try:
         return "conda" in str(workflow.deployment_settings.deployment_method).lower()
@@ -67,13 +68,36 @@ def preprocess_args():
     g, p = config["genes"], config["preprocess"]
     geo = input_cfg("geo")
     args = [
-        "--landmarks", g["landmarks"], "--targets", g["targets"],
-        "--target-seed", g["target_seed"], "--target-parts", g["parts"], "--part-seed", g["part_seed"],
-        "--dedup-clusters", p["dedup_clusters"], "--dedup-threshold", p["dedup_threshold"],
-        "--standardize", p["standardize"], "--epsilon", p["epsilon"],
-        "--va-fraction", p["va_fraction"], "--te-fraction", p["te_fraction"],
-        "--split-seed", p["split_seed"], "--seed", p["seed"],
-        "--chunk-size", p["chunk_size"], "--memory-mb", p["memory_mb"],
+        "--landmarks",
+        g["landmarks"],
+        "--targets",
+        g["targets"],
+        "--target-seed",
+        g["target_seed"],
+        "--target-parts",
+        g["parts"],
+        "--part-seed",
+        g["part_seed"],
+        "--dedup-clusters",
+        p["dedup_clusters"],
+        "--dedup-threshold",
+        p["dedup_threshold"],
+        "--standardize",
+        p["standardize"],
+        "--epsilon",
+        p["epsilon"],
+        "--va-fraction",
+        p["va_fraction"],
+        "--te-fraction",
+        p["te_fraction"],
+        "--split-seed",
+        p["split_seed"],
+        "--seed",
+        p["seed"],
+        "--chunk-size",
+        p["chunk_size"],
+        "--memory-mb",
+        p["memory_mb"],
     ]
     if g.get("max_targets"):
         args += ["--max-targets", g["max_targets"]]
@@ -143,10 +167,28 @@ def train_args(wc):
     """`dgex train` flags from the train config (the grid point comes from the wildcards)."""
     t = config["train"]
     args = [
-        "--epochs", t["epochs"], "--batch-size", t["batch_size"], "--momentum", t["momentum"],
-        "--lr-decay", t["lr_decay"], "--lr-min", t["lr_min"], "--monitor-size", t["monitor_size"],
-        "--optimizer", t["optimizer"], "--weight-decay", t["weight_decay"], "--precision", t["precision"],
-        "--seed", t["seed"], "--device", t["device"],
+        "--epochs",
+        t["epochs"],
+        "--batch-size",
+        t["batch_size"],
+        "--momentum",
+        t["momentum"],
+        "--lr-decay",
+        t["lr_decay"],
+        "--lr-min",
+        t["lr_min"],
+        "--monitor-size",
+        t["monitor_size"],
+        "--optimizer",
+        t["optimizer"],
+        "--weight-decay",
+        t["weight_decay"],
+        "--precision",
+        t["precision"],
+        "--seed",
+        t["seed"],
+        "--device",
+        t["device"],
     ]
     if t.get("lr"):
         args += ["--lr", t["lr"]]
@@ -219,8 +261,9 @@ def figure_numbers():
 def figure_outputs():
     files = {"info": out("figures", "figures.json")}
     for n in figure_numbers():
-        files[f"figure{n}_png"] = report(out("figures", f"figure{n}.png"), caption=report_caption(f"figure{n}"),
-                                         category="Figures")
+        files[f"figure{n}_png"] = report(
+            out("figures", f"figure{n}.png"), caption=report_caption(f"figure{n}"), category="Figures"
+        )
         files[f"figure{n}_pdf"] = out("figures", f"figure{n}.pdf")
     return files
 
@@ -239,8 +282,10 @@ def _network(key, layers, units):
         net = {"layers": layers, "units": units, "dropout": _nearest_dropout()}
     point = (int(net["layers"]), int(net["units"]), fmt_dropout(net["dropout"]))
     if point not in grid_points():
-        raise ValueError(f"interpret.{key} = {point[0]}x{point[1]} dropout {point[2]} is not in the grid; "
-                         f"choose a network of grid.layers x grid.units x grid.dropout (or null for the default)")
+        raise ValueError(
+            f"interpret.{key} = {point[0]}x{point[1]} dropout {point[2]} is not in the grid; "
+            f"choose a network of grid.layers x grid.units x grid.dropout (or null for the default)"
+        )
     return point
 
 
@@ -252,8 +297,10 @@ def s2_network():
 def s3_network():
     g = config["grid"]
     if config["interpret"].get("s3_network") is None and 1 not in g["layers"]:
-        raise ValueError("interpret.s3 maps the weights of a 1-hidden-layer network but grid.layers has no 1; "
-                         "add 1 to grid.layers or set interpret.s3: false")
+        raise ValueError(
+            "interpret.s3 maps the weights of a 1-hidden-layer network but grid.layers has no 1; "
+            "add 1 to grid.layers or set interpret.s3: false"
+        )
     return _network("s3_network", 1, min(g["units"]))
 
 

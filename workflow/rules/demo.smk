@@ -7,6 +7,16 @@ rule demo_data:
         g1000=out("demo", "1000g.tsv.gz"),
         gtex=out("demo", "gtex.gctx"),
         meta=out("demo", "demo.json"),
+    log:
+        out("logs", "demo_data.log"),
+    benchmark:
+        out("benchmarks", "demo_data.tsv")
+    conda:
+        "../../envs/dgex.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     params:
         args=lambda wc: " ".join(
             [
@@ -23,15 +33,5 @@ rule demo_data:
             + (["--targets u133a-probes"] if config["genes"]["targets"] == "u133a-probes" else [])
         ),
         outdir=lambda wc, output: os.path.dirname(output.geo),
-    log:
-        out("logs", "demo_data.log"),
-    benchmark:
-        out("benchmarks", "demo_data.tsv")
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
-    conda:
-        "../../envs/dgex.yaml"
     shell:
         "python -m dgex demo-data --output-dir {params.outdir} {params.args} > {log} 2>&1"

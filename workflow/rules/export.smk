@@ -8,20 +8,20 @@ rule export:
     output:
         # the bundle is a folder; bundle.json is written last and marks it complete
         bundle=out("model", "bundle.json"),
-    params:
-        aggregate=lambda wc, input: os.path.dirname(input.aggregate),
-        outdir=lambda wc, output: os.path.dirname(output.bundle),
-        selection=config["export"]["selection"],
     log:
         out("logs", "export.log"),
     benchmark:
         out("benchmarks", "export.tsv")
+    conda:
+        "../../envs/dgex.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../../envs/dgex.yaml"
+    params:
+        aggregate=lambda wc, input: os.path.dirname(input.aggregate),
+        outdir=lambda wc, output: os.path.dirname(output.bundle),
+        selection=config["export"]["selection"],
     shell:
         "python -m dgex export --dataset {input.dataset:q} --grid-aggregate {params.aggregate:q} "
         "--selection {params.selection} --output {params.outdir:q} --overwrite --no-progress > {log} 2>&1"

@@ -11,26 +11,30 @@ rule interpret_s2:
         info=out("interpret", "s2", "s2.json"),
         summary=out("interpret", "s2", "s2_summary.csv"),
         table=out("interpret", "s2", "s2_adjusted_r2.csv"),
-        png=report(out("interpret", "s2", "figure_s2.png"), caption=report_caption("figure_s2"),
-                   category="Interpretation"),
+        png=report(
+            out("interpret", "s2", "figure_s2.png"), caption=report_caption("figure_s2"), category="Interpretation"
+        ),
         pdf=out("interpret", "s2", "figure_s2.pdf"),
-    params:
-        runs=lambda wc, input: run_dirs(input.runs),
-        outdir=lambda wc, output: os.path.dirname(output.info),
-        split=config["interpret"]["s2_split"],
-        max_samples=(f"--max-samples {config['interpret']['s2_max_samples']}"
-                     if config["interpret"].get("s2_max_samples") else ""),
-        device=config["train"]["device"],
     log:
         out("logs", "interpret_s2.log"),
     benchmark:
         out("benchmarks", "interpret_s2.tsv")
+    conda:
+        "../../envs/dgex.yaml"
     threads: 1
     resources:
         mem_mb=lambda wc: s2_mem_mb(),
         runtime=60,
-    conda:
-        "../../envs/dgex.yaml"
+    params:
+        runs=lambda wc, input: run_dirs(input.runs),
+        outdir=lambda wc, output: os.path.dirname(output.info),
+        split=config["interpret"]["s2_split"],
+        max_samples=(
+            f"--max-samples {config['interpret']['s2_max_samples']}"
+            if config["interpret"].get("s2_max_samples")
+            else ""
+        ),
+        device=config["train"]["device"],
     shell:
         "python -m dgex interpret s2 --dataset {input.dataset:q} --runs {params.runs} --split {params.split} "
         "{params.max_samples} --device {params.device} --output-dir {params.outdir:q} --no-progress > {log} 2>&1"
@@ -42,23 +46,24 @@ rule interpret_s3:
         runs=lambda wc: network_runs(s3_network()),
     output:
         info=out("interpret", "s3", "s3.json"),
-        png=report(out("interpret", "s3", "figure_s3.png"), caption=report_caption("figure_s3"),
-                   category="Interpretation"),
+        png=report(
+            out("interpret", "s3", "figure_s3.png"), caption=report_caption("figure_s3"), category="Interpretation"
+        ),
         pdf=out("interpret", "s3", "figure_s3.pdf"),
-    params:
-        runs=lambda wc, input: run_dirs(input.runs),
-        outdir=lambda wc, output: os.path.dirname(output.info),
-        sigmas=" ".join(str(k) for k in config["interpret"]["sigmas"]),
     log:
         out("logs", "interpret_s3.log"),
     benchmark:
         out("benchmarks", "interpret_s3.tsv")
+    conda:
+        "../../envs/dgex.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../../envs/dgex.yaml"
+    params:
+        runs=lambda wc, input: run_dirs(input.runs),
+        outdir=lambda wc, output: os.path.dirname(output.info),
+        sigmas=" ".join(str(k) for k in config["interpret"]["sigmas"]),
     shell:
         "python -m dgex interpret s3 --dataset {input.dataset:q} --runs {params.runs} --sigmas {params.sigmas} "
         "--output-dir {params.outdir:q} --no-progress > {log} 2>&1"

@@ -7,18 +7,18 @@ rule preprocess:
     output:
         dataset=out("data", "dataset.h5"),
         summary=out("data", "dataset.json"),
-    params:
-        args=lambda wc: preprocess_args(),
     log:
         out("logs", "preprocess.log"),
     benchmark:
         out("benchmarks", "preprocess.tsv")
+    conda:
+        "../../envs/dgex.yaml"
     threads: 1
     resources:
         mem_mb=lambda wc: config["preprocess"]["memory_mb"] + 2000,
         runtime=config["preprocess"]["runtime"],
-    conda:
-        "../../envs/dgex.yaml"
+    params:
+        args=lambda wc: preprocess_args(),
     shell:
         "python -m dgex preprocess --geo {input.geo:q} {params.args} --output {output.dataset:q} "
         "--summary {output.summary:q} --no-progress > {log} 2>&1"

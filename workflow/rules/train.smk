@@ -18,20 +18,20 @@ rule train:
         run=out("runs", "dgex", "{layers}x{units}_d{dropout}", "part{part}", "run.json"),
         per_gene=out("runs", "dgex", "{layers}x{units}_d{dropout}", "part{part}", "per_gene.csv"),
         history=out("runs", "dgex", "{layers}x{units}_d{dropout}", "part{part}", "history.csv"),
-    params:
-        args=lambda wc: train_args(wc),
-        outdir=lambda wc, output: os.path.dirname(output.run),
     log:
         out("logs", "train", "{layers}x{units}_d{dropout}_part{part}.log"),
     benchmark:
         out("benchmarks", "train", "{layers}x{units}_d{dropout}_part{part}.tsv")
+    conda:
+        "../../envs/dgex.yaml"
     threads: config["train"]["threads"]
     resources:
         mem_mb=lambda wc: train_mem_mb(wc),
         runtime=lambda wc: train_runtime(wc),
         gpu=1 if config["train"]["gpu"] else 0,
-    conda:
-        "../../envs/dgex.yaml"
+    params:
+        args=lambda wc: train_args(wc),
+        outdir=lambda wc, output: os.path.dirname(output.run),
     shell:
         "python -m dgex train --dataset {input.dataset:q} --output-dir {params.outdir:q} "
         "--layers {wildcards.layers} --units {wildcards.units} --dropout {wildcards.dropout} "
