@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import assert_one_line_error, run_dgex  # noqa: E402
 
-from dgex.bundle import load_bundle, write_bundle  # noqa: E402
+from dgex.bundle import bundle_files, load_bundle, write_bundle  # noqa: E402
 from dgex.errors import InputError  # noqa: E402
 from dgex.io import write_gctx  # noqa: E402
 from dgex.models import DGEX  # noqa: E402
@@ -152,6 +152,9 @@ def test_valid_bundles_load_and_extra_files_are_ignored(base, bundle, tmp_path, 
     with caplog.at_level(logging.INFO, logger="dgex.bundle"):
         b = load_bundle(bundle)
     np.testing.assert_array_equal(b.predict(base["x"]), base["expected"])
+    # write_bundle lists exactly the format's files (one definition for writer and reader)
+    assert sorted(b.info["files"]) == sorted(bundle_files(b.info["parts"]))
+    assert sorted(p.name for p in base["bundle"].iterdir()) == sorted([*bundle_files(b.info["parts"]), "bundle.json"])
     assert any("README.txt" in r.getMessage() and "ignoring" in r.getMessage() for r in caplog.records)
     # one network for all targets (part null, weights_all.pt) and unequal parts are valid too
     single = load_bundle(_write(tmp_path / "single", sizes=(7,)))

@@ -679,7 +679,10 @@ def _check_files(path: Path, files: dict, names: list[str]) -> None:
     missing = [n for n in names if not (path / n).is_file()]
     if missing:
         raise _corrupt(path, f"missing file(s) {', '.join(missing)}")
-    other = sorted(p.name for p in path.iterdir() if p.name not in names and p.name != "bundle.json")
+    try:
+        other = sorted(p.name for p in path.iterdir() if p.name not in names and p.name != "bundle.json")
+    except OSError:  # a folder we may enter but not list: nothing to say about other files
+        other = []
     if other:
         log.info("%s: ignoring %s (not files of a model bundle; never read)", path, ", ".join(other))
 
