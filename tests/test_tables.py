@@ -250,7 +250,7 @@ def _read_runs(dirs) -> pd.DataFrame:
     for d in dirs:
         cfg = json.loads((d / "run.json").read_text()).get("config", {})
         frame = pd.read_csv(d / "per_gene.csv", dtype={"ensembl": str})
-        frames.append(frame.assign(**{k: cfg.get(k) for k in ("layers", "units", "dropout")}))
+        frames.append(frame.assign(**{k: float(cfg.get(k, np.nan)) for k in ("layers", "units", "dropout")}))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -273,7 +273,8 @@ def test_stats_table_columns_match_their_definitions(tmp_path):
     for task, val, test in (("GEO-te", "geo-va", "geo-te"), ("GTEx-te", "1000g-va", "gtex-te")):
         dg = raw[(raw["method"] == "D-GEX") & (raw["selected_by"] == val)]
         # the network shown: lowest validation MAE over the grid
-        arch = dg[dg["split"] == val].groupby(["layers", "units", "dropout"])["mae"].mean().idxmin()
+        layers, units, dropout = dg[dg["split"] == val].groupby(["layers", "units", "dropout"])["mae"].mean().idxmin()
+        arch = (int(layers), int(units), dropout)
         for base in ("LR", "KNN-GE"):
             for subset in ("all", "no_overlap"):
                 row = st[(st["task"] == task) & (st["baseline"] == base) & (st["genes"] == subset)]
