@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
+from conftest import assert_one_line_error
 
 from dgex.devices import _BEFORE_LEASE, lease_gpu, lease_status, visible_gpus
 from dgex.errors import ConfigError
@@ -210,3 +215,246 @@ def test_train_leases_a_gpu_and_gives_it_back(tmp_path, clean_env):
     assert lease_status(tmp_path / "locks")[0]["leased"] is False  # released when train returned
     summary = train(output_dir=tmp_path / "cpu", device="cpu", **{**kw, "gpu_lock_dir": tmp_path / "cpu-locks"})
     assert summary["gpu_lease"] is None and not (tmp_path / "cpu-locks").exists()
+
+
+# --------------------------------------------------------------------------- lock folders that cannot be trusted
+OTHER_UID = 12345
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="changing file owners (os.chown) needs root")
+
+
+@pytest.fixture
+def private_dir(tmp_path, clean_env):
+    """The default (private) lock folder inside this test's tmp dir; nothing configured."""
+    clean_env.setattr(tempfile, "tempdir", str(tmp_path))
+    clean_env.setenv("DGEX_GPUS", "0")
+    return tmp_path / f"dgex-gpu-locks-{os.getuid()}"
+
+
+@pytest.fixture
+def open_tmp():
+    """A folder every user can enter (pytest's tmp folders are private to root)."""
+    d = Path(tempfile.mkdtemp(prefix="dgex-test-locks-", dir="/tmp"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _as_user(uid: int, fn, while_alive=None):
+    """Run ``fn()`` in a forked child as ``uid``: ("ok", value) / ("error", ConfigError text) / ("crash", repr).
+
+    ``while_alive()`` runs in this process after the child reported and before it exits (its lease still held).
+    """
+    r, w = os.pipe()
+    hold_r, hold_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        try:
+            os.close(r)
+            os.close(hold_w)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            try:
+                value = fn()
+                out = ["ok", getattr(value, "gpu", value)]
+            except ConfigError as e:
+                out = ["error", str(e)]
+            except BaseException as e:  # noqa: BLE001 - reported to the parent as a failure
+                out = ["crash", repr(e)]
+            os.write(w, (json.dumps(out, default=str) + "\n").encode())
+            os.close(w)
+            os.read(hold_r, 1)  # until the parent closes its end
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.close(hold_r)
+    with os.fdopen(r) as fh:
+        out = json.loads(fh.readline())
+    try:
+        if while_alive is not None:
+            while_alive()
+    finally:
+        os.close(hold_w)
+        os.waitpid(pid, 0)
+    return out
+
+
+def _one_line(err, *fragments):
+    msg = str(err.value)
+    assert "\n" not in msg and "--gpu-lock-dir" in msg, msg
+    for f in fragments:
+        assert f in msg, msg
+    return msg
+
+
+def test_default_folder_is_created_private(private_dir):
+    with lease_gpu() as lease:
+        assert lease.path == private_dir / "gpu0.lock"
+    assert stat.S_IMODE(private_dir.stat().st_mode) == 0o700
+    private_dir.chmod(0o777)  # ours but opened up (umask 0, older dgex): tightened, then used
+    with lease_gpu() as lease:
+        assert lease is not None
+    assert stat.S_IMODE(private_dir.stat().st_mode) == 0o700
+
+
+@needs_root
+def test_default_folder_owned_by_another_user_is_refused(private_dir):
+    private_dir.mkdir(mode=0o777)
+    os.chown(private_dir, OTHER_UID, OTHER_UID)
+    with pytest.raises(ConfigError) as err:
+        lease_gpu()
+    _one_line(err, str(private_dir), f"uid {OTHER_UID}", "remove it")
+    assert not (private_dir / "gpu0.lock").exists()
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+
+
+@pytest.mark.parametrize("owner", ["me", "other"])
+def test_default_folder_planted_as_a_symlink_is_refused(private_dir, tmp_path, owner):
+    if owner == "other" and os.geteuid() != 0:
+        pytest.skip("changing a link's owner (os.lchown) needs root")
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    private_dir.symlink_to(target)
+    if owner == "other":
+        os.lchown(private_dir, OTHER_UID, OTHER_UID)
+    with pytest.raises(ConfigError) as err:
+        lease_gpu()
+    _one_line(err, "symbolic link")
+    assert list(target.iterdir()) == []
+
+
+def test_default_folder_that_is_a_file(private_dir):
+    private_dir.write_text("")
+    with pytest.raises(ConfigError) as err:
+        lease_gpu()
+    _one_line(err, "is not a folder")
+
+
+@needs_root
+def test_another_users_lock_file_in_the_private_folder(private_dir):
+    private_dir.mkdir(mode=0o700)
+    (private_dir / "gpu0.lock").write_text("")
+    os.chown(private_dir / "gpu0.lock", OTHER_UID, OTHER_UID)
+    with pytest.raises(ConfigError) as err:
+        lease_gpu()
+    _one_line(err, "gpu0.lock", f"uid {OTHER_UID}")
+
+
+@pytest.mark.parametrize("configured", ["argument", "environment", "default"])
+def test_planted_lock_file_symlink_never_clobbers_its_target(tmp_path, private_dir, configured):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    folder = private_dir if configured == "default" else tmp_path / "shared"
+    folder.mkdir(mode=0o700)
+    (folder / "gpu0.lock").symlink_to(victim)
+    if configured == "environment":
+        os.environ["DGEX_GPU_LOCK_DIR"] = str(folder)  # restored by clean_env
+    with pytest.raises(ConfigError) as err:
+        lease_gpu(folder if configured == "argument" else None)
+    _one_line(err, str(folder / "gpu0.lock"), "symbolic link")
+    assert victim.read_text() == "precious\n"
+    with pytest.raises(ConfigError, match="symbolic link"):
+        lease_status(folder if configured == "argument" else None)
+    assert victim.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_lock_file_that_is_not_a_regular_file(tmp_path, clean_env, kind):
+    clean_env.setenv("DGEX_GPUS", "0")
+    lock = tmp_path / "gpu0.lock"
+    lock.mkdir() if kind == "folder" else os.mkfifo(lock)
+    with pytest.raises(ConfigError) as err:  # a FIFO must not block the open either
+        lease_gpu(tmp_path, wait=False)
+    _one_line(err, str(lock))
+
+
+@needs_root
+def test_explicit_shared_folder_of_another_owner_is_used(tmp_path, clean_env, caplog):
+    clean_env.setenv("DGEX_GPUS", "0")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # what an admin makes for a group of users: sticky, so nobody deletes others' locks
+    os.chown(shared, OTHER_UID, OTHER_UID)
+    with caplog.at_level(logging.WARNING, logger="dgex.devices"), lease_gpu(shared) as lease:
+        assert lease.path == shared / "gpu0.lock"
+    assert not caplog.records
+    shared.chmod(0o777)  # no sticky bit: others could delete a held lock file -> said once, still used
+    with caplog.at_level(logging.WARNING, logger="dgex.devices"), lease_gpu(shared) as lease:
+        assert lease is not None
+    assert [r.getMessage() for r in caplog.records if "sticky" in r.getMessage()]
+
+
+def test_explicit_folder_symlinks(tmp_path, clean_env):
+    clean_env.setenv("DGEX_GPUS", "0")
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "mine").symlink_to(real)  # the user's own link: followed
+    with lease_gpu(tmp_path / "mine") as lease:
+        assert lease is not None and (real / "gpu0.lock").exists()
+    if os.geteuid() == 0:
+        (tmp_path / "theirs").symlink_to(real)
+        os.lchown(tmp_path / "theirs", OTHER_UID, OTHER_UID)
+        with pytest.raises(ConfigError) as err:
+            lease_gpu(tmp_path / "theirs")
+        _one_line(err, "symbolic link", f"uid {OTHER_UID}")
+
+
+def test_status_creates_nothing(tmp_path, private_dir):
+    assert lease_status() == [{"gpu": "0", "leased": False, "holder": ""}]
+    assert lease_status(tmp_path / "none") == [{"gpu": "0", "leased": False, "holder": ""}]
+    assert not private_dir.exists() and not (tmp_path / "none").exists()
+
+
+@needs_root
+def test_cli_names_the_planted_folder(tmp_path):
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    os.chown(planted, OTHER_UID, OTHER_UID)
+    env = _env(DGEX_GPUS="0", TMPDIR=str(tmp_path))
+    planted.rename(tmp_path / f"dgex-gpu-locks-{os.getuid()}")
+    res = subprocess.run([sys.executable, "-m", "dgex", "gpus"], capture_output=True, text=True, env=env)
+    assert_one_line_error(res, f"dgex-gpu-locks-{os.getuid()}", f"uid {OTHER_UID}")
+
+
+# --------------------------------------------------------------------------- two real users sharing a folder
+@needs_root
+def test_users_exclude_each_other_through_a_shared_folder(open_tmp, clean_env):
+    """Another user's read-only lock file is locked read-only: the GPU is still never shared."""
+    clean_env.setenv("DGEX_GPUS", "0")
+    shared = open_tmp / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    other = 65534  # nobody
+    held = lease_gpu(shared)  # root's lock file, mode 0644: read-only for nobody
+    assert stat.S_IMODE((shared / "gpu0.lock").stat().st_mode) & 0o022 == 0
+    assert _as_user(other, lambda: lease_gpu(shared, wait=False)) == ["ok", None]
+    held.release()
+    # and the other way round: while nobody holds GPU 0 (through its read-only descriptor), root cannot get it
+    seen = {}
+    out = _as_user(
+        other, lambda: lease_gpu(shared, wait=False), lambda: seen.update(root=lease_gpu(shared, wait=False))
+    )
+    assert out == ["ok", "0"] and seen["root"] is None
+    with lease_gpu(shared, wait=False) as lease:  # free again once nobody's process is gone
+        assert lease is not None
+
+
+@needs_root
+def test_other_user_gets_one_line_errors(open_tmp, clean_env):
+    clean_env.setenv("DGEX_GPUS", "0")
+    shut = open_tmp / "root-only"
+    shut.mkdir(mode=0o755)  # exists, owned by root, not writable for nobody
+    res = _as_user(65534, lambda: lease_gpu(shut, wait=False))
+    assert res[0] == "error" and "is not writable" in res[1] and "--gpu-lock-dir" in res[1], res
+    shared = open_tmp / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    (shared / "gpu0.lock").write_text("")
+    (shared / "gpu0.lock").chmod(0o600)  # cannot even be read by nobody: cannot tell whether it is held
+    res = _as_user(65534, lambda: lease_gpu(shared, wait=False))
+    assert res[0] == "error" and "gpu0.lock cannot be opened (Permission denied)" in res[1], res
+    # nobody's default folder, planted by root
+    clean_env.setattr(tempfile, "tempdir", str(open_tmp))
+    (open_tmp / "dgex-gpu-locks-65534").mkdir(mode=0o777)
+    res = _as_user(65534, lambda: lease_gpu(wait=False))
+    assert res[0] == "error" and "belongs to uid 0" in res[1], res

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.spatial.distance import pdist, squareform
 
 from conftest import assert_one_line_error, make_geo, run_dgex
 from dgex.dataset import ProcessedDataset
@@ -34,14 +35,50 @@ def test_quantile_map_averages_ties():
     np.testing.assert_allclose(mapped[1], [7.0, 7.0, 1.0, 2.0, 3.0])
 
 
-def test_find_duplicates_drops_one_of_each_close_pair():
-    rng = np.random.default_rng(1)
-    x = rng.normal(scale=3, size=(40, 100))
-    x[30] = x[3] + 0.01  # duplicate of 3 -> drop 30
-    x[31] = x[3] + 0.02  # also a duplicate of 3 (and of 30) -> drop 31
-    x[12] = x[35] + 0.01  # the later one (35) is dropped
-    drop = find_duplicates(x, threshold=1.0, block_rows=7)
-    assert set(np.flatnonzero(drop)) == {30, 31, 35}
+def planted_duplicates(n_distinct=40, n_dup=10, n_genes=20, seed=0):
+    """Profiles with known distances: distinct ones 1.5 < d < 30 apart, each copy 0.27-0.33 from its source.
+
+    Rows are shuffled; returns ``(x (n, n_genes), planted)`` where ``planted`` is the set of rows that come
+    after their partner (the ones de-duplication must drop).
+    """
+    rng = np.random.default_rng(seed)
+    while True:  # distinct profiles of very different spreads: their distances fill (1.5, 30)
+        base = rng.normal(size=(n_distinct, n_genes)) * rng.uniform(0.3, 3.5, size=(n_distinct, 1))
+        d = pdist(base)
+        if d.min() > 1.5 and d.max() < 30:
+            break
+    src = rng.choice(n_distinct, n_dup, replace=False)
+    direction = rng.normal(size=(n_dup, n_genes))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    copies = base[src] + direction * rng.uniform(0.27, 0.33, size=(n_dup, 1))
+    order = rng.permutation(n_distinct + n_dup)
+    x = np.vstack([base, copies])[order]
+    new = np.argsort(order)  # new[k]: the shuffled position of original row k
+    planted = {int(max(new[s], new[n_distinct + k])) for k, s in enumerate(src)}
+    return x, planted
+
+
+def brute_force_duplicates(x, threshold) -> set:
+    """Rows j with an earlier row i < j closer than ``threshold`` (Euclidean), from the full distance matrix."""
+    d = squareform(pdist(np.asarray(x, dtype=np.float64)))
+    return {j for j in range(len(x)) if (d[:j, j] < threshold).any()}
+
+
+def test_find_duplicates_follows_the_threshold():
+    x, planted = planted_duplicates()
+    # exactly the planted copies at the recipe's threshold 1.0
+    assert set(np.flatnonzero(find_duplicates(x, threshold=1.0, block_rows=7))) == planted
+    assert brute_force_duplicates(x, 1.0) == planted
+    # other thresholds give other answers: none below the copies' distances, all but the first row above 30
+    assert not find_duplicates(x, threshold=0.21).any()
+    assert set(np.flatnonzero(find_duplicates(x, threshold=30.0))) == set(range(1, len(x)))
+    # and match the brute force in between (catches a scaled threshold or squared vs plain distances)
+    results = set()
+    for thr in (0.21, 0.29, 0.31, 1.0, 2.5, 5.0, 12.0, 30.0):
+        got = set(np.flatnonzero(find_duplicates(x, threshold=thr, block_rows=7)))
+        assert got == brute_force_duplicates(x, thr), thr
+        results.add(frozenset(got))
+    assert len(results) >= 6  # the thresholds above really separate different answers
 
 
 def test_split_indices_sizes_disjoint_and_seeded():

@@ -13,6 +13,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from conftest import assert_one_line_error, run_dgex
 
@@ -243,17 +244,96 @@ def test_paper_reference_columns(grid):
     assert "| LR |" in (grid["root"] / "t" / "table1.md").read_text()
 
 
-def test_stats_table_win_fractions_match_the_per_gene_errors(grid):
-    make_tables(aggregate=grid["agg"], output_dir=grid["root"] / "t", n_boot=200)
-    st = pd.read_csv(grid["root"] / "t" / "table_stats.csv")
-    row = st[(st["task"] == "GEO-te") & (st["baseline"] == "LR") & (st["genes"] == "all")].iloc[0]
-    raw = grid["raw"]
-    model = _raw_mean(raw, "D-GEX", "geo-va", "geo-te", (2, 20, 0.25)).set_index("ensembl")["mae"]
-    lr = _raw_mean(raw, "LR", "geo-va", "geo-te").set_index("ensembl")["mae"].loc[model.index]
-    assert row["dgex_wins"] == pytest.approx(float(np.mean(model < lr)))
-    assert row["dgex_ci_low"] <= row["dgex_mae"] <= row["dgex_ci_high"]
-    no = st[(st["task"] == "GEO-te") & (st["baseline"] == "LR") & (st["genes"] == "no_overlap")].iloc[0]
-    assert no["n_genes"] == sum(PART_SIZES) - int(_genes()["overlap"].sum())
+def _read_runs(dirs) -> pd.DataFrame:
+    """Every run's per-gene rows with its architecture, read from the run folders (not from the aggregate)."""
+    frames = []
+    for d in dirs:
+        cfg = json.loads((d / "run.json").read_text()).get("config", {})
+        frame = pd.read_csv(d / "per_gene.csv", dtype={"ensembl": str})
+        frames.append(frame.assign(**{k: float(cfg.get(k, np.nan)) for k in ("layers", "units", "dropout")}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_stats_table_columns_match_their_definitions(tmp_path):
+    """Every column of table_stats recomputed from the runs' per-gene rows: scipy's Wilcoxon test, relative
+    improvement, win rate, bootstrap CIs (scipy's percentile bootstrap), mean r / rho; all and no_overlap."""
+    dgex_dirs, base_dirs, _ = make_grid(tmp_path / "runs")
+    rng = np.random.default_rng(11)
+    for d in dgex_dirs + base_dirs:  # gene-varying correlations, so that their means are worth checking
+        frame = pd.read_csv(d / "per_gene.csv", dtype={"ensembl": str, "entrez": str})
+        frame["r"], frame["rho"] = rng.uniform(0.1, 0.9, len(frame)), rng.uniform(0.1, 0.9, len(frame))
+        frame[PER_GENE_COLUMNS].to_csv(d / "per_gene.csv", index=False)
+    aggregate(dgex_runs=dgex_dirs, baseline_runs=base_dirs, output_dir=tmp_path / "agg")
+    n_boot = 4000
+    make_tables(aggregate=tmp_path / "agg", output_dir=tmp_path / "t", n_boot=n_boot)
+    st = pd.read_csv(tmp_path / "t" / "table_stats.csv")
+    raw = _read_runs(dgex_dirs + base_dirs)
+    overlap = set(_genes().loc[_genes()["overlap"], "ensembl"])
+    checked = 0
+    for task, val, test in (("GEO-te", "geo-va", "geo-te"), ("GTEx-te", "1000g-va", "gtex-te")):
+        dg = raw[(raw["method"] == "D-GEX") & (raw["selected_by"] == val)]
+        # the network shown: lowest validation MAE over the grid
+        layers, units, dropout = dg[dg["split"] == val].groupby(["layers", "units", "dropout"])["mae"].mean().idxmin()
+        arch = (int(layers), int(units), dropout)
+        for base in ("LR", "KNN-GE"):
+            for subset in ("all", "no_overlap"):
+                row = st[(st["task"] == task) & (st["baseline"] == base) & (st["genes"] == subset)]
+                assert len(row) == 1, (task, base, subset)
+                row = row.iloc[0]
+                a = _raw_mean(raw, "D-GEX", val, test, arch).set_index("ensembl")
+                b = _raw_mean(raw, base, val, test).set_index("ensembl").loc[a.index]
+                if subset == "no_overlap":
+                    keep = ~a.index.isin(overlap)
+                    a, b = a[keep], b[keep]
+                assert row["model"] == f"{pct(arch[2])} {arch[0]}×{arch[1]}"
+                assert row["n_genes"] == len(a)
+                ma, mb = a["mae"].to_numpy(), b["mae"].to_numpy()
+                approx = {"rel": 2e-5}  # the CSV keeps 6 significant digits
+                assert row["dgex_mae"] == pytest.approx(ma.mean(), **approx)
+                assert row["baseline_mae"] == pytest.approx(mb.mean(), **approx)
+                assert row["rel_improvement"] == pytest.approx((mb.mean() - ma.mean()) / mb.mean(), **approx)
+                assert row["dgex_wins"] == pytest.approx(np.mean(ma < mb), **approx)
+                assert row["wilcoxon_p"] == pytest.approx(stats.wilcoxon(ma, mb).pvalue, **approx)
+                for col, frame in (("dgex", a), ("baseline", b)):
+                    assert row[f"{col}_r"] == pytest.approx(frame["r"].mean(), **approx)
+                    assert row[f"{col}_rho"] == pytest.approx(frame["rho"].mean(), **approx)
+                    x = frame["mae"].to_numpy()
+                    lo, hi = row[f"{col}_ci_low"], row[f"{col}_ci_high"]
+                    assert lo < x.mean() < hi
+                    ref = stats.bootstrap((x,), np.mean, n_resamples=n_boot, method="percentile", rng=1)
+                    ref_lo, ref_hi = ref.confidence_interval
+                    width = ref_hi - ref_lo
+                    assert abs(lo - ref_lo) < 0.1 * width and abs(hi - ref_hi) < 0.1 * width, (col, lo, hi, ref_lo)
+                checked += 1
+    assert checked == 8 and len(st) == 8
+    assert (st["rel_improvement"] > 0).all() and (st["wilcoxon_p"] < 0.05).all()  # D-GEX is better by construction
+
+
+def test_stats_table_confidence_intervals_narrow_with_more_genes():
+    """16 times the genes (same spread): a quarter of the bootstrap CI width; each CI holds its mean."""
+    from dgex.tables import stats_table
+
+    def table(n_genes):
+        rng = np.random.default_rng(n_genes)
+        genes = pd.DataFrame(
+            {"ensembl": [f"E{i}" for i in range(n_genes)], "symbol": "", "entrez": "", "part": 0, "overlap": False}
+        )
+        effect = rng.gamma(4, 0.1, n_genes)
+        rows = [
+            genes.assign(method="D-GEX", layers=1, units=10, dropout=0.0, mae=effect),
+            genes.assign(method="LR", layers=np.nan, units=np.nan, dropout=np.nan, mae=effect + 0.05),
+        ]
+        pg = pd.concat(rows).assign(selected_by="geo-va", split="geo-te", r=0.5, rho=0.5)
+        summary = pd.DataFrame(
+            [{"method": "D-GEX", "selected_by": "geo-va", "split": "geo-va", "layers": 1, "units": 10}]
+        ).assign(dropout=0.0, mae_mean=0.4)
+        return stats_table(pg, summary, n_boot=2000)[0].iloc[0]
+
+    small, large = table(100), table(1600)
+    for r in (small, large):
+        assert r["dgex_ci_low"] < r["dgex_mae"] < r["dgex_ci_high"]
+    ratio = (large["dgex_ci_high"] - large["dgex_ci_low"]) / (small["dgex_ci_high"] - small["dgex_ci_low"])
+    assert 0.15 < ratio < 0.4  # 1/sqrt(16) = 0.25 in expectation
 
 
 def test_tables_cli_rejects_a_folder_that_is_not_an_aggregate(tmp_path):

@@ -18,6 +18,20 @@ on into a folder that ``dgex infer`` (or :func:`load_bundle` +
                          landmark_quantiles (L,): mean sorted GEO landmark profile (for --quantile-normalize);
                          probe_quantiles (P,) if GEO was quantile normalised in preprocess
 
+What a bundle must hold comes from the format, never from the bundle itself:
+:func:`load_bundle` requires every key of :data:`INFO_KEYS`,
+:data:`ARCHITECTURE_KEYS` and :data:`PART_KEYS` with its type, parts numbered
+0..n-1 in order (or one ``null`` part) whose weights file, target range and
+shape follow from the part number and the architecture, a checksum in
+``files`` for every file of :func:`bundle_files` and no other entry there, the
+arrays of :data:`STATS_ARRAYS` (finite, of the model's sizes), gene tables
+whose ``part`` column matches each part's target range, and weights of the
+declared shape.  Any violation is one error naming the bundle, with the fix
+"re-export it with `dgex export`".  Files in the folder that the format does
+not name are ignored (never read; logged).  The checksums detect damaged or
+modified files; they do not authenticate a bundle against someone who can
+rewrite bundle.json too.
+
 Inputs are standardised as ``(x - mean) / (std + epsilon)`` and outputs
 mapped back with ``y * (std + epsilon) + mean``, so both sides of the model
 are on the GEO log2-expression scale.
@@ -29,8 +43,10 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,8 +71,69 @@ LANDMARK_COLUMNS = ["ensembl", "entrez", "symbol", "probe"]
 TARGET_COLUMNS = ["ensembl", "entrez", "symbol", "part"]
 
 
+# --------------------------------------------------------------------------- #
+# the format (version 1): what every bundle must hold, whatever its bundle.json lists
+# --------------------------------------------------------------------------- #
+#: The files of every bundle besides bundle.json and the weights (one file per part, :func:`bundle_files`).
+TABLE_FILES = ("landmarks.tsv", "targets.tsv", "stats.npz")
+#: The only hidden activation of format 1.
+HIDDEN_ACTIVATION = "tanh"
+#: Required keys (name -> kind, see ``_KINDS``) of bundle.json; other top-level keys are descriptive, never read.
+INFO_KEYS = {
+    "format": "string",
+    "format_version": "count",
+    "dgex_version": "string",
+    "created": "string",
+    "architecture": "object",
+    "parts": "list",
+    "files": "object",
+}
+#: ... of bundle.json's ``architecture``.
+ARCHITECTURE_KEYS = {
+    "n_landmarks": "count",
+    "n_targets": "count",
+    "layers": "count",
+    "units": "count",
+    "dropout": "rate",
+    "hidden_activation": "string",
+    "n_parts": "count",
+}
+#: ... of each entry of bundle.json's ``parts`` (other keys, e.g. metrics, are descriptive).
+PART_KEYS = {"part": "part", "file": "string", "n_targets": "count", "target_start": "index", "shape": "shape"}
+#: ... of each weights file.
+WEIGHTS_KEYS = {"state_dict": "object", "shape": "shape", "dropout": "rate"}
+#: Vectors of stats.npz every bundle has (besides the scalar ``epsilon``); other arrays are optional.
+STATS_ARRAYS = ("landmark_mean", "landmark_std", "landmark_quantiles", "target_mean", "target_std")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+#: kind -> (test, what it is, for the error message)
+_KINDS = {
+    "string": (lambda v: isinstance(v, str), "a string"),
+    "object": (lambda v: isinstance(v, dict), "an object"),
+    "list": (lambda v: isinstance(v, list) and len(v) > 0, "a non-empty list"),
+    "count": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "index": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "rate": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "a number in [0, 1)"),
+    "part": (lambda v: v is None or (_is_int(v) and v >= 0), "an integer >= 0 or null"),
+    "shape": (
+        lambda v: isinstance(v, list) and len(v) == 4 and all(_is_int(x) and x >= 1 for x in v),
+        "a list of 4 integers >= 1",
+    ),
+}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 def _weights_name(part) -> str:
     return "weights_all.pt" if part is None else f"weights_part{int(part)}.pt"
+
+
+def bundle_files(parts: list[dict]) -> list[str]:
+    """The files (besides bundle.json) a bundle with these ``parts`` entries must hold, each with a checksum."""
+    return [*TABLE_FILES, *(_weights_name(p["part"]) for p in parts)]
 
 
 # --------------------------------------------------------------------------- #
@@ -512,111 +589,220 @@ def _corrupt(path: Path, what: str) -> InputError:
     return InputError(f"{path}: corrupt model bundle ({what}); re-export it with `dgex export`")
 
 
-def load_bundle(path, device="cpu", verify: bool = True) -> Bundle:
-    """Load and check a bundle folder written by :func:`export_bundle`.
+def _disagree(path: Path, what: str) -> InputError:
+    return InputError(f"{path}: bundle files disagree: {what}; re-export it with `dgex export`")
 
-    Checks the format version, that every file is present, that gene tables,
-    statistics and weights agree in size, and (``verify``) the files' sha256.
-    """
-    path = Path(path)
+
+def _read_info(path: Path) -> dict:
+    """bundle.json of the folder ``path``, checked to be a dgex bundle of :data:`BUNDLE_FORMAT`."""
     meta = path / "bundle.json"
-    if not path.is_dir() or not meta.exists():
+    if not path.is_dir() or not meta.is_file():
         raise InputError(f"{path}: not a dgex model bundle (no bundle.json); pass a folder written by `dgex export`")
     try:
         info = json.loads(meta.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise _corrupt(path, f"bundle.json unreadable: {exc}") from None
+    except OSError as exc:
+        raise _corrupt(path, f"cannot read bundle.json: {exc.strerror}") from None
     if not isinstance(info, dict) or info.get("format") != BUNDLE_KIND:
+        kind = info.get("format") if isinstance(info, dict) else None
         raise InputError(
-            f"{path}: bundle.json is not a dgex model bundle description; pass a folder written by `dgex export`"
+            f"{path}: bundle.json is not a dgex model bundle description (format {kind!r}, expected "
+            f"{BUNDLE_KIND!r}); pass a folder written by `dgex export`"
         )
-    if info.get("format_version") != BUNDLE_FORMAT:
+    version = info.get("format_version")
+    if type(version) is not int or version != BUNDLE_FORMAT:  # True == 1 and 1.0 == 1 in Python
         raise InputError(
-            f"{path}: bundle format version {info.get('format_version')!r} (written by dgex "
+            f"{path}: bundle format version {version!r} (written by dgex "
             f"{info.get('dgex_version')}), this dgex {__version__} reads version {BUNDLE_FORMAT}; "
             f"re-export the model with `dgex export` of this version"
         )
-    try:
-        files, parts, arch = info["files"], info["parts"], info["architecture"]
-        L, T = int(arch["n_landmarks"]), int(arch["n_targets"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise _corrupt(path, f"bundle.json lacks {exc}") from None
-    missing = [f for f in files if not (path / f).exists()]
+    return info
+
+
+def _check_keys(path: Path, where: str, obj, keys: dict) -> None:
+    """Every key of the format (``keys``: name -> kind of :data:`_KINDS`) present in ``obj`` with its kind."""
+    if not isinstance(obj, dict):
+        raise _corrupt(path, f"{where} is {type(obj).__name__}, not an object")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise _corrupt(path, f"{where} lacks {', '.join(missing)}")
+    for key, kind in keys.items():
+        ok, what = _KINDS[kind]
+        if not ok(obj[key]):
+            raise _corrupt(path, f"{where} {key} is {json.dumps(obj[key])[:40]}, not {what}")
+
+
+def _check_info(path: Path, info: dict) -> tuple[dict, list, dict]:
+    """bundle.json's keys, types and internal consistency; returns ``(architecture, parts, files)``."""
+    _check_keys(path, "bundle.json", info, INFO_KEYS)
+    arch, parts, files = info["architecture"], info["parts"], info["files"]
+    _check_keys(path, "bundle.json architecture", arch, ARCHITECTURE_KEYS)
+    if arch["hidden_activation"] != HIDDEN_ACTIVATION:
+        raise _corrupt(
+            path, f"hidden_activation {arch['hidden_activation']!r}; format {BUNDLE_FORMAT} has {HIDDEN_ACTIVATION}"
+        )
+    for k, p in enumerate(parts):
+        _check_keys(path, f"bundle.json parts[{k}]", p, PART_KEYS)
+    numbers = [p["part"] for p in parts]
+    if numbers != [None] and numbers != list(range(len(parts))):
+        raise _corrupt(path, f"parts are numbered {numbers}; expected 0..{len(parts) - 1} in order, or one null part")
+    if arch["n_parts"] != len(parts):
+        raise _corrupt(path, f"architecture n_parts is {arch['n_parts']} but {len(parts)} parts are listed")
+    L, start = arch["n_landmarks"], 0
+    for p in parts:
+        if p["file"] != _weights_name(p["part"]):
+            raise _corrupt(path, f"part {p['part']} names weights {p['file']!r}, not {_weights_name(p['part'])}")
+        want = [L, p["n_targets"], arch["layers"], arch["units"]]
+        if p["target_start"] != start or p["shape"] != want:
+            raise _corrupt(
+                path,
+                f"part {p['part']} starts at target {p['target_start']} with shape {p['shape']}; the architecture "
+                f"and the parts before it give start {start} and shape {want}",
+            )
+        start += p["n_targets"]
+    if start != arch["n_targets"]:
+        raise _corrupt(path, f"the parts hold {start} targets but the architecture has {arch['n_targets']}")
+    if not all(isinstance(d, str) and _SHA256.fullmatch(d) for d in files.values()):
+        raise _corrupt(path, "bundle.json files holds a value that is not a sha256 hex digest")
+    return arch, parts, files
+
+
+def _check_files(path: Path, files: dict, names: list[str]) -> None:
+    """The format's files (``names``) are all listed in ``files`` with a checksum and present; nothing else listed."""
+    unknown = sorted(set(files) - set(names))
+    if unknown:
+        raise _corrupt(path, f"bundle.json lists {', '.join(unknown)}, not a file of format {BUNDLE_FORMAT}")
+    unlisted = [n for n in names if n not in files]
+    if unlisted:
+        raise _corrupt(path, f"bundle.json has no checksum for {', '.join(unlisted)}")
+    missing = [n for n in names if not (path / n).is_file()]
     if missing:
         raise _corrupt(path, f"missing file(s) {', '.join(missing)}")
+    try:
+        other = sorted(p.name for p in path.iterdir() if p.name not in names and p.name != "bundle.json")
+    except OSError:  # a folder we may enter but not list: nothing to say about other files
+        other = []
+    if other:
+        log.info("%s: ignoring %s (not files of a model bundle; never read)", path, ", ".join(other))
 
+
+def _check_stats(path: Path, stats: dict, L: int, T: int) -> None:
+    """stats.npz holds the format's arrays: finite, numeric, of the model's sizes; std >= 0, epsilon >= 0."""
+    missing = [k for k in (*STATS_ARRAYS, "epsilon") if k not in stats]
+    if missing:
+        raise _corrupt(path, f"stats.npz lacks {', '.join(missing)}")
+    eps = stats["epsilon"]
+    if eps.shape != () or eps.dtype.kind not in "fiu" or not np.isfinite(eps) or eps < 0:
+        raise _corrupt(path, f"stats.npz epsilon is {eps!r}, not one finite number >= 0")
+    bad = [
+        k
+        for k in STATS_ARRAYS
+        if stats[k].ndim != 1 or stats[k].dtype.kind not in "fiu" or not np.isfinite(stats[k]).all()
+    ]
+    if bad:
+        raise _corrupt(path, f"stats.npz {', '.join(bad)} not a finite numeric vector")
+    sizes = {f"stats {k}": len(stats[k]) for k in STATS_ARRAYS}
+    wrong = [f"{k} has {n}" for k, n in sizes.items() if n != (L if "landmark" in k else T)]
+    if wrong:
+        raise _disagree(path, f"the model maps {L} landmarks -> {T} targets but {'; '.join(wrong)}")
+    negative = [k for k in ("landmark_std", "target_std") if (stats[k] < 0).any()]
+    if negative:
+        raise _corrupt(path, f"stats.npz {', '.join(negative)} has negative values")
+
+
+def _read_tables(path: Path, arch: dict, parts: list) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """landmarks.tsv, targets.tsv and stats.npz, checked against the architecture and the parts."""
+    L, T = arch["n_landmarks"], arch["n_targets"]
     try:
         lm = pd.read_csv(path / "landmarks.tsv", sep="\t", dtype=str, keep_default_na=False)
         tg = pd.read_csv(path / "targets.tsv", sep="\t", dtype=str, keep_default_na=False)
         with np.load(path / "stats.npz", allow_pickle=False) as z:
             stats = {k: z[k] for k in z.files}
-    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+    except (OSError, ValueError, zipfile.BadZipFile, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise _corrupt(path, f"unreadable gene tables or stats.npz: {exc}") from None
     for name, table, cols in (("landmarks.tsv", lm, LANDMARK_COLUMNS[:3]), ("targets.tsv", tg, TARGET_COLUMNS)):
         if not set(cols) <= set(table.columns):
             raise _corrupt(path, f"{name} lacks columns {sorted(set(cols) - set(table.columns))}")
     if "probe" not in lm.columns:
         lm["probe"] = ""
-    need = ("landmark_mean", "landmark_std", "target_mean", "target_std", "epsilon", "landmark_quantiles")
-    if any(k not in stats for k in need):
-        raise _corrupt(path, f"stats.npz lacks {', '.join(k for k in need if k not in stats)}")
-    sizes = {
-        "landmarks.tsv": len(lm),
-        "stats landmark_mean": len(stats["landmark_mean"]),
-        "stats landmark_std": len(stats["landmark_std"]),
-        "stats landmark_quantiles": len(stats["landmark_quantiles"]),
-    }
-    tsizes = {
-        "targets.tsv": len(tg),
-        "stats target_mean": len(stats["target_mean"]),
-        "stats target_std": len(stats["target_std"]),
-        "parts in bundle.json": sum(int(p.get("n_targets", -1)) for p in parts),
-    }
-    bad = [f"{k} has {v}" for k, v in sizes.items() if v != L] + [f"{k} has {v}" for k, v in tsizes.items() if v != T]
-    if bad:
-        raise InputError(
-            f"{path}: bundle files disagree: the model maps {L} landmarks -> {T} targets but "
-            f"{'; '.join(bad)}; re-export the bundle with `dgex export`"
-        )
-
-    networks, slices = [], []
-    for p in parts:
-        wpath = path / p["file"]
-        try:
-            blob = torch.load(wpath, map_location="cpu", weights_only=True)
-            n_in, n_out, layers, units = blob["shape"]
-        except Exception as exc:  # torch raises many types on damaged pickles/zips
-            raise _corrupt(path, f"{p.get('file')} unreadable: {type(exc).__name__}") from None
-        start, n = int(p["target_start"]), int(p["n_targets"])
-        if n_in != L or n_out != n:
-            raise InputError(
-                f"{path}: bundle files disagree: {p['file']} maps {n_in} -> {n_out} genes but the "
-                f"gene tables give {L} landmarks and {n} targets for part {p['part']}; "
-                f"re-export the bundle with `dgex export`"
+    wrong = [
+        f"{k} has {n}"
+        for k, n in (("landmarks.tsv", len(lm)), ("targets.tsv", len(tg)))
+        if n != (L if "land" in k else T)
+    ]
+    if wrong:
+        raise _disagree(path, f"the model maps {L} landmarks -> {T} targets but {'; '.join(wrong)}")
+    for name, table in (("landmarks.tsv", lm), ("targets.tsv", tg)):
+        ids = table["ensembl"]
+        if (ids == "").any() or ids.duplicated().any():
+            raise _corrupt(
+                path, f"{name} has empty or repeated ensembl ids (e.g. {ids[ids.duplicated() | (ids == '')].iloc[0]!r})"
             )
-        net = DGEX(n_in, n_out, layers, units, float(blob.get("dropout", 0.0)))
-        try:
-            net.load_state_dict(blob["state_dict"])
-        except (RuntimeError, KeyError) as exc:
-            raise InputError(
-                f"{path}: bundle files disagree: {p['file']} does not fit its declared shape "
-                f"({str(exc).splitlines()[0]}); re-export the bundle with `dgex export`"
-            ) from None
-        net.eval()
-        networks.append(net)
-        slices.append(slice(start, start + n))
-    covered = np.zeros(T, dtype=int)
-    for sl in slices:
-        covered[sl] += 1
-    if not (covered == 1).all():
-        raise _corrupt(path, "the parts do not cover every target exactly once")
+    _check_stats(path, stats, L, T)
+    # each part's rows of targets.tsv carry its part number: the networks cannot be paired with the wrong genes
+    for p in parts:
+        label = "all" if p["part"] is None else str(p["part"])
+        rows = tg["part"].iloc[p["target_start"] : p["target_start"] + p["n_targets"]]
+        if (rows != label).any():
+            raise _disagree(
+                path,
+                f"targets.tsv rows {p['target_start']}..{p['target_start'] + p['n_targets'] - 1} are not all "
+                f"part {label}, but bundle.json gives them to {p['file']}",
+            )
+    return lm, tg, stats
 
+
+def _read_network(path: Path, arch: dict, part: dict) -> DGEX:
+    """The network of one part, checked against its part entry in bundle.json."""
+    name = part["file"]
+    try:
+        blob = torch.load(path / name, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types on damaged pickles/zips
+        raise _corrupt(path, f"{name} unreadable: {type(exc).__name__}") from None
+    _check_keys(path, name, blob, WEIGHTS_KEYS)
+    if blob["shape"] != part["shape"]:
+        n_in, n_out = blob["shape"][:2]
+        raise _disagree(
+            path,
+            f"{name} maps {n_in} -> {n_out} genes with {blob['shape'][2]}x{blob['shape'][3]} hidden units but "
+            f"bundle.json gives {part['shape'][0]} landmarks, {part['n_targets']} targets for part {part['part']} "
+            f"and {arch['layers']}x{arch['units']} hidden units",
+        )
+    net = DGEX(*blob["shape"], float(blob["dropout"]))
+    try:
+        net.load_state_dict(blob["state_dict"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise _disagree(path, f"{name} does not fit its declared shape ({str(exc).splitlines()[0]})") from None
+    return net.eval()
+
+
+def load_bundle(path, device="cpu", verify: bool = True) -> Bundle:
+    """Load and check a bundle folder written by :func:`export_bundle`.
+
+    Everything checked comes from the format (see the module docstring), not
+    from bundle.json: its keys and their types, that every file of the format
+    is listed with a checksum and present, that gene tables, statistics,
+    parts and weights agree, and (``verify``) every file's sha256.  Any
+    violation raises :class:`InputError` (one line, naming the bundle).
+    """
+    path = Path(path)
+    info = _read_info(path)
+    arch, parts, files = _check_info(path, info)
+    names = bundle_files(parts)
+    _check_files(path, files, names)
+    lm, tg, stats = _read_tables(path, arch, parts)
+    networks = [_read_network(path, arch, p) for p in parts]
+    slices = [slice(p["target_start"], p["target_start"] + p["n_targets"]) for p in parts]
     if verify:
-        for name, digest in files.items():
-            if sha256_file(path / name) != digest:
-                raise InputError(
-                    f"{path}: {name} does not match its checksum in bundle.json; the bundle is corrupt "
-                    f"or was modified: re-export it with `dgex export`"
+        for name in names:
+            try:
+                digest = sha256_file(path / name)
+            except OSError as exc:
+                raise _corrupt(path, f"cannot read {name}: {exc.strerror}") from None
+            if digest != files[name]:
+                raise _corrupt(
+                    path, f"{name} does not match its checksum in bundle.json: the file was damaged or modified"
                 )
     lm["entrez"] = lm["entrez"].map(_clean_entrez)
     tg["entrez"] = tg["entrez"].map(_clean_entrez)

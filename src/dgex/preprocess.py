@@ -157,16 +157,28 @@ def _probe_positions(matrix: Matrix, lm: pd.DataFrame, tg: pd.DataFrame) -> tupl
     return index.get_indexer(probes), probes
 
 
+def _entrez_ids(ids) -> np.ndarray:
+    """Entrez ids as integers in text: '5720.0' -> '5720' (a TSV id column with a blank cell is read as floats)."""
+    text = pd.Series(np.asarray(ids, dtype=str)).str.strip()
+    return text.str.replace(r"^(\d+)\.0*$", r"\1", regex=True).to_numpy(dtype=object)
+
+
 def _gene_keys(table: pd.DataFrame, id_type: str) -> np.ndarray:
     column = {"ensembl": "ensembl", "entrez": "entrez", "symbol": "symbol"}.get(id_type)
     if column is None:
         raise InputError(f"id type {id_type!r} is not supported for RNA-seq inputs; use ensembl, entrez or symbol")
-    return table[column].astype(str).values
+    keys = table[column].astype(str).values
+    return _entrez_ids(keys) if id_type == "entrez" else keys
 
 
 def rnaseq_gene_matrix(matrix: Matrix, genes: pd.DataFrame, id_type: str) -> np.ndarray:
     """Gene-level RNA-seq values for ``genes`` (landmarks then targets): ``(n_samples, L+T)``."""
-    ids = strip_version(matrix.row_ids) if id_type == "ensembl" else np.asarray(matrix.row_ids, dtype=str)
+    if id_type == "ensembl":
+        ids = strip_version(matrix.row_ids)
+    elif id_type == "entrez":
+        ids = _entrez_ids(matrix.row_ids)
+    else:
+        ids = np.asarray(matrix.row_ids, dtype=str)
     index = pd.Index(ids)
     if not index.is_unique:
         n_dup = int(index.duplicated().sum())
