@@ -297,6 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--baseline-runs", nargs="*", default=[], metavar="DIR", help="baseline run folders")
     p.add_argument("--output-dir", required=True, help="aggregate folder")
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="processed dataset the runs were trained on: its target parts are what every grid point must have "
+        "(default: the dataset named in the runs' run.json)",
+    )
+    p.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="aggregate grid points that lack target parts (and leave out unfinished run folders) instead of "
+        "refusing; aggregate.json lists them and the tables and figures state them",
+    )
 
     # ---------------------------------------------------------------- tables
     p = sub.add_parser(
