@@ -100,6 +100,10 @@ def test_allow_incomplete_records_the_gaps_and_every_table_states_them(runs):
     assert (chosen["layers"], chosen["units"], chosen["dropout"]) == best
     assert (2, 20, 0.25) not in {(chosen["layers"], chosen["units"], chosen["dropout"])}
     assert tables["incomplete"]["grid_points"] == info["incomplete"]
+    # the folders given without a run.json (the deleted one and the unfinished one) are listed as left out
+    left_out = [str(runs["root"] / "runs" / p) for p in ("1x10_d0/part0", "2x20_d0.25/part1")]
+    assert sorted(info["left_out"]) == sorted(tables["incomplete"]["left_out"]) == left_out
+    assert f"left out: {', '.join(info['left_out'])}." in (runs["root"] / "t" / "table1.md").read_text()
 
     res = run_dgex("figures", "--aggregate", runs["root"] / "agg", "--output-dir", runs["root"] / "f")
     assert res.returncode == 0, res.stderr

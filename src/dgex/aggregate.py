@@ -259,6 +259,7 @@ def aggregate(*, dgex_runs, baseline_runs, output_dir, dataset=None, allow_incom
     leave out unfinished run folders) instead of refusing; they are listed in
     ``aggregate.json`` under ``incomplete``.
     """
+    left_out = [str(d) for d in dgex_runs or [] if allow_incomplete and not (Path(d) / "run.json").is_file()]
     per_gene_d, histories, runs_d = _dgex_runs(dgex_runs or [], allow_incomplete)
     per_gene_b, runs_b = _baseline_runs(baseline_runs or [])
     runs = runs_d + runs_b
@@ -318,6 +319,8 @@ def aggregate(*, dgex_runs, baseline_runs, output_dir, dataset=None, allow_incom
         "target_parts": None if sizes is None else {str(k): v for k, v in sizes.items()},
         "incomplete": gaps,
     }
+    if left_out:  # unfinished run folders that --allow-incomplete skipped (only then: the key stays optional)
+        info["left_out"] = left_out
     write_json(out / "aggregate.json", info)
     log.info("aggregated %d D-GEX and %d baseline runs into %s", len(runs_d), len(runs_b), out)
     return info

@@ -32,6 +32,7 @@ from .tables import (
     dgex_rows,
     fmt,
     gaps_note,
+    incomplete_info,
     incomplete_points,
     pct,
 )
@@ -206,6 +207,6 @@ def make_figures(*, aggregate, output_dir) -> dict:
         note = gaps_note(gaps).replace("† marks", "the tables mark")
         for fig in figs.values():
             fig["caption"] += " " + note
-        info["incomplete"] = {"grid_points": gaps, "note": note}
+        info["incomplete"] = incomplete_info(gaps, note)
     write_json(out / "figures.json", info)
     return info

@@ -144,12 +144,16 @@ def arch_name(arch) -> str:
 
 
 def incomplete_points(agg: dict, source) -> list[dict]:
-    """The incomplete grid points an aggregate declares (``aggregate.json`` ``incomplete``).
+    """The incomplete grid points an aggregate declares (``aggregate.json`` ``incomplete``), plus one
+    ``{"left_out": dir}`` per unfinished run folder it skipped (``left_out``).
 
     Refuses a summary whose rows cover different numbers of genes on one
     evaluation (selection x split) when the aggregate declares no gaps.
     """
     gaps = agg["info"].get("incomplete") or []
+    left_out = agg["info"].get("left_out") or []
+    if left_out:  # unfinished run folders were skipped: whatever they held is missing, too
+        gaps = gaps + [{"left_out": d} for d in left_out]
     counts = agg["summary"].groupby(["selected_by", "split"])["n_genes"].agg(["min", "max"])
     uneven = counts[counts["min"] != counts["max"]]
     if len(uneven) and not gaps:
@@ -167,12 +171,28 @@ def gaps_note(gaps: list[dict]) -> str:
     """What an incomplete aggregate lacks, for every table and caption ('' when complete)."""
     if not gaps:
         return ""
-    return (
-        f"**Incomplete** (aggregated with --allow-incomplete): † marks {len(gaps)} grid point"
-        f"{'s' * (len(gaps) > 1)} without all target parts: {'; '.join(describe_gap(g) for g in gaps)}. "
-        f"Their errors are means over fewer genes than the other rows' (n_genes in the CSV) and are not "
-        f"comparable; dropout and architecture are chosen among the grid points that cover the most genes."
-    )
+    points = [g for g in gaps if "left_out" not in g]
+    left_out = [g["left_out"] for g in gaps if "left_out" in g]
+    note = "**Incomplete** (aggregated with --allow-incomplete):"
+    if points:
+        note += (
+            f" † marks {len(points)} grid point{'s' * (len(points) > 1)} without all target parts: "
+            f"{'; '.join(describe_gap(g) for g in points)}. Their errors are means over fewer genes than the other "
+            f"rows' (n_genes in the CSV) and are not comparable; dropout and architecture are chosen among the "
+            f"grid points that cover the most genes."
+        )
+    if left_out:
+        note += f" Unfinished run folders left out: {', '.join(left_out)}."
+    return note
+
+
+def incomplete_info(gaps: list[dict], note: str) -> dict:
+    """What tables.json / figures.json record of an incomplete aggregate."""
+    return {
+        "grid_points": [g for g in gaps if "left_out" not in g],
+        "left_out": [g["left_out"] for g in gaps if "left_out" in g],
+        "note": note,
+    }
 
 
 def _dagger(r, incomplete) -> str:
@@ -453,7 +473,7 @@ def make_tables(*, aggregate, output_dir, paper_reference: bool = False, n_boot:
     agg = load_aggregate(aggregate)
     summary, per_gene = agg["summary"], agg["per_gene"]
     gaps = incomplete_points(agg, aggregate)
-    incomplete = frozenset((g["layers"], g["units"], float(g["dropout"])) for g in gaps)
+    incomplete = frozenset((g["layers"], g["units"], float(g["dropout"])) for g in gaps if "left_out" not in g)
     note = gaps_note(gaps)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -474,7 +494,7 @@ def make_tables(*, aggregate, output_dir, paper_reference: bool = False, n_boot:
         "rnaseq": bool(agg["info"].get("rnaseq")),
     }
     if gaps:  # only then, so that a complete run's tables.json is what it always was
-        info["incomplete"] = {"grid_points": gaps, "note": note}
+        info["incomplete"] = incomplete_info(gaps, note)
     write_json(out / "tables.json", info)
     log.info("wrote %d tables into %s", len(written), out)
     return info
