@@ -298,3 +298,19 @@ def test_bad_inputs_raise(toy, tmp_path):
     with pytest.raises(InputError, match="landmarks of the checkpoint do not match"):
         interpret_s2(dataset=other, runs=[r[(1, 0)]], output_dir=tmp_path / "o", device="cpu", progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_s3_caption_says_when_the_map_is_empty(toy, tmp_path):
+    """No weight beyond k standard deviations (small networks, large k): the caption says the map is empty."""
+    runs = [toy["runs"][(1, 0)], toy["runs"][(1, 1)]]
+    info = interpret_s3(runs=runs, output_dir=tmp_path / "a", map_sigmas=(50, 50), progress=False)
+    assert (
+        "Part 0 has no major input connections at k = 50 and no major output connections at k = 50"
+        in (info["captions"]["figure_s3"])
+    )
+    # an oracle for the other end: at k = 0.5 some of the 8 weights of a unit lie beyond it, so the map is drawn
+    model, _ = load_weights(runs[0] / "best_geo-va.pt")
+    w_in = model.hidden[0].weight.detach().double().numpy()
+    assert major_weights(w_in, 0.5, axis=0).any()
+    info = interpret_s3(runs=runs, output_dir=tmp_path / "b", map_sigmas=(0.5, 0.5), progress=False)
+    assert "map is empty" not in info["captions"]["figure_s3"]

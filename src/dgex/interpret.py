@@ -658,6 +658,17 @@ def interpret_s3(
         f"paper) for the {min(map_size, units)} hidden units with the most major connections of target "
         f"part {nets[0]['part']}."
     )
+    shown = next(c for c in counts if c.get("map") and c["part"] == nets[0]["part"])
+    empty = [
+        f"no major {side} connections at k = {k:g}"
+        for side, k, n in (
+            ("input", map_sigmas[0], shown["input_connections"]),
+            ("output", map_sigmas[1], shown["output_connections"]),
+        )
+        if n == 0
+    ]
+    if empty:  # an empty map is a result (no weight beyond k standard deviations), not a drawing error
+        caption += f" Part {nets[0]['part']} has {' and '.join(empty)}, so the map is empty there."
     info = {
         "analysis": "S3",
         "network": _network_info(run_list, selection),
