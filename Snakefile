@@ -7,13 +7,17 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The demo config applies only when no --configfile is given: a user's config
+# is never merged over it (it gets the schema's defaults below, nothing else).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 report: "workflow/report/workflow.rst"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+validate(config, "workflow/schemas/config.schema.yaml", set_default=True)
 
 
 # `--resources gpu=N` caps concurrent GPU jobs per machine (local scope);

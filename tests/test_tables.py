@@ -16,6 +16,7 @@ import pytest
 from scipy import stats
 
 from conftest import assert_one_line_error, run_dgex
+from helpers_dataset import write_dataset_arrays
 
 from dgex.aggregate import aggregate, load_aggregate
 from dgex.errors import InputError
@@ -64,10 +65,23 @@ def _write_run(run_dir, info, frame):
 
 
 def make_grid(root, prefer=None, rnaseq=True, seed=0, dataset="ds.h5"):
-    """Write the fake D-GEX and baseline run folders; returns (dgex_dirs, baseline_dirs, raw per-gene frame)."""
+    """Write the fake D-GEX and baseline run folders; returns (dgex_dirs, baseline_dirs, raw per-gene frame).
+
+    ``root/dataset`` is a processed dataset with the fake target genes and parts (what aggregate checks the
+    runs' parts against); its expression values are never read.
+    """
     prefer = prefer or {"geo-va": 0.25, "1000g-va": 0.0}
     rng = np.random.default_rng(seed)
     genes = _genes()
+    root.mkdir(parents=True, exist_ok=True)
+    dataset = str(
+        write_dataset_arrays(
+            root / dataset,
+            {"geo-tr": (np.zeros((2, 3)), np.zeros((2, len(genes))))},
+            parts=genes["part"].to_numpy(),
+            target_ids=list(genes["ensembl"]),
+        )
+    )
     effect = rng.normal(scale=0.05, size=len(genes))
     sels = {k: v for k, v in SPLITS_BY_SELECTION.items() if rnaseq or k == "geo-va"}
     splits = [s for s in ALL_SPLITS if rnaseq or s.startswith("geo")]

@@ -11,7 +11,15 @@ Reads finished run folders (``run.json`` + ``per_gene.csv``, and
 * ``history.csv`` -- per grid point and epoch, the overall MAE of each
   evaluation split over all targets (gene-count-weighted mean of the parts);
 * ``runs.csv`` -- one row per run (epochs, best epochs, time, throughput);
-* ``aggregate.json`` -- the grid found and whether RNA-seq splits exist.
+* ``aggregate.json`` -- the grid found, whether RNA-seq splits exist, the
+  target parts every grid point must have and the ``incomplete`` grid points.
+
+Every grid point must have a run for each target part of the runs' dataset
+(or one run on all targets): a missing part would silently turn a grid point's
+error into a mean over fewer genes than its neighbours'.  Such a grid point is
+an error naming it and its missing parts, unless ``allow_incomplete`` is set;
+then ``aggregate.json`` lists it under ``incomplete`` and the tables and
+figures state it.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .dataset import EVAL_SPLITS
+from .dataset import EVAL_SPLITS, ProcessedDataset
 from .errors import InputError
 from .io import atomic_path, write_json
 from .metrics import read_per_gene
@@ -36,13 +44,22 @@ KEY = ["method", *ARCH, "selected_by", "split"]
 PER_GENE_AGG = [*KEY, "ensembl", "symbol", "entrez", "part", "overlap", "mae", "r", "rho"]
 
 
-def _dgex_runs(dirs) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
+def _dgex_runs(dirs, allow_incomplete: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
     frames, histories, runs = [], [], []
     for d in map(Path, dirs):
+        if allow_incomplete and not (d / "run.json").is_file():
+            log.warning("%s: no run.json (unfinished run), left out: --allow-incomplete", d)
+            continue
         info = read_run_info(d)
         cfg = info["config"]
         arch = {"layers": int(cfg["layers"]), "units": int(cfg["units"]), "dropout": float(cfg["dropout"])}
         pg = read_per_gene(d / "per_gene.csv").assign(**arch)
+        rows = pg.groupby(["selected_by", "split"]).size()
+        if (rows != info["n_targets"]).any():
+            raise InputError(
+                f"{d / 'per_gene.csv'} has {int(rows.min())} rows for some evaluation but the run has "
+                f"{info['n_targets']} targets: the file is incomplete; delete the run folder and retrain it"
+            )
         frames.append(pg)
         hist = pd.read_csv(d / "history.csv").assign(**arch, part=str(cfg["part"]), n_genes=info["n_targets"])
         histories.append(hist)
@@ -51,6 +68,7 @@ def _dgex_runs(dirs) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
                 "method": "D-GEX",
                 **arch,
                 "part": cfg["part"],
+                "n_targets": info["n_targets"],
                 "dir": str(d),
                 "dataset": info.get("dataset"),
                 "best_epoch_geo_va": info["best"].get("geo-va", {}).get("epoch"),
@@ -113,6 +131,82 @@ def check_coverage(per_gene: pd.DataFrame, runs: list[dict]) -> None:
             )
 
 
+def expected_parts(runs: list[dict], dataset=None) -> dict:
+    """``{part: n_targets}`` of the dataset the runs were trained on (``dataset`` or the one their run.json names)."""
+    path = dataset
+    if path is None:
+        recorded = {r["dataset"] for r in runs if r.get("dataset")}
+        path = next(iter(recorded), None)
+        if path is None or not Path(path).is_file():
+            raise InputError(
+                f"cannot check that every grid point has all its target parts: the runs' dataset "
+                f"{path or '(not recorded in run.json)'} is not found from {Path.cwd()}; pass --dataset "
+                f"with the processed dataset the runs were trained on (or --allow-incomplete)"
+            )
+    with ProcessedDataset(path) as ds:
+        parts = ds.genes().targets["part"].value_counts()
+    return {int(k): int(v) for k, v in sorted(parts.items())}
+
+
+def find_gaps(runs: list[dict], sizes: dict | None) -> list[dict]:
+    """Grid points whose runs do not cover every target part in ``sizes`` (``{part: n_targets}``).
+
+    ``sizes`` None (dataset unknown, only with allow_incomplete): the parts any grid point has.
+    Each gap: ``{layers, units, dropout, parts, missing_parts, n_genes, n_genes_expected}``.
+    """
+    by_point: dict[tuple, list[dict]] = {}
+    for r in runs:
+        by_point.setdefault((r["layers"], r["units"], r["dropout"]), []).append(r)
+    if sizes is None:
+        seen = {r["part"]: r["n_targets"] for r in runs if r["part"] is not None}
+        sizes = dict(sorted(seen.items()))
+    gaps = []
+    for (layers, units, dropout), point in sorted(by_point.items()):
+        parts = [r["part"] for r in point]
+        name = f"{layers}x{units} dropout {dropout:g}"
+        if None in parts:
+            if len(parts) > 1:
+                raise InputError(
+                    f"grid point {name} has a run on all targets and part runs ({', '.join(r['dir'] for r in point)}); "
+                    f"pass either the run on all targets or one run per part"
+                )
+            if sizes and point[0]["n_targets"] != sum(sizes.values()):
+                raise InputError(
+                    f"{point[0]['dir']}: run on all targets with {point[0]['n_targets']} targets, but the dataset "
+                    f"has {sum(sizes.values())}; pass the dataset the runs were trained on"
+                )
+            continue  # one run on all targets covers every part
+        for r in point:
+            if r["part"] not in sizes or r["n_targets"] != sizes[r["part"]]:
+                raise InputError(
+                    f"{r['dir']}: run of target part {r['part']} with {r['n_targets']} targets, but the dataset has "
+                    f"parts {sizes}; pass the dataset the runs were trained on"
+                )
+        missing = sorted(set(sizes) - set(parts))
+        if missing:
+            gaps.append(
+                {
+                    "layers": layers,
+                    "units": units,
+                    "dropout": dropout,
+                    "parts": sorted(parts),
+                    "missing_parts": missing,
+                    "n_genes": sum(sizes[p] for p in parts),
+                    "n_genes_expected": sum(sizes.values()),
+                }
+            )
+    return gaps
+
+
+def describe_gap(gap: dict) -> str:
+    """``1x100 dropout 0.1 lacks target part 1 (12 of 20 genes)``."""
+    missing = ", ".join(map(str, gap["missing_parts"]))
+    return (
+        f"{gap['layers']}x{gap['units']} dropout {gap['dropout']:g} lacks target part"
+        f"{'s' * (len(gap['missing_parts']) > 1)} {missing} ({gap['n_genes']} of {gap['n_genes_expected']} genes)"
+    )
+
+
 def weighted_history(histories: pd.DataFrame) -> pd.DataFrame:
     """Per grid point and epoch: overall MAE over all targets = gene-weighted mean of the parts' MAEs."""
     if histories.empty:
@@ -156,9 +250,17 @@ def summarise(per_gene: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def aggregate(*, dgex_runs, baseline_runs, output_dir) -> dict:
-    """Collect runs into ``output_dir``; returns the content of ``aggregate.json``."""
-    per_gene_d, histories, runs_d = _dgex_runs(dgex_runs or [])
+def aggregate(*, dgex_runs, baseline_runs, output_dir, dataset=None, allow_incomplete: bool = False) -> dict:
+    """Collect runs into ``output_dir``; returns the content of ``aggregate.json``.
+
+    ``dataset``: the processed dataset the runs were trained on (default: the
+    one their run.json names), which says what target parts each grid point
+    needs.  ``allow_incomplete``: aggregate grid points with missing parts (and
+    leave out unfinished run folders) instead of refusing; they are listed in
+    ``aggregate.json`` under ``incomplete``.
+    """
+    left_out = [str(d) for d in dgex_runs or [] if allow_incomplete and not (Path(d) / "run.json").is_file()]
+    per_gene_d, histories, runs_d = _dgex_runs(dgex_runs or [], allow_incomplete)
     per_gene_b, runs_b = _baseline_runs(baseline_runs or [])
     runs = runs_d + runs_b
     if not runs:
@@ -169,6 +271,24 @@ def aggregate(*, dgex_runs, baseline_runs, output_dir) -> dict:
             f"runs come from different datasets ({', '.join(sorted(datasets))}); "
             f"aggregate the runs of one dataset at a time"
         )
+    gaps, sizes = [], None
+    if runs_d:
+        try:
+            sizes = expected_parts(runs_d, dataset)
+        except InputError:
+            if dataset is not None or not allow_incomplete:
+                raise
+            log.warning("the runs' dataset is not readable: gaps are judged by the parts the grid points have")
+        gaps = find_gaps(runs_d, sizes)
+    if gaps and not allow_incomplete:
+        listed = "; ".join(describe_gap(g) for g in gaps[:4]) + (f"; and {len(gaps) - 4} more" if len(gaps) > 4 else "")
+        raise InputError(
+            f"{len(gaps)} grid point{'s' * (len(gaps) > 1)} incomplete: {listed}; their part runs are missing "
+            f"(failed, unfinished or deleted): train them (rerun the workflow) and aggregate again, or pass "
+            f"--allow-incomplete to aggregate anyway (the tables then state the gaps)"
+        )
+    for g in gaps:
+        log.warning("incomplete grid point (--allow-incomplete): %s", describe_gap(g))
     per_gene = pd.concat([f for f in (per_gene_d, per_gene_b) if not f.empty], ignore_index=True)[PER_GENE_AGG]
     check_coverage(per_gene, runs_d)
     out = Path(output_dir)
@@ -196,7 +316,11 @@ def aggregate(*, dgex_runs, baseline_runs, output_dir) -> dict:
         "n_genes": int(per_gene["ensembl"].nunique()),
         "n_overlap": int(per_gene.drop_duplicates("ensembl")["overlap"].astype(bool).sum()),
         "n_runs": {"dgex": len(runs_d), "baselines": len(runs_b)},
+        "target_parts": None if sizes is None else {str(k): v for k, v in sizes.items()},
+        "incomplete": gaps,
     }
+    if left_out:  # unfinished run folders that --allow-incomplete skipped (only then: the key stays optional)
+        info["left_out"] = left_out
     write_json(out / "aggregate.json", info)
     log.info("aggregated %d D-GEX and %d baseline runs into %s", len(runs_d), len(runs_b), out)
     return info

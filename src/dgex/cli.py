@@ -297,6 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--baseline-runs", nargs="*", default=[], metavar="DIR", help="baseline run folders")
     p.add_argument("--output-dir", required=True, help="aggregate folder")
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="processed dataset the runs were trained on: its target parts are what every grid point must have "
+        "(default: the dataset named in the runs' run.json)",
+    )
+    p.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="aggregate grid points that lack target parts (and leave out unfinished run folders) instead of "
+        "refusing; aggregate.json lists them and the tables and figures state them",
+    )
 
     # ---------------------------------------------------------------- tables
     p = sub.add_parser(
@@ -342,7 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fit every target gene by least squares (with intercept) from the landmarks and "
         "from each hidden layer's activations (eval mode) of one network (all its part "
         "runs), and report the adjusted R² on the same profiles. Writes "
-        "s2_adjusted_r2.csv, s2_summary.csv, figure_s2.png/.pdf and s2.json.",
+        "s2_adjusted_r2.csv, s2_summary.csv, figure_s2.png/.pdf and s2.json. A fit with p predictors needs "
+        "more than p + 1 profiles: where the split has fewer, the outputs say 'not computed' and why "
+        "(s2.json status and reason) and the command still succeeds.",
     )
     q.add_argument("--dataset", required=True, help="processed dataset the network was trained on")
     q.add_argument(

@@ -22,7 +22,20 @@ from .aggregate import load_aggregate
 from .errors import InputError
 from .io import write_json
 from .plotting import pyplot, save_figure
-from .tables import BASELINES, TASKS, arch_name, baseline_rows, choose, chosen_arch, dgex_rows, fmt, pct
+from .tables import (
+    BASELINES,
+    TASKS,
+    arch_name,
+    baseline_rows,
+    choose,
+    chosen_arch,
+    dgex_rows,
+    fmt,
+    gaps_note,
+    incomplete_info,
+    incomplete_points,
+    pct,
+)
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +181,7 @@ def figure5(agg, out):
 def make_figures(*, aggregate, output_dir) -> dict:
     """Draw Figures 1-5 into ``output_dir``; returns the content of ``figures.json``."""
     agg = load_aggregate(aggregate)
+    gaps = incomplete_points(agg, aggregate)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     figs = {}
@@ -189,5 +203,10 @@ def make_figures(*, aggregate, output_dir) -> dict:
     if skipped:
         log.info("no RNA-seq results: skipped %s", ", ".join(skipped))
     info = {"figures": figs, "skipped": skipped}
+    if gaps:  # every caption says what the aggregate lacks (a complete run's figures.json is unchanged)
+        note = gaps_note(gaps).replace("† marks", "the tables mark")
+        for fig in figs.values():
+            fig["caption"] += " " + note
+        info["incomplete"] = incomplete_info(gaps, note)
     write_json(out / "figures.json", info)
     return info

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -265,26 +266,29 @@ def interpret_s2(
                         "note": res["note"],
                     }
                 )
-                if res["note"]:
-                    log.warning("S2 part %s %s: %s", part, rep, res["note"])
+                if res["note"]:  # one warning below says what was not computed
+                    log.debug("S2 part %s %s: %s", part, rep, res["note"])
             frames.append(frame)
             del model, stats
         n_parts = genes.n_parts
 
     table = pd.concat(frames, ignore_index=True)
-    if table[reps].isna().all().all():
-        raise InputError(
-            f"no adjusted R² could be computed on {split} (n={n} samples for up to "
-            f"{max(X.shape[1], units)} predictors); use a larger split or raise --max-samples"
-        )
+    n_predictors = {rep: X.shape[1] if rep == "input" else units for rep in reps}
+    # too few profiles for a representation's predictors (n <= p + 1): S2 is optional, so its outputs
+    # say what was not computed and why instead of failing the run
+    undefined = [rep for rep in reps if any(f["note"] for f in fits if f["representation"] == rep)]
+    status = "computed" if not undefined else "not computed" if len(undefined) == len(reps) else "partial"
+    reason = _s2_reason(undefined, n_predictors, split, n) if undefined else None
+    if reason:
+        log.warning("S2 %s: %s", status, reason)
     last = reps[-1]
     summary_rows = []
     for rep in reps:
-        v = table[rep]
-        no_ov = table.loc[~table["overlap"].astype(bool), rep]
+        v = table[rep].dropna()  # (the statistics skip NaN anyway; an all-NaN median would warn)
+        no_ov = table.loc[~table["overlap"].astype(bool), rep].dropna()
         row = {
             "representation": rep,
-            "n_predictors": X.shape[1] if rep == "input" else units,
+            "n_predictors": n_predictors[rep],
             "rank_min": min(f["rank"] for f in fits if f["representation"] == rep),
             "n_samples": n,
             "n_genes": int(v.notna().sum()),
@@ -296,6 +300,9 @@ def interpret_s2(
             "median_no_overlap": no_ov.median(),
             "frac_above_input": np.nan if rep == "input" else _frac_above(table[rep], table["input"]),
         }
+        if undefined:  # only then, so that a computed S2 keeps its columns
+            row["status"] = "not computed" if rep in undefined else "computed"
+            row["reason"] = reason if rep in undefined else ""
         summary_rows.append(row)
     summary = pd.DataFrame(summary_rows)
 
@@ -303,18 +310,27 @@ def interpret_s2(
     _write_csv(table, out / "s2_adjusted_r2.csv")
     _write_csv(summary, out / "s2_summary.csv")
     name = _arch_name((layers, units, dropout))
-    files = ["s2_adjusted_r2.csv", "s2_summary.csv"] + _figure_s2(table, reps, name, split, out)
+    files = ["s2_adjusted_r2.csv", "s2_summary.csv"] + _figure_s2(table, reps, name, split, out, status, reason)
     frac = float(summary.loc[summary["representation"] == last, "frac_above_input"].iloc[0])
-    caption = (
-        f"Supplementary Figure S2. Adjusted R² of a linear regression of each of {len(table):,} target genes "
-        f"on {split} (n = {n:,} profiles), fitted and evaluated on the same profiles, from the "
-        f"{X.shape[1]:,} raw landmark inputs and from the activations of each hidden layer "
-        f"({units:,} units) of {name} (model selected by {selection}). Left: distribution per "
-        f"representation. Right: gene-wise comparison of the raw inputs with the last hidden layer; "
-        f"{frac:.2%} of the genes lie above the diagonal (paper: 99.99% for D-GEX-10%-9000x3 on GEO-tr)."
-    )
+    if status == "not computed":
+        caption = f"Supplementary Figure S2 of {name} on {split}: not computed: {reason}"
+    else:
+        caption = (
+            f"Supplementary Figure S2. Adjusted R² of a linear regression of each of {len(table):,} target genes "
+            f"on {split} (n = {n:,} profiles), fitted and evaluated on the same profiles, from the "
+            f"{X.shape[1]:,} raw landmark inputs and from the activations of each hidden layer "
+            f"({units:,} units) of {name} (model selected by {selection}). Left: distribution per "
+            f"representation. Right: gene-wise comparison of the raw inputs with the last hidden layer; "
+            + (
+                f"{frac:.2%} of the genes lie above the diagonal (paper: 99.99% for D-GEX-10%-9000x3 on GEO-tr)."
+                if status == "computed"
+                else f"not computed: {reason}"
+            )
+        )
     info = {
         "analysis": "S2",
+        "status": status,
+        "reason": reason,
         "network": _network_info(run_list, selection),
         "dataset": str(dataset),
         "split": split,
@@ -339,6 +355,8 @@ def interpret_s2(
         },
     }
     write_json(out / "s2.json", info)
+    if status != "computed":
+        return info
     log.info(
         "S2 %s on %s (n=%d): mean adjusted R2 input %.4f, %s %.4f; %.2f%% of genes above input",
         name,
@@ -352,13 +370,43 @@ def interpret_s2(
     return info
 
 
+def _s2_reason(undefined: list[str], n_predictors: dict, split: str, n: int) -> str:
+    """Why the adjusted R² of ``undefined`` representations cannot be computed, and what to change."""
+    what = ", ".join(
+        f"the {n_predictors[r]:,} raw landmark inputs"
+        if r == "input"
+        else f"hidden layer {r[6:]} ({n_predictors[r]:,} units)"
+        for r in undefined
+    )
+    need = max(n_predictors[r] for r in undefined) + 2
+    return (
+        f"adjusted R² is undefined for {what}: a fit with p predictors needs more than p + 1 profiles and "
+        f"{split} has {n:,}; use a split with at least {need:,} profiles (interpret.s2_split / --split, without "
+        f"a smaller s2_max_samples / --max-samples) or set interpret.s2: false"
+    )
+
+
 def _frac_above(a: pd.Series, b: pd.Series) -> float:
     ok = a.notna() & b.notna()
     return float((a[ok] > b[ok]).mean()) if ok.any() else float("nan")
 
 
-def _figure_s2(table: pd.DataFrame, reps: list[str], name: str, split: str, out: Path) -> list[str]:
+def _figure_s2(
+    table: pd.DataFrame,
+    reps: list[str],
+    name: str,
+    split: str,
+    out: Path,
+    status: str = "computed",
+    reason: str | None = None,
+) -> list[str]:
     plt = pyplot()
+    if status == "not computed":  # a figure that says so, where the report expects Figure S2
+        fig, ax = plt.subplots(figsize=(10, 4.2))
+        ax.axis("off")
+        ax.set_title(f"Supplementary Figure S2, {name} on {split}: not computed")
+        ax.text(0.5, 0.5, textwrap.fill(f"not computed: {reason}", 90), ha="center", va="center", wrap=True)
+        return save_figure(fig, out, "figure_s2")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
     labels = ["raw inputs" if r == "input" else f"hidden layer {r[6:]}" for r in reps]
     data = [table[r].dropna().to_numpy() for r in reps]
@@ -370,6 +418,8 @@ def _figure_s2(table: pd.DataFrame, reps: list[str], name: str, split: str, out:
     ax1.grid(axis="y", alpha=0.3)
     last = reps[-1]
     both = table[["input", last]].dropna()
+    if not len(both) and reason:  # the raw inputs or the last hidden layer could not be fitted
+        ax2.text(0.5, 0.5, textwrap.fill(f"not computed: {reason}", 50), ha="center", va="center", fontsize=8)
     if len(both):
         above = both[last] > both["input"]
         ax2.scatter(
@@ -608,6 +658,17 @@ def interpret_s3(
         f"paper) for the {min(map_size, units)} hidden units with the most major connections of target "
         f"part {nets[0]['part']}."
     )
+    shown = next(c for c in counts if c.get("map") and c["part"] == nets[0]["part"])
+    empty = [
+        f"no major {side} connections at k = {k:g}"
+        for side, k, n in (
+            ("input", map_sigmas[0], shown["input_connections"]),
+            ("output", map_sigmas[1], shown["output_connections"]),
+        )
+        if n == 0
+    ]
+    if empty:  # an empty map is a result (no weight beyond k standard deviations), not a drawing error
+        caption += f" Part {nets[0]['part']} has {' and '.join(empty)}, so the map is empty there."
     info = {
         "analysis": "S3",
         "network": _network_info(run_list, selection),

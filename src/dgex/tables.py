@@ -6,6 +6,13 @@ has the lowest GEO-va error (the paper's answer: 10%); the cross-platform task
 uses models selected by 1000G-va and the dropout chosen by 1000G-va (the
 paper's: 25%).  Each table is written as ``<name>.csv`` (numbers) and
 ``<name>.md`` (formatted like the paper: ``.3421 ± .0912``).
+
+Every mean compares like with like only if each row covers the same genes: a
+summary whose rows cover different numbers of genes on one evaluation is
+refused, unless ``dgex aggregate --allow-incomplete`` declared the incomplete
+grid points; then every table marks them (†, ``n_genes`` and ``incomplete``
+columns), says what is missing, and chooses models among the grid points that
+cover the most genes.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .aggregate import load_aggregate
+from .aggregate import describe_gap, load_aggregate
+from .errors import InputError
 from .io import atomic_path, write_json, write_text
 from .metrics import bootstrap_ci, compare
 
@@ -111,6 +119,7 @@ def choose(summary: pd.DataFrame, task: str) -> dict | None:
     val = dgex_rows(summary, t["validation"], t["validation"])
     if val.empty:
         return None
+    val = val[val["n_genes"] == val["n_genes"].max()]  # an incomplete grid point's mean is over fewer genes
     best_per_dropout = val.groupby("dropout")["mae_mean"].min()
     dropout = float(best_per_dropout.idxmin())
     at = val[val["dropout"] == dropout].sort_values("mae_mean").iloc[0]
@@ -134,11 +143,84 @@ def arch_name(arch) -> str:
     return f"{pct(arch[2])} {arch[0]}×{arch[1]}"
 
 
-def main_table(summary: pd.DataFrame, task: str, paper_reference: bool) -> tuple[pd.DataFrame, str]:
-    """Table 1 (task 'geo') or 2 ('cross'): D-GEX at the chosen dropout per architecture, plus baselines."""
+def incomplete_points(agg: dict, source) -> list[dict]:
+    """The incomplete grid points an aggregate declares (``aggregate.json`` ``incomplete``), plus one
+    ``{"left_out": dir}`` per unfinished run folder it skipped (``left_out``).
+
+    Refuses a summary whose rows cover different numbers of genes on one
+    evaluation (selection x split) when the aggregate declares no gaps.
+    """
+    gaps = agg["info"].get("incomplete") or []
+    left_out = agg["info"].get("left_out") or []
+    if left_out:  # unfinished run folders were skipped: whatever they held is missing, too
+        gaps = gaps + [{"left_out": d} for d in left_out]
+    counts = agg["summary"].groupby(["selected_by", "split"])["n_genes"].agg(["min", "max"])
+    uneven = counts[counts["min"] != counts["max"]]
+    if len(uneven) and not gaps:
+        (sel, split), row = next(iter(uneven.iterrows()))
+        raise InputError(
+            f"{source}/summary.csv: its rows cover between {int(row['min'])} and {int(row['max'])} genes on {split} "
+            f"(selected by {sel}) but aggregate.json declares no incomplete grid point, so their means are not "
+            f"comparable; rerun `dgex aggregate` (it names the missing target parts), or aggregate with "
+            f"--allow-incomplete so that the tables state the gaps"
+        )
+    return gaps
+
+
+def gaps_note(gaps: list[dict]) -> str:
+    """What an incomplete aggregate lacks, for every table and caption ('' when complete)."""
+    if not gaps:
+        return ""
+    points = [g for g in gaps if "left_out" not in g]
+    left_out = [g["left_out"] for g in gaps if "left_out" in g]
+    note = "**Incomplete** (aggregated with --allow-incomplete):"
+    if points:
+        note += (
+            f" † marks {len(points)} grid point{'s' * (len(points) > 1)} without all target parts: "
+            f"{'; '.join(describe_gap(g) for g in points)}. Their errors are means over fewer genes than the other "
+            f"rows' (n_genes in the CSV) and are not comparable; dropout and architecture are chosen among the "
+            f"grid points that cover the most genes."
+        )
+    if left_out:
+        note += f" Unfinished run folders left out: {', '.join(left_out)}."
+    return note
+
+
+def incomplete_info(gaps: list[dict], note: str) -> dict:
+    """What tables.json / figures.json record of an incomplete aggregate."""
+    return {
+        "grid_points": [g for g in gaps if "left_out" not in g],
+        "left_out": [g["left_out"] for g in gaps if "left_out" in g],
+        "note": note,
+    }
+
+
+def _dagger(r, incomplete) -> str:
+    return " †" if (int(r["layers"]), int(r["units"]), float(r["dropout"])) in incomplete else ""
+
+
+def _mark_incomplete(table: pd.DataFrame, n_genes: list, incomplete: set) -> pd.DataFrame:
+    """The CSV columns an incomplete aggregate adds: genes covered and the incomplete flag per row."""
+    table = table.copy()
+    table["n_genes"] = n_genes
+    dg = table["layers"].notna()
+    table["incomplete"] = False
+    table.loc[dg, "incomplete"] = [
+        (int(r["layers"]), int(r["units"]), float(r["dropout"])) in incomplete for _, r in table[dg].iterrows()
+    ]
+    return table
+
+
+def main_table(
+    summary: pd.DataFrame, task: str, paper_reference: bool, incomplete: frozenset = frozenset()
+) -> tuple[pd.DataFrame, str]:
+    """Table 1 (task 'geo') or 2 ('cross'): D-GEX at the chosen dropout per architecture, plus baselines.
+
+    ``incomplete``: ``(layers, units, dropout)`` of grid points that lack target parts (marked †).
+    """
     t = TASKS[task]
     pick = choose(summary, task)
-    rows = []
+    rows, n_genes = [], []
     if pick is not None:
         test = dgex_rows(summary, t["validation"], t["test"])
         test = test[test["dropout"] == pick["dropout"]].sort_values(["units", "layers"])
@@ -157,6 +239,7 @@ def main_table(summary: pd.DataFrame, task: str, paper_reference: bool) -> tuple
                     "paper_mae": PAPER[task].get((r["layers"], r["units"])),
                 }
             )
+            n_genes.append(r["n_genes"])
     for _, r in baseline_rows(summary, t["validation"], t["test"]).sort_values("method").iterrows():
         rows.append(
             {
@@ -171,6 +254,7 @@ def main_table(summary: pd.DataFrame, task: str, paper_reference: bool) -> tuple
                 "paper_mae": PAPER[task].get(r["method"]),
             }
         )
+        n_genes.append(r["n_genes"])
     table = pd.DataFrame(
         rows, columns=["method", "layers", "units", "dropout", "mae_mean", "mae_std", "best", "selected", "paper_mae"]
     )
@@ -178,10 +262,15 @@ def main_table(summary: pd.DataFrame, task: str, paper_reference: bool) -> tuple
         table["difference"] = table["mae_mean"] - table["paper_mae"].astype(float)
     else:
         table = table.drop(columns="paper_mae")
-    return table, _main_markdown(table, task, pick, paper_reference)
+    md = _main_markdown(table, task, pick, paper_reference, incomplete)
+    if incomplete:
+        table = _mark_incomplete(table, n_genes, incomplete)
+    return table, md
 
 
-def _main_markdown(table: pd.DataFrame, task: str, pick: dict | None, paper_reference: bool) -> str:
+def _main_markdown(
+    table: pd.DataFrame, task: str, pick: dict | None, paper_reference: bool, incomplete: frozenset = frozenset()
+) -> str:
     t = TASKS[task]
     num = {"geo": "1", "cross": "2"}[task]
     lines = [
@@ -217,7 +306,7 @@ def _main_markdown(table: pd.DataFrame, task: str, pick: dict | None, paper_refe
                 text = f"<u>{text}</u>"
             if paper_reference:
                 text += f" (paper {fmt(r['paper_mae'])}, Δ {_signed(r['difference'])})"
-            cells.append(text)
+            cells.append(text + _dagger(r, incomplete))
         lines.append("| " + " | ".join(cells) + " |")
     base = table[table["layers"].isna()]
     if len(base):
@@ -238,8 +327,8 @@ def _signed(v) -> str:
     return ("+" if v >= 0 else "-") + fmt(abs(v))
 
 
-def supplementary(summary: pd.DataFrame, name: str) -> tuple[pd.DataFrame, str]:
-    """S2-S5: every architecture x dropout on one split (plus the baselines)."""
+def supplementary(summary: pd.DataFrame, name: str, incomplete: frozenset = frozenset()) -> tuple[pd.DataFrame, str]:
+    """S2-S5: every architecture x dropout on one split (plus the baselines); † marks ``incomplete`` grid points."""
     split, selected_by = SUPPLEMENT[name]
     dg = dgex_rows(summary, selected_by, split)
     rows = [
@@ -266,6 +355,8 @@ def supplementary(summary: pd.DataFrame, name: str) -> tuple[pd.DataFrame, str]:
         for _, r in base.iterrows()
     ]
     table = pd.DataFrame(rows, columns=["method", "layers", "units", "dropout", "mae_mean", "mae_std"])
+    if incomplete:
+        table = _mark_incomplete(table, list(dg["n_genes"]) + list(base["n_genes"]), incomplete)
     lines = [
         f"**Table {name[5:]}.** Overall error on {split} for every architecture and dropout rate "
         f"(models selected by {selected_by}; mean ± std over genes).",
@@ -282,7 +373,8 @@ def supplementary(summary: pd.DataFrame, name: str) -> tuple[pd.DataFrame, str]:
         for d in dropouts:
             r = group[group["dropout"] == d]
             text = fmt(r["mae_mean"].iloc[0], r["mae_std"].iloc[0]) if len(r) else ""
-            cells.append(f"**{text}**" if len(r) and r["mae_mean"].iloc[0] == best else text)
+            text = f"**{text}**" if len(r) and r["mae_mean"].iloc[0] == best else text
+            cells.append(text + (_dagger(r.iloc[0], incomplete) if len(r) else ""))
         lines.append("| " + " | ".join(cells) + " |")
     for _, r in base.sort_values("method").iterrows():
         lines.append(f"| {r['method']} | {fmt(r['mae_mean'], r['mae_std'])} |" + " |" * (len(dropouts) - 1))
@@ -367,7 +459,9 @@ def stats_table(per_gene: pd.DataFrame, summary: pd.DataFrame, n_boot: int = 200
     return table, "\n".join(lines) + "\n"
 
 
-def _write(out: Path, name: str, table: pd.DataFrame, markdown: str) -> list[str]:
+def _write(out: Path, name: str, table: pd.DataFrame, markdown: str, note: str = "") -> list[str]:
+    if note:
+        markdown += f"\n{note}\n"
     with atomic_path(out / f"{name}.csv") as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
     write_text(out / f"{name}.md", markdown)
@@ -378,24 +472,29 @@ def make_tables(*, aggregate, output_dir, paper_reference: bool = False, n_boot:
     """Write every table into ``output_dir``; returns the content of ``tables.json``."""
     agg = load_aggregate(aggregate)
     summary, per_gene = agg["summary"], agg["per_gene"]
+    gaps = incomplete_points(agg, aggregate)
+    incomplete = frozenset((g["layers"], g["units"], float(g["dropout"])) for g in gaps if "left_out" not in g)
+    note = gaps_note(gaps)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     written, chosen = {}, {}
     for task, t in TASKS.items():
-        table, md = main_table(summary, task, paper_reference)
+        table, md = main_table(summary, task, paper_reference, incomplete)
         if table.empty:
             md += f"\nNo results on {t['title']}" + (" (no RNA-seq inputs in this run)." if task == "cross" else ".")
-        written[t["table"]] = _write(out, t["table"], table, md)
+        written[t["table"]] = _write(out, t["table"], table, md, note)
         chosen[task] = choose(summary, task)
     for name in SUPPLEMENT:
-        written[name] = _write(out, name, *supplementary(summary, name))
-    written["table_stats"] = _write(out, "table_stats", *stats_table(per_gene, summary, n_boot))
+        written[name] = _write(out, name, *supplementary(summary, name, incomplete), note)
+    written["table_stats"] = _write(out, "table_stats", *stats_table(per_gene, summary, n_boot), note)
     info = {
         "tables": written,
         "chosen": chosen,
         "paper_reference": paper_reference,
         "rnaseq": bool(agg["info"].get("rnaseq")),
     }
+    if gaps:  # only then, so that a complete run's tables.json is what it always was
+        info["incomplete"] = incomplete_info(gaps, note)
     write_json(out / "tables.json", info)
     log.info("wrote %d tables into %s", len(written), out)
     return info

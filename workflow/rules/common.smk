@@ -23,8 +23,8 @@ if not _uses_conda():
     _prefix += f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH; "
 shell.prefix(_prefix)
 
-RESULTS = str(Path(config.get("results_dir", "results")) / config["name"])
-RESOURCES = config.get("resources_dir", "resources")
+RESULTS = str(Path(config["results_dir"]) / config["name"])
+RESOURCES = config["resources_dir"]
 SOURCES = ("geo", "g1000", "gtex")
 DEMO_FILES = {"geo": "geo.gctx", "g1000": "1000g.tsv.gz", "gtex": "gtex.gctx"}
 
@@ -49,14 +49,30 @@ def input_path(source):
         return out("demo", DEMO_FILES[source])
     if kind == "path":
         return cfg["path"]
-    name = Path(urlparse(cfg["url"]).path).name or f"{source}.dat"
+    name = download_name(source, cfg["url"])
     if name.endswith(".gctx.gz"):  # GCTX (HDF5) cannot be read compressed: see rule decompress_gctx
         return str(Path(RESOURCES, "unpacked", source, name[: -len(".gz")]))
     return str(Path(RESOURCES, "download", source, name))
 
 
+def download_name(source, url):
+    """File name of a download: the URL's last path segment, which must stay a plain name inside its folder."""
+    name = Path(urlparse(url).path).name or f"{source}.dat"
+    if name in (".", "..") or name.startswith(".") or "{" in name or "}" in name:
+        raise ValueError(
+            f"inputs.{source}.url: {url!r} ends in {name!r}, which is not a plain file name and would be "
+            f"written outside {RESOURCES}/download/{source}/; give the URL of the file itself"
+        )
+    return name
+
+
 def used_sources():
     return [s for s in SOURCES if input_cfg(s)]
+
+
+# Config values that name output files are checked at start, before any job is planned.
+for _source in used_sources():
+    input_path(_source)
 
 
 def preprocess_inputs(wildcards):
