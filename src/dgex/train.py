@@ -454,12 +454,16 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_dead_temps(run_dir: Path) -> list[Path]:
-    """Delete the temporary files that killed writers left in ``run_dir`` (their pid is gone)."""
+    """Delete the temporary files that killed writers left in ``run_dir``.
+
+    Called before this process writes anything there, so a file named with
+    its own pid is also stale (a dead run whose pid was reused).
+    """
     removed = []
     if run_dir.is_dir():
         for f in run_dir.iterdir():
             m = _TEMP.match(f.name)
-            if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            if m and (int(m.group(1)) == os.getpid() or not _pid_alive(int(m.group(1)))):
                 f.unlink(missing_ok=True)
                 removed.append(f)
     if removed:
