@@ -272,14 +272,16 @@ def test_resume_on_other_splits_is_refused_or_restarted(forker, tmp_path, tiny_m
     assert_same_run(run, tmp_path / "fresh")
 
 
+def _geo_only(toy, path):
+    """The toy dataset without its RNA-seq splits (same genes, same GEO splits)."""
+    geo = {k: v for k, v in toy["splits"].items() if k.startswith("geo")}
+    return write_dataset_arrays(path, geo, overlap=np.arange(16) < 3, parts=np.sort(np.arange(16) % 2))
+
+
 def test_resume_without_a_split_the_checkpoint_tracked(forker, toy, tmp_path):
     run = tmp_path / "run"
     train(dataset=toy["path"], output_dir=run, epochs=1, keep_last=True, **KW)
-    geo = {k: v for k, v in toy["splits"].items() if k.startswith("geo")}
-    geo_only = write_dataset_arrays(
-        tmp_path / "geo.h5", geo, overlap=np.arange(16) < 3, parts=np.sort(np.arange(16) % 2)
-    )
-    res = forker(cli_args(geo_only, run, epochs=2, resume=True))
+    res = forker(cli_args(_geo_only(toy, tmp_path / "geo.h5"), run, epochs=2, resume=True))
     assert_one_line_error(res, "another dataset", "no split 1000g-va, no split gtex-te")
 
 
@@ -340,17 +342,17 @@ def test_checkpoint_of_an_older_dgex_without_fingerprint(toy, tmp_path):
 def test_fresh_start_removes_an_earlier_runs_files_and_dead_temps(toy, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    for name in FINISHED:
+    for name in FINISHED:  # an earlier run's files, one of which this GEO-only run will not write
         (run / name).write_text("stale")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_tmp = run / f".last.ckpt.{int(dead.stdout)}.tmp"
     live_tmp = run / f".history.csv.{os.getppid()}.tmp"  # a live writer's file stays
     dead_tmp.write_text("x")
     live_tmp.write_text("x")
-    train(dataset=toy["path"], output_dir=run, epochs=1, resume=True, **KW)  # nothing to resume
-    assert not dead_tmp.exists() and live_tmp.exists()
-    assert {p.name for p in run.iterdir()} == FINISHED | {live_tmp.name}
-    assert all((run / n).read_bytes() != b"stale" for n in FINISHED)
+    geo_only = _geo_only(toy, tmp_path / "geo.h5")
+    train(dataset=geo_only, output_dir=run, epochs=1, resume=True, **KW)  # nothing to resume: from scratch
+    assert {p.name for p in run.iterdir()} == FINISHED - {"best_1000g-va.pt"} | {live_tmp.name}
+    assert all((run / n).read_bytes() != b"stale" for n in FINISHED - {"best_1000g-va.pt"})
 
 
 # ------------------------------------------------------------------ resuming after a decay
