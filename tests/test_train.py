@@ -21,7 +21,16 @@ from helpers_dataset import write_dataset_arrays, write_toy_dataset
 from dgex.errors import InputError
 from dgex.train import ClassicalMomentumSGD, load_weights, train
 
-SMALL = dict(layers=2, units=16, dropout=0.1, epochs=6, batch_size=50, monitor_size=100, progress=False)
+SMALL = dict(layers=2, units=16, dropout=0.1, epochs=6, batch_size=50, monitor_size=100, progress=False, threads=1)
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """train(threads=1) sets torch's process-wide thread count (tiny nets on a shared CPU are fastest on one
+    thread); restore it for the tests of other modules."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,10 @@ import hashlib
 import json
 import logging
 import os
+import select
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -37,7 +39,20 @@ from dgex.errors import ConfigError, InputError
 from dgex.preprocess import preprocess
 from dgex.train import CannotResume, train
 
-KW = dict(layers=2, units=16, dropout=0.1, part=0, batch_size=50, monitor_size=100, progress=False, device="cpu")
+KW = dict(
+    layers=2, units=16, dropout=0.1, part=0, batch_size=50, monitor_size=100, progress=False, device="cpu", threads=1
+)
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """train(threads=1) sets torch's process-wide thread count (tiny nets on a shared CPU are fastest on one
+    thread); restore it for the tests of other modules."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 FINISHED = {"best_geo-va.pt", "best_1000g-va.pt", "history.csv", "per_gene.csv", "run.json"}
 
 
@@ -114,7 +129,12 @@ for line in sys.stdin:
 def forker(tmp_path_factory):
     """``forker(argv, kill=None)``: run ``dgex <argv>`` in a forked child; returns its exit code and output."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO
+        [sys.executable, "-c", ZYGOTE],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        start_new_session=True,  # its own process group: one killpg ends it and any child
     )
     logs = tmp_path_factory.mktemp("forker")
     count = [0]
@@ -124,6 +144,9 @@ def forker(tmp_path_factory):
         log = logs / f"{count[0]}.log"
         proc.stdin.write(json.dumps({"argv": [str(a) for a in argv], "log": str(log), "kill": kill}) + "\n")
         proc.stdin.flush()
+        if not select.select([proc.stdout], [], [], 300)[0]:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"dgex {' '.join(map(str, argv))} did not finish in 300 s")
         code = int(proc.stdout.readline())
         return subprocess.CompletedProcess(argv, code, stdout="", stderr=log.read_text())
 
@@ -132,7 +155,7 @@ def forker(tmp_path_factory):
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
 
