@@ -320,22 +320,30 @@ def test_other_hyper_parameters_restart_in_workflow_mode(toy, tmp_path, caplog):
         train(dataset=toy["path"], output_dir=run, epochs=2, restart_incompatible=True, **KW)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
-def test_corrupt_checkpoint(forker, toy, tmp_path, caplog, damage):
+@pytest.mark.parametrize(
+    "name,damage",
+    [(n, d) for n in ("last.ckpt", "best_geo-va.pt") for d in ("truncated", "empty", "garbage")]
+    + [("best_geo-va.pt", "deleted")],  # (no last.ckpt is a plain fresh start)
+)
+def test_corrupt_checkpoint(forker, toy, tmp_path, caplog, name, damage):
     run = tmp_path / "run"
     train(dataset=toy["path"], output_dir=run, epochs=2, keep_last=True, **KW)
-    last = run / "last.ckpt"
-    blob = last.read_bytes()
-    last.write_bytes({"truncated": blob[: len(blob) // 2], "empty": b"", "garbage": os.urandom(len(blob))}[damage])
+    path = run / name
+    blob = path.read_bytes()
+    if damage == "deleted":
+        path.unlink()
+    else:
+        path.write_bytes({"truncated": blob[: len(blob) // 2], "empty": b"", "garbage": os.urandom(len(blob))}[damage])
+    what = "is missing" if damage == "deleted" else "is truncated or corrupt"
     if damage == "truncated":  # the CLI: one line naming the file and the fix
         res = forker(cli_args(toy["path"], run, epochs=3, resume=True))
-        assert_one_line_error(res, f"{last} is truncated or corrupt", "delete it to train from scratch")
+        assert_one_line_error(res, f"cannot resume {run}: {path}", what, "delete")
     else:
-        with pytest.raises(CannotResume, match="is truncated or corrupt"):
+        with pytest.raises(CannotResume, match=what):
             train(dataset=toy["path"], output_dir=run, epochs=3, resume=True, **KW)
     with caplog.at_level(logging.WARNING, logger="dgex.train"):
         train(dataset=toy["path"], output_dir=run, epochs=3, resume=True, restart_incompatible=True, **KW)
-    assert "truncated or corrupt" in caplog.text and "training from scratch" in caplog.text
+    assert what in caplog.text and "training from scratch" in caplog.text
     train(dataset=toy["path"], output_dir=tmp_path / "fresh", epochs=3, **KW)
     assert_same_run(run, tmp_path / "fresh")
 

@@ -231,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue from OUTPUT_DIR/last.ckpt if present, to the same result as an uninterrupted run; a "
-        "checkpoint that cannot be continued (truncated or corrupt, written for another dataset or other "
-        "hyper-parameters, more epochs done than --epochs) is an error",
+        "checkpoint that cannot be continued (it or its best_*.pt truncated, corrupt or missing; written for "
+        "another dataset or other hyper-parameters; more epochs done than --epochs) is an error",
     )
     p.add_argument(
         "--restart-incompatible",

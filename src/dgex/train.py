@@ -485,7 +485,7 @@ def read_checkpoint_state(path: Path) -> dict:
     state = ckpt.get("dgex") if isinstance(ckpt, dict) else None
     if (
         not isinstance(state, dict)
-        or not {"config", "genes", "lr", "history"} <= set(state)
+        or not {"config", "genes", "lr", "history", "best"} <= set(state)
         or not isinstance(state["config"], dict)
         or not isinstance(state["history"], list)
     ):
@@ -493,8 +493,10 @@ def read_checkpoint_state(path: Path) -> dict:
     return state
 
 
-def resume_problem(state: dict, cfg: TrainConfig, gene_ids: dict, fingerprint: dict, dataset) -> CannotResume | None:
-    """Why the checkpoint ``state`` must not be continued with these settings and data (None if it may)."""
+def resume_problem(
+    state: dict, cfg: TrainConfig, gene_ids: dict, fingerprint: dict, dataset, run_dir: Path
+) -> CannotResume | None:
+    """Why the checkpoint ``state`` of ``run_dir`` must not be continued with these settings and data, or None."""
     fresh = "delete the run folder to train from scratch"
     key = cfg.resume_key()
     if state["config"] != key:
@@ -522,6 +524,17 @@ def resume_problem(state: dict, cfg: TrainConfig, gene_ids: dict, fingerprint: d
             f"the checkpoint has {done} epochs done, more than --epochs {cfg.epochs}",
             f"pass --epochs {done} or more to continue it, or {fresh} with {cfg.epochs} epochs",
         )
+    # the best weights so far are part of the state (written just before it); memory-mapped: cheap
+    for sel, best in state["best"].items():
+        path = run_dir / f"best_{sel}.pt"
+        if best.get("epoch") is None:
+            continue
+        if not path.exists():
+            return CannotResume(f"{path}, the best weights so far, is missing", fresh)
+        try:
+            torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as exc:  # unpickling damaged bytes can raise almost any type
+            return CannotResume(f"{path} is truncated or corrupt ({type(exc).__name__})", fresh)
     return None
 
 
@@ -618,7 +631,7 @@ def train(
         continue_from = None
         if resume and last.exists():
             try:
-                problem = resume_problem(read_checkpoint_state(last), cfg, gene_ids, fingerprint, dataset)
+                problem = resume_problem(read_checkpoint_state(last), cfg, gene_ids, fingerprint, dataset, run_dir)
             except CannotResume as exc:
                 problem = exc
             if problem is None:
@@ -663,7 +676,7 @@ def train(
         frames = []
         for sel in SELECTIONS:
             path = run_dir / f"best_{sel}.pt"
-            if sel not in task.best or not path.exists():
+            if task.best.get(sel, {}).get("epoch") is None:  # no such split, or never a finite error
                 continue
             model, _ = load_weights(path, gene_ids=gene_ids)
             model.to(dev)
