@@ -471,6 +471,16 @@ def remove_dead_temps(run_dir: Path) -> list[Path]:
     return removed
 
 
+def _load_checkpoint(path: Path):
+    """``torch.load`` memory-mapped (reads the pickle, not the tensors); unmapped if the file system refuses."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except FileNotFoundError:
+        raise
+    except Exception:  # unpickling damaged bytes can raise almost any type
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def read_checkpoint_state(path: Path) -> dict:
     """The dgex part of a Lightning checkpoint, or :class:`CannotResume` if it is unreadable.
 
@@ -478,7 +488,7 @@ def read_checkpoint_state(path: Path) -> dict:
     """
     fix = "delete it to train from scratch"
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        ckpt = _load_checkpoint(path)
     except Exception as exc:  # unpickling damaged bytes can raise almost any type
         reason = (str(exc).splitlines() or [""])[0][:120]
         raise CannotResume(f"{path} is truncated or corrupt ({type(exc).__name__}: {reason})", fix) from None
@@ -532,7 +542,7 @@ def resume_problem(
         if not path.exists():
             return CannotResume(f"{path}, the best weights so far, is missing", fresh)
         try:
-            torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            _load_checkpoint(path)
         except Exception as exc:  # unpickling damaged bytes can raise almost any type
             return CannotResume(f"{path} is truncated or corrupt ({type(exc).__name__})", fresh)
     return None
