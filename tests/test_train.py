@@ -19,9 +19,18 @@ from conftest import assert_one_line_error, run_dgex
 from helpers_dataset import write_dataset_arrays, write_toy_dataset
 
 from dgex.errors import InputError
-from dgex.train import load_weights, train
+from dgex.train import ClassicalMomentumSGD, load_weights, train
 
-SMALL = dict(layers=2, units=16, dropout=0.1, epochs=6, batch_size=50, monitor_size=100, progress=False)
+SMALL = dict(layers=2, units=16, dropout=0.1, epochs=6, batch_size=50, monitor_size=100, progress=False, threads=1)
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """train(threads=1) sets torch's process-wide thread count (tiny nets on a shared CPU are fastest on one
+    thread); restore it for the tests of other modules."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -58,17 +67,61 @@ def test_run_outputs_and_checkpoint_selection(toy, tmp_path):
         np.testing.assert_allclose(row["mae"].mean(), hist[sel].min(), rtol=1e-4)
     info = json.loads((run / "run.json").read_text())
     assert info["parameters"] == 12 * 16 + 16 + 16 * 16 + 16 + 16 * 8 + 8
-    assert info["epochs"] == 6 and info["profiles_per_second"] > 0 and info["device"] == "cpu"
+    assert info["epochs"] == 6 and info["profiles_per_second"] > 0
+    # the default device "auto" is a GPU where torch sees one, else the CPU
+    if torch.cuda.is_available():
+        assert info["device"] in {torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())}
+    else:
+        assert info["device"] == "cpu"
     assert info["config"]["layers"] == 2 and info["config"]["seed"] == 0
 
 
-def test_learning_rate_decays_only_after_monitor_rises(toy, tmp_path):
-    _train(toy, tmp_path / "run", epochs=8, lr=0.05)  # large rate: the monitored error will rise sometimes
+def record_step_rates(monkeypatch) -> list[dict]:
+    """Patch the optimizer so that every step appends ``{group name: learning rate}`` it is about to use."""
+    seen: list[dict] = []
+    step = ClassicalMomentumSGD.step
+
+    def recording_step(self, closure=None):
+        seen.append({g["name"]: g["lr"] for g in self.param_groups})
+        return step(self, closure)
+
+    monkeypatch.setattr(ClassicalMomentumSGD, "step", recording_step)
+    return seen
+
+
+def paper_rates(base: float, monitor: np.ndarray, decay: float, floor: float) -> list[float]:
+    """The paper's rule restated: the rate of epoch e is x decay (not below floor) if monitor rose in e-1 vs e-2."""
+    rates = [base]
+    for e in range(1, len(monitor)):
+        rose = e >= 2 and monitor[e - 1] > monitor[e - 2]
+        rates.append(max(rates[-1] * decay, floor) if rose else rates[-1])
+    return rates
+
+
+@pytest.mark.parametrize("decay,floor", [(0.9, 1e-5), (0.7, 0.05)])
+def test_learning_rate_decays_only_after_monitor_rises(toy, tmp_path, monkeypatch, decay, floor):
+    # lr 0.1 on this toy problem: the monitored MAE rises in some epochs and falls in others
+    steps = record_step_rates(monkeypatch)
+    _train(toy, tmp_path / "run", epochs=12, lr=0.1, lr_decay=decay, lr_min=floor, device="cpu")
     hist = pd.read_csv(tmp_path / "run" / "history.csv")
-    lr, mon = hist["lr"].to_numpy(), hist["monitor_mae"].to_numpy()
-    for e in range(1, len(hist)):
-        expected = max(lr[e - 1] * 0.9, 1e-5) if mon[e - 1] > (mon[e - 2] if e >= 2 else np.inf) else lr[e - 1]
-        assert lr[e] == pytest.approx(expected), (e, lr, mon)
+    expected = paper_rates(0.1, hist["monitor_mae"].to_numpy(), decay, floor)
+    # the test must see the rule act both ways
+    changed = np.diff(expected) != 0
+    assert changed.sum() >= 2 and (~changed).sum() >= 2, expected
+    if floor > 1e-5:  # ... and hold the floor when a rise comes at the floor
+        rose_at_floor = [
+            e
+            for e in range(2, 12)
+            if expected[e - 1] == floor and hist["monitor_mae"][e - 1] > hist["monitor_mae"][e - 2]
+        ]
+        assert rose_at_floor and all(expected[e] == floor for e in rose_at_floor), expected
+    np.testing.assert_allclose(hist["lr"], expected, rtol=1e-12)
+    # what the optimizer actually used, every step: the base rate, and 3x on the deeper weights
+    per_epoch = len(steps) // 12
+    assert len(steps) == 12 * per_epoch == 12 * 6
+    for i, used in enumerate(steps):
+        assert used["base"] == pytest.approx(expected[i // per_epoch], rel=1e-12), (i, used)
+        assert used["deep_weights"] == pytest.approx(3 * expected[i // per_epoch], rel=1e-12), (i, used)
 
 
 def test_seeded_reruns_are_bit_identical(toy, tmp_path):
@@ -123,6 +176,8 @@ def test_kill_dash_nine_then_resume_reaches_the_same_result(toy, tmp_path):
         "1",
         "--checkpoint-interval",
         "0",
+        "--device",
+        "cpu",
         "--no-progress",
     ]
     ref = run_dgex(*args, "--output-dir", tmp_path / "ref")

@@ -227,7 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)"
     )
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.ckpt if present")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUTPUT_DIR/last.ckpt if present, to the same result as an uninterrupted run; a "
+        "checkpoint that cannot be continued (it or its best_*.pt truncated, corrupt or missing; written for "
+        "another dataset or other hyper-parameters; more epochs done than --epochs) is an error",
+    )
+    p.add_argument(
+        "--restart-incompatible",
+        action="store_true",
+        help="with --resume: instead of that error, log why and train from scratch (the workflow passes this)",
+    )
     p.add_argument("--keep-last", action="store_true", help="keep last.ckpt after success (default: delete it)")
     p.add_argument(
         "--gpu-lock-dir",

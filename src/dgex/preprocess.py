@@ -34,7 +34,7 @@ from sklearn.cluster import MiniBatchKMeans
 from tqdm.auto import tqdm
 
 from . import DATASET_FORMAT, __version__
-from .dataset import encode
+from .dataset import content_fingerprint, encode
 from .errors import InputError
 from .genes import ALL_PROBES, aggregation_matrix, assign_parts, load_gene_map, select_targets, strip_version
 from .io import Matrix, atomic_path, check_finite, check_scale, open_matrix, write_json
@@ -409,6 +409,8 @@ def preprocess(
             if probe_reference is not None:
                 out["reference/probe_quantiles"] = probe_reference
                 out["reference/probe_ids"] = encode(matrix.row_ids)
+            # read back once (seconds at paper size) so that train checks its checkpoint's dataset for free
+            out.attrs["fingerprint"] = json.dumps(content_fingerprint(out))
         phase("write")
 
     counts = {name: int(len(rows)) for name, rows in split_rows.items()}

@@ -17,6 +17,11 @@ Data live on the training device as tensors and are sliced by a shuffled
 index per batch (no DataLoader workers in the hot loop).  A Lightning
 checkpoint ``last.ckpt`` written after every epoch, including every random
 generator state, makes ``--resume`` continue bit-identically after a crash.
+The checkpoint records the dataset's content fingerprint and the
+hyper-parameters; a checkpoint that cannot be continued (unreadable, another
+dataset or other settings, more epochs done than asked for) is an error, or
+with ``restart_incompatible`` (what the workflow passes) a logged restart from
+scratch -- never a run that mixes two datasets or two recipes.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +39,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .dataset import EVAL_SPLITS, SELECTIONS, ProcessedDataset
+from .dataset import EVAL_SPLITS, SELECTIONS, ProcessedDataset, fingerprint_differences
 from .devices import lease_gpu, pick_device
 from .errors import ConfigError, DgexError, InputError
 from .io import atomic_path, write_json
@@ -47,6 +54,14 @@ OPTIMIZERS = ("sgd", "adamw")
 
 class TrainingDiverged(DgexError):
     """The loss became NaN or infinite."""
+
+
+class CannotResume(DgexError):
+    """``--resume`` found a checkpoint that must not be continued."""
+
+    def __init__(self, problem: str, fix: str):
+        super().__init__(f"{problem}; {fix}")
+        self.problem, self.fix = problem, fix
 
 
 @dataclass
@@ -203,7 +218,7 @@ def _lightning():
     return pl
 
 
-def build_task(cfg: TrainConfig, data: dict, device: torch.device, run_dir: Path, gene_ids: dict):
+def build_task(cfg: TrainConfig, data: dict, device: torch.device, run_dir: Path, gene_ids: dict, fingerprint: dict):
     """The LightningModule for one run (built lazily so importing dgex.train stays light)."""
     pl = _lightning()
 
@@ -320,7 +335,7 @@ def build_task(cfg: TrainConfig, data: dict, device: torch.device, run_dir: Path
         def flush_best(self):
             """Write the best-so-far weights kept in memory to best_<selection>.pt."""
             for sel, (state, epoch, row) in self._best_state.items():
-                _save_weights(run_dir / f"best_{sel}.pt", state, self.model, cfg, epoch, row, gene_ids)
+                _save_weights(run_dir / f"best_{sel}.pt", state, self.model, cfg, epoch, row, gene_ids, fingerprint)
             self._best_state.clear()
 
         # -- resumable state beyond Lightning's own
@@ -328,6 +343,7 @@ def build_task(cfg: TrainConfig, data: dict, device: torch.device, run_dir: Path
             checkpoint["dgex"] = {
                 "config": cfg.resume_key(),
                 "genes": gene_ids,
+                "dataset": fingerprint,
                 "lr": self.lr,
                 "previous_monitor": self.previous_monitor,
                 "best": self.best,
@@ -338,23 +354,8 @@ def build_task(cfg: TrainConfig, data: dict, device: torch.device, run_dir: Path
             }
 
         def on_load_checkpoint(self, checkpoint):
-            state = checkpoint.get("dgex")
-            if state is None:
-                raise InputError(f"{run_dir / 'last.ckpt'} is not a dgex checkpoint; delete it to start afresh")
-            if state["config"] != cfg.resume_key():
-                diff = {
-                    k: (state["config"].get(k), v) for k, v in cfg.resume_key().items() if state["config"].get(k) != v
-                }
-                raise ConfigError(
-                    f"cannot resume {run_dir}: hyper-parameters differ from the checkpoint "
-                    f"({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in diff.items())}); "
-                    f"use the same settings or delete the run folder"
-                )
-            if state.get("genes") != gene_ids:
-                raise InputError(
-                    f"cannot resume {run_dir}: the checkpoint was trained on other landmark/target genes than "
-                    f"this dataset; use the original dataset or delete the run folder"
-                )
+            # train() checked it with resume_problem() before handing it to Lightning
+            state = checkpoint["dgex"]
             self.lr = state["lr"]
             self.previous_monitor = state["previous_monitor"]
             self.best = state["best"]
@@ -368,7 +369,7 @@ def build_task(cfg: TrainConfig, data: dict, device: torch.device, run_dir: Path
 
 
 def _save_weights(
-    path: Path, state: dict, model: DGEX, cfg: TrainConfig, epoch: int, row: dict, gene_ids: dict
+    path: Path, state: dict, model: DGEX, cfg: TrainConfig, epoch: int, row: dict, gene_ids: dict, fingerprint: dict
 ) -> None:
     with atomic_path(path) as tmp:
         torch.save(
@@ -378,6 +379,7 @@ def _save_weights(
                 "epoch": epoch,
                 "metrics": dict(row),
                 "genes": gene_ids,
+                "dataset_fingerprint": fingerprint["sha256"],
                 "shape": [model.n_in, model.n_out, model.n_layers, model.n_units],
                 "dgex_version": __version__,
             },
@@ -434,6 +436,124 @@ def load_weights(
 
 
 # --------------------------------------------------------------------------- #
+# resuming
+# --------------------------------------------------------------------------- #
+#: Files of a run folder; starting from scratch removes them all.
+RUN_FILES = ("last.ckpt", *(f"best_{s}.pt" for s in SELECTIONS), "history.csv", "per_gene.csv", "run.json")
+_TEMP = re.compile(r"^\..+\.(\d+)\.tmp$")  # dgex.io.atomic_path: .<name>.<pid>.tmp
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_dead_temps(run_dir: Path) -> list[Path]:
+    """Delete the temporary files that killed writers left in ``run_dir``.
+
+    Called before this process writes anything there, so a file named with
+    its own pid is also stale (a dead run whose pid was reused).
+    """
+    removed = []
+    if run_dir.is_dir():
+        for f in run_dir.iterdir():
+            m = _TEMP.match(f.name)
+            if m and (int(m.group(1)) == os.getpid() or not _pid_alive(int(m.group(1)))):
+                f.unlink(missing_ok=True)
+                removed.append(f)
+    if removed:
+        log.info("removed %d temporary file(s) of a killed run in %s", len(removed), run_dir)
+    return removed
+
+
+def _load_checkpoint(path: Path):
+    """``torch.load`` memory-mapped (reads the pickle, not the tensors); unmapped if the file system refuses."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except FileNotFoundError:
+        raise
+    except Exception:  # unpickling damaged bytes can raise almost any type
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_checkpoint_state(path: Path) -> dict:
+    """The dgex part of a Lightning checkpoint, or :class:`CannotResume` if it is unreadable.
+
+    Memory-mapped: only the small pickled state is read, not the weights.
+    """
+    fix = "delete it to train from scratch"
+    try:
+        ckpt = _load_checkpoint(path)
+    except Exception as exc:  # unpickling damaged bytes can raise almost any type
+        reason = (str(exc).splitlines() or [""])[0][:120]
+        raise CannotResume(f"{path} is truncated or corrupt ({type(exc).__name__}: {reason})", fix) from None
+    state = ckpt.get("dgex") if isinstance(ckpt, dict) else None
+    if (
+        not isinstance(state, dict)
+        or not {"config", "genes", "lr", "history", "best"} <= set(state)
+        or not isinstance(state["config"], dict)
+        or not isinstance(state["history"], list)
+    ):
+        raise CannotResume(f"{path} is not a dgex training checkpoint", fix)
+    return state
+
+
+def resume_problem(
+    state: dict, cfg: TrainConfig, gene_ids: dict, fingerprint: dict, dataset, run_dir: Path
+) -> CannotResume | None:
+    """Why the checkpoint ``state`` of ``run_dir`` must not be continued with these settings and data, or None."""
+    fresh = "delete the run folder to train from scratch"
+    key = cfg.resume_key()
+    if state["config"] != key:
+        diff = ", ".join(f"{k}: {state['config'].get(k)} -> {v}" for k, v in key.items() if state["config"].get(k) != v)
+        return CannotResume(
+            f"hyper-parameters differ from the checkpoint ({diff})", f"use the same settings or {fresh}"
+        )
+    if state["genes"] != gene_ids:
+        return CannotResume(
+            f"the checkpoint was trained on other landmark/target genes than {dataset}",
+            f"use the original dataset or {fresh}",
+        )
+    recorded = state.get("dataset")
+    if not isinstance(recorded, dict):
+        return CannotResume("the checkpoint records no dataset fingerprint (written by an older dgex)", fresh)
+    if recorded.get("sha256") != fingerprint["sha256"]:
+        what = ", ".join(fingerprint_differences(recorded, fingerprint))
+        return CannotResume(
+            f"the checkpoint was trained on another dataset than {dataset} ({what})",
+            f"use the dataset it was trained on or {fresh}",
+        )
+    done = len(state["history"])
+    if done > cfg.epochs:
+        return CannotResume(
+            f"the checkpoint has {done} epochs done, more than --epochs {cfg.epochs}",
+            f"pass --epochs {done} or more to continue it, or {fresh} with {cfg.epochs} epochs",
+        )
+    # the best weights so far are part of the state (written just before it); memory-mapped: cheap
+    for sel, best in state["best"].items():
+        path = run_dir / f"best_{sel}.pt"
+        if best.get("epoch") is None:
+            continue
+        if not path.exists():
+            return CannotResume(f"{path}, the best weights so far, is missing", fresh)
+        try:
+            _load_checkpoint(path)
+        except Exception as exc:  # unpickling damaged bytes can raise almost any type
+            return CannotResume(f"{path} is truncated or corrupt ({type(exc).__name__})", fresh)
+    return None
+
+
+def _clear_run(run_dir: Path) -> None:
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- #
 # the stage
 # --------------------------------------------------------------------------- #
 def train(
@@ -457,13 +577,20 @@ def train(
     seed=0,
     device="auto",
     resume=False,
+    restart_incompatible=False,
     keep_last=False,
     progress=True,
     threads=None,
     checkpoint_interval=60.0,
     gpu_lock_dir=None,
 ) -> dict:
-    """Train one network and write its checkpoints, per-gene metrics, history and ``run.json``."""
+    """Train one network and write its checkpoints, per-gene metrics, history and ``run.json``.
+
+    ``resume``: continue from ``output_dir/last.ckpt`` if present; a checkpoint
+    that must not be continued (see :func:`resume_problem`) raises
+    :class:`CannotResume`, or with ``restart_incompatible`` is logged and the
+    run starts from scratch.  Without ``resume`` the run always starts from scratch.
+    """
     cfg = TrainConfig(
         layers=layers,
         units=units,
@@ -482,14 +609,11 @@ def train(
         seed=seed,
         checkpoint_interval=checkpoint_interval,
     )
+    if restart_incompatible and not resume:
+        raise ConfigError("--restart-incompatible only applies together with --resume")
     run_dir = Path(output_dir)
     last = run_dir / "last.ckpt"
-    if resume and not last.exists():
-        log.info("no checkpoint in %s: starting from scratch", run_dir)
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
-        for stale in ("last.ckpt", "best_geo-va.pt", "best_1000g-va.pt", "history.csv", "per_gene.csv", "run.json"):
-            (run_dir / stale).unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_dead_temps(run_dir)
     if threads:
         torch.set_num_threads(int(threads))
     lease = None
@@ -510,12 +634,33 @@ def train(
                 raise InputError(f"{dataset}: needs geo-tr and geo-va splits; rerun `dgex preprocess`")
             data = load_training_data(ds, part)
             genes = ds.genes()
+            fingerprint = ds.fingerprint()
         targets = genes.targets if part is None else genes.targets[genes.targets["part"] == part].reset_index(drop=True)
         gene_ids = {"landmarks": genes.landmarks["ensembl"].tolist(), "targets": targets["ensembl"].tolist()}
 
+        continue_from = None
+        if resume and last.exists():
+            try:
+                problem = resume_problem(read_checkpoint_state(last), cfg, gene_ids, fingerprint, dataset, run_dir)
+            except CannotResume as exc:
+                problem = exc
+            if problem is None:
+                continue_from = last
+            elif restart_incompatible:
+                log.warning("cannot resume %s: %s; training from scratch", run_dir, problem.problem)
+            else:
+                raise CannotResume(
+                    f"cannot resume {run_dir}: {problem.problem}", f"{problem.fix} (or pass --restart-incompatible)"
+                )
+        elif resume:
+            log.info("no checkpoint in %s: starting from scratch", run_dir)
+        if continue_from is None:  # nothing of an earlier run may survive into this one
+            _clear_run(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+
         pl = _lightning()
         pl.seed_everything(seed, workers=True, verbose=False)
-        task = build_task(cfg, data, dev, run_dir, gene_ids)
+        task = build_task(cfg, data, dev, run_dir, gene_ids, fingerprint)
         trainer = pl.Trainer(
             max_epochs=epochs,
             accelerator="gpu" if dev.type == "cuda" else "cpu",
@@ -532,7 +677,7 @@ def train(
             default_root_dir=str(run_dir),
         )
         t0 = time.time()
-        trainer.fit(task, ckpt_path=str(last) if resume and last.exists() else None)
+        trainer.fit(task, ckpt_path=None if continue_from is None else str(continue_from))
         wall = time.time() - t0
         if not task.history:
             raise DgexError(f"training of {run_dir} ran no epoch")
@@ -541,7 +686,7 @@ def train(
         frames = []
         for sel in SELECTIONS:
             path = run_dir / f"best_{sel}.pt"
-            if sel not in task.best or not path.exists():
+            if task.best.get(sel, {}).get("epoch") is None:  # no such split, or never a finite error
                 continue
             model, _ = load_weights(path, gene_ids=gene_ids)
             model.to(dev)
@@ -575,6 +720,7 @@ def train(
             "base_lr": cfg.base_lr,
             "final_lr": task.lr,
             "dataset": str(dataset),
+            "dataset_fingerprint": fingerprint["sha256"],
             "n_train": n_tr,
             "n_landmarks": model.n_in,
             "n_targets": model.n_out,

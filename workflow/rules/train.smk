@@ -14,7 +14,8 @@ rule train:
     output:
         # run.json is written last: its presence marks a finished run. The
         # best_*.pt checkpoints are deliberately not declared, so that an
-        # interrupted run keeps them (and last.ckpt) for --resume.
+        # interrupted run keeps them (and last.ckpt) for --resume; a checkpoint
+        # of another dataset or config is discarded (--restart-incompatible).
         run=out("runs", "dgex", "{layers}x{units}_d{dropout}", "part{part}", "run.json"),
         per_gene=out("runs", "dgex", "{layers}x{units}_d{dropout}", "part{part}", "per_gene.csv"),
         history=out("runs", "dgex", "{layers}x{units}_d{dropout}", "part{part}", "history.csv"),
@@ -35,4 +36,4 @@ rule train:
     shell:
         "python -m dgex train --dataset {input.dataset:q} --output-dir {params.outdir:q} "
         "--layers {wildcards.layers} --units {wildcards.units} --dropout {wildcards.dropout} "
-        "--part {wildcards.part} --threads {threads} {params.args} --resume --no-progress > {log} 2>&1"
+        "--part {wildcards.part} --threads {threads} {params.args} --resume --restart-incompatible --no-progress > {log} 2>&1"
