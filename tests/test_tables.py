@@ -340,7 +340,7 @@ def test_stats_table_confidence_intervals_narrow_with_more_genes():
         pg = pd.concat(rows).assign(selected_by="geo-va", split="geo-te", r=0.5, rho=0.5)
         summary = pd.DataFrame(
             [{"method": "D-GEX", "selected_by": "geo-va", "split": "geo-va", "layers": 1, "units": 10}]
-        ).assign(dropout=0.0, mae_mean=0.4)
+        ).assign(dropout=0.0, mae_mean=0.4, n_genes=n_genes)
         return stats_table(pg, summary, n_boot=2000)[0].iloc[0]
 
     small, large = table(100), table(1600)
