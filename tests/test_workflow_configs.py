@@ -187,10 +187,11 @@ def test_partly_given_sections_keep_the_users_values_and_get_defaults_for_the_re
     assert cfg["interpret"]["s3_network"] is None and cfg["interpret"]["sigmas"] == [4.0, 5.0]
 
 
-def test_the_demo_config_applies_only_without_configfile():
+def test_the_demo_config_applies_only_without_configfile(tmp_path):
     demo = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     assert effective_config() == with_defaults(SCHEMA, demo)
-    res = snakemake("-n")
+    # results_dir in tmp_path: the checkout's own results/demo may already hold a finished demo
+    res = snakemake("-n", "--config", f"results_dir={tmp_path}")
     assert res.returncode == 0, res.stderr[-3000:]
     assert job_counts(res.stdout)["demo_data"] == 1
 
