@@ -468,8 +468,8 @@ def _constant_landmark(d, r, s):
     return d, r, s
 
 
-add("preprocess", "geo-constant-landmark", "constant-gene", "reject", lambda c: pre(c, geo_variant(c, fn=_constant_landmark)), warn="constant", outputs=PRE_OUT, check=ok_files("out/ds.h5"), xfail=I8)  # fmt: skip
-add("preprocess", "geo-flat-sample", "flat-sample", "reject", lambda c: pre(c, geo_variant(c, fn=_set(lambda d: d.__setitem__(3, 8.0)))), warn="flat|constant", outputs=PRE_OUT, check=ok_files("out/ds.h5"), xfail=I8)  # fmt: skip
+add("preprocess", "geo-constant-landmark", "constant-gene", "reject", lambda c: pre(c, geo_variant(c, fn=_constant_landmark)), warn="constant|variance", outputs=PRE_OUT, check=ok_files("out/ds.h5"), xfail=I8)  # fmt: skip
+add("preprocess", "geo-flat-sample", "flat-sample", "reject", lambda c: pre(c, geo_variant(c, fn=_set(lambda d: d.__setitem__(3, 8.0)))), warn="flat|constant|variance", outputs=PRE_OUT, check=ok_files("out/ds.h5"), xfail=I8)  # fmt: skip
 
 
 def _geo_gct(c):
@@ -1415,7 +1415,7 @@ add("export", "stale-temp-folders-of-dead-run", "leftovers", "ok", _ex_stale, ch
 
 def _ex_killed(c):
     argv = [PY, "-m", "dgex", "export", "--dataset", c.f("ds.h5"), "--runs", *runs_of(c), "--output", "model", "--overwrite"]  # fmt: skip
-    first = run_killed(argv, c.dir, glob_exists(c.dir, ".model.*.tmp"), sig=signal.SIGKILL)
+    first = run_killed(argv, c.dir, glob_exists(c.dir, ".model.*.tmp"), sig=signal.SIGKILL, poll=0.001)
     if first.rc == 0:
         raise Skip("export finished before it could be killed")
     return c.dgex(*argv[3:], "--no-progress")
@@ -1630,7 +1630,7 @@ add("infer", "input-nan", "nan-inf", "error", lambda c: inf(c, inp(c, "in.tsv", 
 add("infer", "input-inf", "nan-inf", "error", lambda c: inf(c, _in_gctx(c, X=_x_with(lambda x: x.__setitem__((29, 0), np.inf))(c))), msg=("inf",), outputs=IN_OUT)  # fmt: skip
 add("infer", "input-linear-scale", "wrong-scale", "error", lambda c: inf(c, inp(c, "in.tsv", X=2.0 ** X0(c))), msg=("linear",), outputs=IN_OUT)  # fmt: skip
 add("infer", "input-z-scores", "wrong-scale", "error", lambda c: inf(c, inp(c, "in.tsv", X=(X0(c) - X0(c).mean(0)) / X0(c).std(0))), msg=("z-score",), outputs=IN_OUT)  # fmt: skip
-add("infer", "input-flat-sample", "flat-sample", "reject", lambda c: inf(c, inp(c, "in.tsv", X=_x_with(lambda x: x.__setitem__(2, 8.0))(c))), warn="flat|constant", check=pred_check(X=_x_with(lambda x: x.__setitem__(2, 8.0))), outputs=IN_OUT, xfail=I8)  # fmt: skip
+add("infer", "input-flat-sample", "flat-sample", "reject", lambda c: inf(c, inp(c, "in.tsv", X=_x_with(lambda x: x.__setitem__(2, 8.0))(c))), warn="flat|constant|variance", check=pred_check(X=_x_with(lambda x: x.__setitem__(2, 8.0))), outputs=IN_OUT, xfail=I8)  # fmt: skip
 add("infer", "input-missing-landmarks", "wrong-ids", "error", lambda c: inf(c, inp(c, "in.tsv", X=X0(c)[:, 5:], ids=list(LM(c)["ensembl"])[5:])), msg=("missing",), outputs=IN_OUT)  # fmt: skip
 add("infer", "input-missing-landmarks-imputed", "wrong-ids", "warn-ok", lambda c: inf(c, inp(c, "in.tsv", X=X0(c)[:, 5:], ids=list(LM(c)["ensembl"])[5:]), "--impute-missing", "mean"), warn="missing", check=pred_check(present=np.arange(5, 943)))  # fmt: skip
 add("infer", "input-too-few-landmarks-imputed", "wrong-ids", "error", lambda c: inf(c, inp(c, "in.tsv", X=X0(c)[:, :100], ids=list(LM(c)["ensembl"])[:100]), "--impute-missing", "mean"), msg=("landmark",), outputs=IN_OUT)  # fmt: skip

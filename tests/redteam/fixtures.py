@@ -132,7 +132,9 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def run_killed(argv, cwd, trigger, sig=signal.SIGKILL, env=None, timeout=120, settle=0.0, tree=False) -> Result:
+def run_killed(
+    argv, cwd, trigger, sig=signal.SIGKILL, env=None, timeout=120, settle=0.0, tree=False, poll=0.01
+) -> Result:
     """Start ``argv``, send ``sig`` to its process group once ``trigger()`` is true (polled), wait for it.
 
     ``tree``: also signal every descendant (jobs that run in sessions of their own), as a
@@ -177,7 +179,7 @@ def run_killed(argv, cwd, trigger, sig=signal.SIGKILL, env=None, timeout=120, se
                     os.kill(pid, sig)
             fired = True
             break
-        time.sleep(0.01)
+        time.sleep(poll)
     if not fired and proc.poll() is None:
         with _suppress():
             os.killpg(proc.pid, signal.SIGKILL)

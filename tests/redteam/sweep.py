@@ -59,7 +59,7 @@ EXPECTATIONS = ("error", "ok", "warn-ok", "reject", "wf-fail", "wf-ok")
 ERROR_LINE = re.compile(r"^dgex(?: [\w-]+)*: error: ")
 WARNING_LINE = re.compile(r"\bWARNING\b")
 #: temporary or half-written files that must never outlive a command
-LEFTOVER = re.compile(r"(\.tmp$)|(\.work\.h5$)|(^\..+\.old$)|(^\..+\.tmp\.)")
+LEFTOVER = re.compile(r"(\.tmp($|[.\-_~]))|(\.work\.h5$)|(^\..+\.old$)")
 
 
 @dataclass
