@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 
 from . import __version__
 from .errors import DgexError
@@ -526,6 +528,18 @@ def _part(text: str):
     return value
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every ``finally`` and temporary-file clean-up runs.
+
+    A ``BaseException`` like ``KeyboardInterrupt``: ``except Exception`` blocks do not swallow it.
+    """
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -534,14 +548,28 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return _dispatch(args) or 0
     except DgexError as exc:
         print(f"dgex: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # last resort: a file operation no stage turned into a DgexError
+        from .io import describe_os_error  # imports h5py/pandas: only when needed
+
+        print(f"dgex: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("dgex: interrupted", file=sys.stderr)
+        print("dgex: interrupted; temporary files were removed", file=sys.stderr)
         return 130
+    except Terminated:
+        print("dgex: terminated (SIGTERM); temporary files were removed", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _dispatch(args: argparse.Namespace) -> int | None:

@@ -343,20 +343,24 @@ def _prefetch(chunks, depth: int = 1):
     stop = threading.Event()
     done = object()
 
+    def offer(item) -> bool:
+        # never block for good: the consumer may have stopped (an error) and be joining this thread
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def run():
         try:
             for item in chunks:
-                while not stop.is_set():
-                    try:
-                        items.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer(item):
                     return
-            items.put(done)
+            offer(done)
         except BaseException as exc:
-            items.put(exc)
+            offer(exc)
 
     thread = threading.Thread(target=run, name="dgex-reader", daemon=True)
     thread.start()

@@ -14,9 +14,17 @@ directions in the pinned environment (numpy<2, pandas<3).
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
+import io
 import json
+import logging
 import os
+import re
+import shutil
+import socket
+import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -24,7 +32,9 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from .errors import InputError
+from .errors import InputError, StorageError
+
+log = logging.getLogger(__name__)
 
 MATRIX = "0/DATA/0/matrix"
 ROW_META = "0/META/ROW"
@@ -33,25 +43,403 @@ GCTX_VERSION = "GCTX1.0"
 
 
 # --------------------------------------------------------------------------- #
-# atomic writes
+# storage errors, temporary files and atomic writes
 # --------------------------------------------------------------------------- #
+# Every output is written under a temporary name next to it and renamed into
+# place when complete.  The name carries the host and process id
+# (``.<name>~<host>~<pid>.<kind>``), so that the next run writing the same
+# output can tell the leftovers of a killed run (SIGKILL, power loss) from the
+# files of a run still in progress, and remove them.
+
+#: This host as it appears in temporary names (a shared file system may serve several hosts).
+HOST = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()) or "localhost"
+#: Temporary files of another host are removed once untouched this long (their owner cannot be asked).
+STALE_AGE_S = 7 * 24 * 3600
+#: A process that started this long after a temporary file was last written cannot be its writer
+#: (its pid was reused); generous, because a network file system stamps files with its own clock.
+PID_REUSE_SLACK_S = 60.0
+#: Temporary paths this process is writing now (pid reuse within one process is no leftover).
+_ACTIVE: set[str] = set()
+
+#: Cause and fix of the OS errors an output can meet, for one-line messages.
+_CAUSES = {
+    errno.ENOSPC: ("no space left on device", "free space there or write to another location, then rerun"),
+    errno.EDQUOT: ("disk quota exceeded", "free space in your quota or write to another location, then rerun"),
+    errno.EROFS: ("read-only file system", "choose an output location on a writable file system"),
+    errno.EACCES: ("permission denied", "choose a location you can write to, or fix its permissions"),
+    errno.EPERM: ("operation not permitted", "choose a location you can write to, or fix its permissions"),
+    errno.EISDIR: ("is a directory", "remove it or choose another output name"),
+    errno.ENAMETOOLONG: ("file name too long", "choose a shorter output name"),
+    errno.EFBIG: ("file too large for this file system", "write to another file system"),
+    errno.EIO: ("input/output error", "check the disk (or network file system), then rerun"),
+}
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The first component of ``path`` (from the root) that exists but is not a folder, if any."""
+    for p in reversed([path, *path.parents]):
+        if os.path.lexists(p) and not p.is_dir():
+            return p
+    return None
+
+
+def describe_os_error(exc: OSError, path=None, what: str = "") -> str:
+    """One line ``<path>: <cause>; <fix>`` for an OS error met while writing ``path``.
+
+    ``path`` defaults to the error's own file name; ``what`` names the file
+    actually written when it is not ``path`` itself (e.g. a temporary work file).
+    """
+    if path is None and not exc.filename:
+        cause, fix = _CAUSES.get(exc.errno, (exc.strerror or str(exc), "check the output location, then rerun"))
+        return f"{cause}; {fix}"
+    path = Path(path if path is not None else exc.filename)
+    code = exc.errno
+    if code in (errno.ENOTDIR, errno.EEXIST, errno.ENOENT):
+        blocker = _file_in_the_way(path if code == errno.EEXIST else path.parent)
+        if blocker is not None:
+            return (
+                f"{blocker}: is a file, not a folder (needed for {path}); "
+                f"remove or rename it, or choose another output location"
+            )
+    if code in (errno.EEXIST, errno.ENOTDIR) and path.is_dir():
+        code = errno.EISDIR
+    cause, fix = _CAUSES.get(code, (exc.strerror or str(exc), "check the output location, then rerun"))
+    return f"{path}: {cause}{f' (writing {what})' if what else ''}; {fix}"
+
+
+def storage_error(exc: OSError, path=None, what: str = "") -> StorageError:
+    """:class:`StorageError` with the one-line description of ``exc`` (see :func:`describe_os_error`)."""
+    err = StorageError(describe_os_error(exc, path, what))
+    err.errno = exc.errno
+    return err
+
+
+def temp_path(path: str | os.PathLike, kind: str = "tmp") -> Path:
+    """This process's temporary name for ``path``: ``.<name>~<host>~<pid>.<kind>`` in the same folder."""
+    path = Path(path)
+    return path.with_name(f".{path.name}~{HOST}~{os.getpid()}.{kind}")
+
+
+def _temp_pattern(name: str) -> re.Pattern:
+    # also the names of dgex versions before host names were added: .<name>.<pid>.<kind>
+    return re.compile(rf"\.{re.escape(name)}(?:~(?P<host>[A-Za-z0-9.-]+)~|\.)(?P<pid>\d+)\.(?:tmp|work\.h5|old)")
+
+
+@lru_cache(maxsize=1)
+def _boot_time() -> float | None:
+    try:
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith("btime "):
+                return float(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _process_start(pid: int) -> float | None:
+    """Start time (epoch seconds) of process ``pid``, where ``/proc`` tells it."""
+    boot = _boot_time()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return None if boot is None else boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _owner_alive(host: str | None, pid: int, mtime: float) -> bool:
+    """Whether the writer of a temporary file (``host``, ``pid``, last written at ``mtime``) may still run."""
+    if host is not None and host != HOST:
+        return time.time() - mtime < STALE_AGE_S
+    if pid < 1 or pid == os.getpid():
+        return False  # our own pid, but not one of our active files: a dead run's pid, reused
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # e.g. another user's process: alive
+    started = _process_start(pid)
+    return started is None or started <= mtime + PID_REUSE_SLACK_S
+
+
+def sweep_stale(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and folders that dead runs left for ``path``; returns them.
+
+    A leftover is a sibling named like :func:`temp_path` of ``path`` whose
+    writer is gone: on this host its pid is not running (or runs a process
+    started after the file was last written); from another host, untouched
+    for :data:`STALE_AGE_S`.
+    """
+    path = Path(path)
+    pattern, prefix = _temp_pattern(path.name), f".{path.name}"
+    removed = []
+    try:
+        entries = [e for e in os.scandir(path.parent) if e.name.startswith(prefix)]
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if m is None or entry.path in _ACTIVE:
+            continue
+        try:
+            mtime = entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        if _owner_alive(m["host"], int(m["pid"]), mtime):
+            continue
+        _remove(Path(entry.path))
+        removed.append(Path(entry.path))
+        log.info(
+            "removed %s, left behind by an interrupted run (pid %s on %s)", entry.path, m["pid"], m["host"] or HOST
+        )
+    return removed
+
+
+def _remove(p: Path) -> None:
+    with contextlib.suppress(OSError):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def ensure_dir(path: str | os.PathLike) -> Path:
+    """Create folder ``path`` (and its parents); a one-line :class:`StorageError` if that is impossible."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise storage_error(exc, path) from None
+    return path
+
+
+def _begin_temp(path: Path, kind: str, is_dir: bool = False) -> Path:
+    """Prepare writing ``path`` under a temporary name: parent folder, leftovers swept, name registered."""
+    ensure_dir(path.parent)
+    if not is_dir and path.is_dir():
+        raise storage_error(OSError(errno.EISDIR, os.strerror(errno.EISDIR)), path)
+    sweep_stale(path)
+    tmp = temp_path(path, kind)
+    _ACTIVE.add(str(tmp))
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
 
-    On any exception the temporary file is removed, so a crashed or killed
-    writer never leaves a file that looks complete.
+    On any exception the temporary file is removed, so a failed or interrupted
+    writer never leaves a file that looks complete; an ``OSError`` while
+    writing (disk full, read-only, no permission, ...) becomes a one-line
+    :class:`StorageError` naming ``path``.  Leftovers of killed runs are
+    removed first (:func:`sweep_stale`).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _begin_temp(path, "tmp")
     try:
-        yield tmp
-        os.replace(tmp, path)
+        try:
+            yield tmp
+            os.replace(tmp, path)
+        except OSError as exc:
+            if exc.errno is None:  # not an OS-level failure (e.g. an HDF5 format error): keep it as it is
+                raise
+            raise storage_error(exc, path) from None
     except BaseException:
-        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-            tmp.unlink()
+        _remove(tmp)
         raise
+    finally:
+        _ACTIVE.discard(str(tmp))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a new temporary folder next to ``path``; on success it replaces ``path`` (see :func:`atomic_path`)."""
+    path = Path(path)
+    tmp = _begin_temp(path, "tmp", is_dir=True)
+    try:
+        try:
+            _remove(tmp)
+            tmp.mkdir()
+            yield tmp
+            _replace_dir(tmp, path, overwrite)
+        except OSError as exc:
+            if exc.errno is None:
+                raise
+            raise storage_error(exc, path) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+    finally:
+        _ACTIVE.discard(str(tmp))
+
+
+def _replace_dir(tmp: Path, output: Path, overwrite: bool) -> None:
+    """Rename the finished folder ``tmp`` onto ``output`` (an existing one is moved aside, then removed)."""
+    old = None
+    if os.path.lexists(output):
+        if not overwrite:
+            raise InputError(f"{output} exists; pass --overwrite to replace it")
+        old = temp_path(output, "old")
+        _ACTIVE.add(str(old))
+        _remove(old)
+        os.replace(output, old)
+    try:
+        os.replace(tmp, output)
+    finally:
+        if old is not None:
+            _remove(old)
+            _ACTIVE.discard(str(old))
+
+
+# --------------------------------------------------------------------------- #
+# HDF5 files written through a guard
+# --------------------------------------------------------------------------- #
+class _HDF5Sink(io.FileIO):
+    """The OS file under an HDF5 file being written (h5py's ``fileobj`` driver).
+
+    HDF5 (2.0, bundled with h5py 3.16) cannot recover from a failed write:
+    every later flush and close fails too, a failed close frees the file's
+    shared state while dataset ids still point into it, and h5py's clean-up
+    of those ids (at the latest at interpreter exit) then crashes the process
+    with SIGSEGV.  So HDF5 may fail only once here: the first error (e.g.
+    ``ENOSPC``) is recorded in :attr:`error` and raised, and every later
+    write is discarded, so the file can always be closed.  The file is then
+    incomplete and the owner deletes it instead of renaming it into place.
+    """
+
+    def __init__(self, path: Path):
+        super().__init__(path, "w+")
+        self.error: BaseException | None = None
+
+    def discard(self) -> None:
+        """Write nothing more (the file is being abandoned)."""
+        if self.error is None:
+            self.error = _Abandoned()
+
+    def write(self, b) -> int:
+        view = memoryview(b).cast("B")
+        size = view.nbytes
+        if self.error is not None:
+            return size
+        try:
+            while view.nbytes:  # FileIO writes less than asked when the disk is nearly full
+                view = view[super().write(view) :]
+        except BaseException as exc:  # also an interrupt, raised in this callback
+            self.error = exc
+            raise
+        return size
+
+    def readinto(self, b) -> int:
+        # h5py's driver ignores short reads: fill the whole buffer (zeros past the end, as HDF5's own driver)
+        view = memoryview(b).cast("B")
+        got = 0
+        while got < view.nbytes:
+            n = super().readinto(view[got:])
+            if not n:
+                break
+            got += n
+        view[got:] = bytes(view.nbytes - got)
+        return view.nbytes
+
+    def truncate(self, size=None):
+        if self.error is not None:
+            return size
+        try:
+            return super().truncate(size)
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        pass  # unbuffered
+
+
+class _Abandoned(Exception):
+    """Marks an HDF5 file given up on purpose (no I/O error)."""
+
+
+def _open_h5(tmp: Path) -> tuple[h5py.File, _HDF5Sink]:
+    sink = _HDF5Sink(tmp)
+    try:
+        return h5py.File(sink, "w"), sink
+    except BaseException:
+        sink.close()
+        raise
+
+
+def _close_h5(h5: h5py.File, sink: _HDF5Sink, commit: bool) -> None:
+    """Close an HDF5 file opened by :func:`_open_h5`; with ``commit``, raise the write error that spoilt it."""
+    try:
+        if commit and sink.error is None:
+            # the last writes happen here; a failed flush, unlike a failed close, leaves HDF5 able to close
+            with contextlib.suppress(Exception):
+                h5.flush()
+        if not commit:
+            sink.discard()
+        h5.close()
+    finally:
+        sink.close()
+    if commit and sink.error is not None:
+        raise sink.error
+
+
+@contextlib.contextmanager
+def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
+    """Create the HDF5 file ``path`` atomically (see :func:`atomic_path`); I/O errors never crash HDF5."""
+    with atomic_path(path) as tmp:
+        h5, sink = _open_h5(tmp)
+        try:
+            yield h5
+        except BaseException:
+            _close_h5(h5, sink, commit=False)
+            raise
+        _close_h5(h5, sink, commit=True)
+
+
+@contextlib.contextmanager
+def scratch_h5(path: str | os.PathLike, kind: str = "work.h5") -> Iterator[h5py.File]:
+    """A temporary HDF5 work file next to ``path`` (named by :func:`temp_path`), always deleted afterwards.
+
+    A failed write to it becomes a :class:`StorageError` naming ``path``;
+    other errors of the ``with`` body pass unchanged.
+    """
+    path = Path(path)
+    tmp = _begin_temp(path, kind)
+    what = f"its temporary work file {tmp.name}"
+    try:
+        try:
+            h5, sink = _open_h5(tmp)
+        except OSError as exc:
+            raise storage_error(exc, path, what) from None
+        try:
+            yield h5
+        except OSError:
+            if isinstance(sink.error, OSError) and sink.error.errno is not None:
+                raise storage_error(sink.error, path, what) from None
+            raise
+        finally:
+            _close_h5(h5, sink, commit=False)
+    finally:
+        _remove(tmp)
+        _ACTIVE.discard(str(tmp))
+
+
+def save_torch(obj, path: str | os.PathLike, atomic: bool = True) -> None:
+    """``torch.save(obj)`` to ``path`` (atomically unless ``atomic`` is false).
+
+    Written through a Python file, so that a full disk raises ``OSError``
+    (torch's own file writer raises an opaque ``RuntimeError``) and the archive
+    inside is named ``archive`` whatever the (temporary) file name: the bytes
+    do not depend on the process id.
+    """
+    import torch  # only the stages that save networks pay for the import
+
+    if not atomic:
+        with open(path, "wb") as fh:
+            torch.save(obj, fh)
+        return
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -431,7 +819,9 @@ class GCTXWriter:
     ...     for block in blocks:          # each (k, n_genes)
     ...         w.write(block)
 
-    The file appears at ``path`` only after every sample was written.
+    The file appears at ``path`` only after every sample was written; a failed
+    write (disk full, ...) raises a one-line :class:`StorageError` and the
+    temporary file is removed on :meth:`close`.
     """
 
     def __init__(
@@ -444,23 +834,38 @@ class GCTXWriter:
         compression: str | None = None,
     ):
         self.path = Path(path)
-        self._atomic = atomic_path(self.path)
-        self._tmp = self._atomic.__enter__()
         self.n_rows, self.n_cols = len(row_ids), len(col_ids)
-        self._h5 = h5py.File(self._tmp, "w")
-        self._h5.attrs["version"] = GCTX_VERSION
-        self._h5.attrs["src"] = self.path.name
-        chunk_rows = max(1, min(self.n_cols, (1 << 20) // max(1, self.n_rows)))
-        self._data = self._h5.create_dataset(
-            MATRIX,
-            shape=(self.n_cols, self.n_rows),
-            dtype=np.float32,
-            chunks=(chunk_rows, self.n_rows) if self.n_cols and self.n_rows else None,
-            compression=compression,
-        )
-        _write_meta(self._h5, ROW_META, row_ids, row_meta)
-        _write_meta(self._h5, COL_META, col_ids, col_meta)
         self._pos = 0
+        self._stack = contextlib.ExitStack()
+        self._h5 = self._stack.enter_context(atomic_h5(self.path))
+        try:
+            self._h5.attrs["version"] = GCTX_VERSION
+            self._h5.attrs["src"] = self.path.name
+            chunk_rows = max(1, min(self.n_cols, (1 << 20) // max(1, self.n_rows)))
+            self._data = self._h5.create_dataset(
+                MATRIX,
+                shape=(self.n_cols, self.n_rows),
+                dtype=np.float32,
+                chunks=(chunk_rows, self.n_rows) if self.n_cols and self.n_rows else None,
+                compression=compression,
+            )
+            _write_meta(self._h5, ROW_META, row_ids, row_meta)
+            _write_meta(self._h5, COL_META, col_ids, col_meta)
+        except BaseException as exc:
+            self._abort(exc)
+            raise self._translated(exc) from None
+
+    def _translated(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return storage_error(exc, self.path)
+        return exc
+
+    def _abort(self, exc: BaseException) -> None:
+        """Close and delete the temporary file; ``exc`` is what went wrong."""
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            with contextlib.suppress(BaseException):
+                stack.__exit__(type(exc), exc, None)
 
     def write(self, block: np.ndarray) -> None:
         """Append ``block`` of shape ``(k, n_rows)`` (k samples)."""
@@ -470,24 +875,25 @@ class GCTXWriter:
         end = self._pos + block.shape[0]
         if end > self.n_cols:
             raise ValueError(f"writing past the declared {self.n_cols} samples")
-        self._data[self._pos : end] = block
+        try:
+            self._data[self._pos : end] = block
+        except OSError as exc:
+            raise self._translated(exc) from None
         self._pos = end
 
     def close(self, ok: bool = True) -> None:
-        self._h5.close()
+        """Rename the finished file into place (``ok``) or delete it; a second call does nothing."""
+        if self._stack is None:
+            return
         if ok and self._pos != self.n_cols:
-            ok = False
             err = ValueError(f"only {self._pos} of {self.n_cols} samples were written")
-        else:
-            err = None
-        if ok:
-            self._atomic.__exit__(None, None, None)
-        else:
-            exc = err or RuntimeError("aborted")
-            with contextlib.suppress(BaseException):
-                self._atomic.__exit__(type(exc), exc, None)
-            if err:
-                raise err
+            self._abort(err)
+            raise err
+        if not ok:
+            self._abort(_Abandoned())
+            return
+        stack, self._stack = self._stack, None
+        stack.close()  # commit: flush, close, rename; a failed write raises StorageError here
 
     def __enter__(self):
         return self

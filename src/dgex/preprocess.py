@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import resource
 import time
 from contextlib import ExitStack
@@ -37,7 +36,7 @@ from . import DATASET_FORMAT, __version__
 from .dataset import encode
 from .errors import InputError
 from .genes import ALL_PROBES, aggregation_matrix, assign_parts, load_gene_map, select_targets, strip_version
-from .io import Matrix, atomic_path, check_finite, check_scale, open_matrix, write_json
+from .io import Matrix, atomic_h5, check_finite, check_scale, open_matrix, scratch_h5, write_json
 
 log = logging.getLogger(__name__)
 
@@ -278,10 +277,7 @@ def preprocess(
             phase("quantile_reference")
 
         # -- pass 1: gene-level work file + MiniBatchKMeans
-        output.parent.mkdir(parents=True, exist_ok=True)
-        work_path = output.with_name(f".{output.name}.{os.getpid()}.work.h5")
-        stack.callback(lambda: work_path.unlink(missing_ok=True))
-        work = stack.enter_context(h5py.File(work_path, "w"))
+        work = stack.enter_context(scratch_h5(output))  # next to the output; removed however this ends
         gene_ds = work.create_dataset(
             "genes", shape=(n_geo, G), dtype=np.float32, chunks=(max(1, min(n_geo, (1 << 22) // (4 * G))), G)
         )
@@ -357,7 +353,7 @@ def preprocess(
         phase("rnaseq")
 
         # -- pass 4: write the dataset
-        with atomic_path(output) as tmp, h5py.File(tmp, "w") as out:
+        with atomic_h5(output) as out:
             out.attrs["format"] = DATASET_FORMAT
             out.attrs["dgex_version"] = __version__
             out.attrs["standardize"] = standardize

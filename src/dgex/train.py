@@ -35,7 +35,7 @@ from . import __version__
 from .dataset import EVAL_SPLITS, SELECTIONS, ProcessedDataset
 from .devices import lease_gpu, pick_device
 from .errors import ConfigError, DgexError, InputError
-from .io import atomic_path, write_json
+from .io import atomic_path, save_torch, write_json
 from .metrics import per_gene_frame, write_per_gene
 from .models import DGEX, default_learning_rate
 
@@ -370,19 +370,18 @@ def build_task(cfg: TrainConfig, data: dict, device: torch.device, run_dir: Path
 def _save_weights(
     path: Path, state: dict, model: DGEX, cfg: TrainConfig, epoch: int, row: dict, gene_ids: dict
 ) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(
-            {
-                "state_dict": {k: v.cpu() for k, v in state.items()},
-                "config": asdict(cfg),
-                "epoch": epoch,
-                "metrics": dict(row),
-                "genes": gene_ids,
-                "shape": [model.n_in, model.n_out, model.n_layers, model.n_units],
-                "dgex_version": __version__,
-            },
-            tmp,
-        )
+    save_torch(
+        {
+            "state_dict": {k: v.cpu() for k, v in state.items()},
+            "config": asdict(cfg),
+            "epoch": epoch,
+            "metrics": dict(row),
+            "genes": gene_ids,
+            "shape": [model.n_in, model.n_out, model.n_layers, model.n_units],
+            "dgex_version": __version__,
+        },
+        path,
+    )
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
