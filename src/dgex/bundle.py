@@ -40,7 +40,7 @@ import torch
 from . import __version__
 from .acquire import sha256_file
 from .dataset import EVAL_SPLITS, ProcessedDataset
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .io import atomic_dir, save_torch, write_json
 from .models import DGEX
 from .runs import load_runs
@@ -51,6 +51,8 @@ BUNDLE_FORMAT = 1
 BUNDLE_KIND = "dgex-model-bundle"
 LANDMARK_COLUMNS = ["ensembl", "entrez", "symbol", "probe"]
 TARGET_COLUMNS = ["ensembl", "entrez", "symbol", "part"]
+#: Extensions that promise a file or an archive: a bundle folder is not named so.
+FILE_SUFFIXES = {".zip", ".tar", ".tgz", ".gz", ".bz2", ".xz", ".pt", ".pth", ".ckpt", ".json", ".h5", ".gctx", ".csv"}
 
 
 def _weights_name(part) -> str:
@@ -306,6 +308,11 @@ def write_bundle(
     ``part_info``: extra per-part fields; ``extra``: extra top-level fields.
     """
     output = Path(output)
+    if output.suffix.lower() in FILE_SUFFIXES:
+        raise ConfigError(
+            f"{output}: a model bundle is a folder, but the name ends in {output.suffix} like a file or archive; "
+            f"name it without that extension (e.g. {output.with_suffix('').name})"
+        )
     if output.exists() and not overwrite:
         raise InputError(f"{output} exists; pass --overwrite to replace it or choose another --output")
     with atomic_dir(output, overwrite) as tmp:

@@ -465,7 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="genes x samples log2 expression: .gctx (streamed), .gct, .tsv or .csv (rows: landmark genes)",
     )
-    p.add_argument("--output", required=True, help="predictions: .gctx (any size), .csv/.tsv (small inputs)")
+    p.add_argument(
+        "--output", required=True, help="predictions: .gctx (any size), .csv/.tsv (small inputs; .gz to compress)"
+    )
     p.add_argument(
         "--id-type",
         choices=("auto",) + ID_TYPES,
@@ -476,9 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--format",
         dest="output_format",
-        choices=("gctx", "csv", "tsv", "parquet"),
+        choices=("gctx", "csv", "tsv"),
         default=None,
-        help="output format (default: from the --output extension; parquet needs pyarrow)",
+        help="output format (default: from the --output extension, which must agree with it: "
+        ".gctx/.h5, .csv[.gz], .tsv/.txt[.gz])",
     )
     p.add_argument("--chunk-size", type=_positive_int, default=4096, help="input samples read per chunk (default 4096)")
     p.add_argument(
@@ -504,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N (default auto)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--force", action="store_true", help="allow csv/tsv/parquet output above 20,000 samples")
+    p.add_argument("--force", action="store_true", help="allow csv/tsv output above 20,000 samples")
     _add_no_progress(p)
 
     # ---------------------------------------------------------------- gpus

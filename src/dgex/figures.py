@@ -20,7 +20,7 @@ import pandas as pd
 
 from .aggregate import load_aggregate
 from .errors import InputError
-from .io import write_json
+from .io import ensure_dir, write_json
 from .plotting import pyplot, save_figure
 from .tables import BASELINES, TASKS, arch_name, baseline_rows, choose, chosen_arch, dgex_rows, fmt, pct
 
@@ -169,7 +169,7 @@ def make_figures(*, aggregate, output_dir) -> dict:
     """Draw Figures 1-5 into ``output_dir``; returns the content of ``figures.json``."""
     agg = load_aggregate(aggregate)
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     figs = {}
     if choose(agg["summary"], "geo") is None:
         raise InputError(f"{aggregate}: no D-GEX runs to draw; aggregate D-GEX runs first")

@@ -514,6 +514,20 @@ def check_scale(block: np.ndarray, path, linear_fix: str, ratio_fix: str) -> Non
         )
 
 
+#: A profile varying less than this (s.d. across genes, log2 units) is flat: a failed array, no
+#: expression information (real HG-U133A / L1000 profiles have s.d. 1.5-2.5).
+FLAT_SAMPLE_STD = 0.1
+#: A gene varying less than this (s.d. across samples, log2 units) is constant (real genes: >= 0.15).
+CONSTANT_GENE_STD = 1e-3
+
+
+def flat_samples(block: np.ndarray) -> np.ndarray:
+    """Mask ``(n_samples,)`` of flat profiles in ``block`` ``(n_samples, n_genes)`` (see :data:`FLAT_SAMPLE_STD`)."""
+    if block.shape[1] < 2:
+        return np.zeros(block.shape[0], dtype=bool)
+    return block.std(axis=1, dtype=np.float64) < FLAT_SAMPLE_STD
+
+
 def _decode(values: np.ndarray) -> np.ndarray:
     if values.dtype.kind in ("S", "O"):
         return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=object)
@@ -709,9 +723,18 @@ def read_gct(path: str | os.PathLike) -> InMemoryMatrix:
                 raise InputError(f"{path}: not a GCT file (first line {version[:20]!r}, expected #1.2 or #1.3)")
             n_row_meta = int(dims[2]) if version == "#1.3" else 1
             n_col_meta = int(dims[3]) if version == "#1.3" else 0
-            df = pd.read_csv(fh, sep="\t", header=0, dtype=str, keep_default_na=False)
+            # no header=0: pandas would rename repeated sample names (A, A.1) instead of letting us reject them
+            table = pd.read_csv(fh, sep="\t", header=None, dtype=str, keep_default_na=False)
     except (UnicodeDecodeError, gzip.BadGzipFile, ValueError, IndexError) as exc:
         raise InputError(f"{path}: cannot parse GCT file ({exc}); check the file format") from None
+    if table.empty:
+        raise InputError(f"{path}: no header line after the dimensions; check the file format")
+    header = table.iloc[0].tolist()
+    n_lead = 1 + (n_row_meta if version == "#1.3" else 1)
+    check_unique(header[n_lead:], "column", path)
+    check_unique(header[:n_lead], "annotation column", path)
+    df = table.iloc[1:].reset_index(drop=True)
+    df.columns = header
     id_col = df.columns[0]
     meta_cols = list(df.columns[1 : 1 + n_row_meta]) if version == "#1.3" else [df.columns[1]]
     sample_cols = list(df.columns[1 + len(meta_cols) :])
@@ -762,10 +785,14 @@ def read_tsv(path: str | os.PathLike, id_column: str | int = 0) -> InMemoryMatri
     sep = "," if ".csv" in path.suffixes else "\t"
     try:
         df = pd.read_csv(path, sep=sep, low_memory=False)
+        # the header as written: pandas renames repeated names (A, A.1), which must be rejected, not
+        # confused with a sample really named A.1
+        header = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0]
     except (UnicodeDecodeError, gzip.BadGzipFile, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise InputError(
             f"{path}: cannot parse table ({exc}); expected a tab-separated genes x samples table"
         ) from None
+    check_unique([h for h in header.tolist() if h.strip()], "column", path)
     id_name = df.columns[id_column] if isinstance(id_column, int) else id_column
     if id_name not in df.columns:
         raise InputError(f"{path}: id column {id_name!r} not found; columns start {list(df.columns[:5])}")

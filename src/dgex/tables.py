@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .aggregate import load_aggregate
-from .io import atomic_path, write_json, write_text
+from .io import atomic_path, ensure_dir, write_json, write_text
 from .metrics import bootstrap_ci, compare
 
 log = logging.getLogger(__name__)
@@ -379,7 +379,7 @@ def make_tables(*, aggregate, output_dir, paper_reference: bool = False, n_boot:
     agg = load_aggregate(aggregate)
     summary, per_gene = agg["summary"], agg["per_gene"]
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     written, chosen = {}, {}
     for task, t in TASKS.items():
         table, md = main_table(summary, task, paper_reference)
