@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -538,9 +539,17 @@ class Terminated(BaseException):
     """
 
 
-def _on_sigterm(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
-    raise Terminated()
+def _on_signal(signum, frame):
+    """SIGTERM -> :class:`Terminated`, SIGINT -> ``KeyboardInterrupt``; never inside HDF5's file callbacks."""
+    dio = sys.modules.get("dgex.io")
+    if dio is not None and dio.in_hdf5_callback():
+        # raising here would fail a write inside HDF5, which cannot recover: deliver the signal again shortly
+        threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+        return
+    if signum == signal.SIGTERM:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise Terminated()
+    raise KeyboardInterrupt()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -551,9 +560,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    previous = signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    handled = (signal.SIGTERM, signal.SIGINT)
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers: main thread only
+    previous = {s: signal.getsignal(s) for s in handled}
+    if main_thread:
+        for s in handled:
+            signal.signal(s, _on_signal)
     try:
         return _dispatch(args) or 0
     except DgexError as exc:
@@ -571,8 +583,10 @@ def main(argv: list[str] | None = None) -> int:
         print("dgex: terminated (SIGTERM); temporary files were removed", file=sys.stderr)
         return 128 + signal.SIGTERM
     finally:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            for s in handled:
+                if previous[s] is not None:  # None: installed outside Python, cannot be restored
+                    signal.signal(s, previous[s])
 
 
 def _dispatch(args: argparse.Namespace) -> int | None:

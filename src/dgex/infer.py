@@ -50,6 +50,7 @@ from .io import (
     GCTXWriter,
     atomic_path,
     check_finite,
+    check_output_path,
     check_scale,
     flat_samples,
     open_matrix,
@@ -518,6 +519,7 @@ def infer(
         raise ConfigError("--chunk-size and --batch-size must be >= 1")
     output, input = Path(output), Path(input)
     fmt = _output_format(output, output_format)
+    check_output_path(output)
     if output.exists() and not overwrite:
         raise InputError(f"{output} exists; pass --overwrite to replace it or choose another --output")
     if output.exists() and input.exists() and output.resolve() == input.resolve():

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -213,6 +214,29 @@ def ensure_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_output_path(path: str | os.PathLike) -> None:
+    """Fail fast, before hours of work, when the output file ``path`` cannot be written.
+
+    A folder at ``path``, a file where a parent folder must be, a read-only
+    file system or a folder without write permission: one-line :class:`StorageError`.
+    """
+    path = Path(path)
+    code = None
+    if path.is_dir():
+        code = errno.EISDIR
+    elif _file_in_the_way(path.parent) is not None:
+        code = errno.ENOTDIR
+    else:
+        folder = next(p for p in [path.parent, *path.parent.parents] if p.is_dir())
+        with contextlib.suppress(OSError):
+            if os.statvfs(folder).f_flag & os.ST_RDONLY:
+                code = errno.EROFS
+            elif not os.access(folder, os.W_OK | os.X_OK):
+                code = errno.EACCES
+    if code is not None:
+        raise storage_error(OSError(code, os.strerror(code)), path)
+
+
 def _begin_temp(path: Path, kind: str, is_dir: bool = False) -> Path:
     """Prepare writing ``path`` under a temporary name: parent folder, leftovers swept, name registered."""
     ensure_dir(path.parent)
@@ -294,89 +318,128 @@ def _replace_dir(tmp: Path, output: Path, overwrite: bool) -> None:
 # --------------------------------------------------------------------------- #
 # HDF5 files written through a guard
 # --------------------------------------------------------------------------- #
-class _HDF5Sink(io.FileIO):
-    """The OS file under an HDF5 file being written (h5py's ``fileobj`` driver).
+# HDF5 (2.0, bundled with h5py 3.16) cannot recover from a failed write: after
+# a failed flush it cannot close the file ("slist already enabled"), a failed
+# close frees the file's shared state while dataset ids still point into it,
+# and h5py's clean-up of those ids (at the latest at interpreter exit) then
+# crashes the process with SIGSEGV.  So dgex writes HDF5 through a Python file
+# object (h5py's ``fileobj`` driver) that never lets a write fail inside HDF5:
+# the first OS error is recorded and later writes go to memory (small ones,
+# which HDF5 may read back) or nowhere, so that HDF5 stays consistent and can
+# always be closed; dgex then raises the recorded error itself (after each
+# block written, and before a file is renamed into place) and deletes the file.
 
-    HDF5 (2.0, bundled with h5py 3.16) cannot recover from a failed write:
-    every later flush and close fails too, a failed close frees the file's
-    shared state while dataset ids still point into it, and h5py's clean-up
-    of those ids (at the latest at interpreter exit) then crashes the process
-    with SIGSEGV.  So HDF5 may fail only once here: the first error (e.g.
-    ``ENOSPC``) is recorded in :attr:`error` and raised, and every later
-    write is discarded, so the file can always be closed.  The file is then
-    incomplete and the owner deletes it instead of renaming it into place.
+_CALLBACK = threading.local()
+#: Writes up to this size are kept in memory after a failure (HDF5 metadata it may read back) ...
+_OVERLAY_WRITE_MAX = 1 << 20
+#: ... up to this much in total; larger writes are raw data that HDF5 never needs again.
+_OVERLAY_TOTAL_MAX = 256 << 20
+
+
+def in_hdf5_callback() -> bool:
+    """Whether this thread is inside HDF5, in one of dgex's file callbacks (a signal must not raise here)."""
+    return getattr(_CALLBACK, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def _callback():
+    _CALLBACK.depth = getattr(_CALLBACK, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _CALLBACK.depth -= 1
+
+
+class _HDF5Sink(io.FileIO):
+    """The OS file under an HDF5 file being written; its writes never fail inside HDF5 (see above).
+
+    :attr:`error` is the first ``OSError`` met; from then on nothing more
+    reaches the disk and the file must be abandoned.
     """
 
     def __init__(self, path: Path):
         super().__init__(path, "w+")
-        self.error: BaseException | None = None
-
-    def discard(self) -> None:
-        """Write nothing more (the file is being abandoned)."""
-        if self.error is None:
-            self.error = _Abandoned()
+        self.error: OSError | None = None
+        self._overlay: list[tuple[int, bytes]] = []
+        self._overlay_bytes = 0
 
     def write(self, b) -> int:
-        view = memoryview(b).cast("B")
-        size = view.nbytes
-        if self.error is not None:
+        with _callback():
+            view = memoryview(b).cast("B")
+            size = view.nbytes
+            if self.error is None:
+                start = self.tell()
+                try:
+                    while view.nbytes:  # FileIO writes less than asked when the disk is nearly full
+                        view = view[super().write(view) :]
+                    return size
+                except OSError as exc:
+                    self.error = exc
+                    view = memoryview(b).cast("B")
+                    self.seek(start)
+            if size <= _OVERLAY_WRITE_MAX and self._overlay_bytes + size <= _OVERLAY_TOTAL_MAX:
+                self._overlay.append((self.tell(), bytes(view)))
+                self._overlay_bytes += size
+            self.seek(size, os.SEEK_CUR)
             return size
-        try:
-            while view.nbytes:  # FileIO writes less than asked when the disk is nearly full
-                view = view[super().write(view) :]
-        except BaseException as exc:  # also an interrupt, raised in this callback
-            self.error = exc
-            raise
-        return size
 
     def readinto(self, b) -> int:
         # h5py's driver ignores short reads: fill the whole buffer (zeros past the end, as HDF5's own driver)
-        view = memoryview(b).cast("B")
-        got = 0
-        while got < view.nbytes:
-            n = super().readinto(view[got:])
-            if not n:
-                break
-            got += n
-        view[got:] = bytes(view.nbytes - got)
-        return view.nbytes
+        with _callback():
+            view = memoryview(b).cast("B")
+            start, got = self.tell(), 0
+            try:
+                while got < view.nbytes:
+                    n = super().readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
+            except OSError as exc:
+                self.error = self.error or exc
+            view[got:] = bytes(view.nbytes - got)
+            end = start + view.nbytes
+            for offset, data in self._overlay:  # in write order: later writes win
+                lo, hi = max(start, offset), min(end, offset + len(data))
+                if lo < hi:
+                    view[lo - start : hi - start] = data[lo - offset : hi - offset]
+            self.seek(end)
+            return view.nbytes
 
     def truncate(self, size=None):
-        if self.error is not None:
+        with _callback():
+            if self.error is None:
+                try:
+                    return super().truncate(size)
+                except OSError as exc:
+                    self.error = exc
             return size
-        try:
-            return super().truncate(size)
-        except BaseException as exc:
-            self.error = exc
-            raise
 
     def flush(self) -> None:
         pass  # unbuffered
 
 
-class _Abandoned(Exception):
-    """Marks an HDF5 file given up on purpose (no I/O error)."""
-
-
 def _open_h5(tmp: Path) -> tuple[h5py.File, _HDF5Sink]:
     sink = _HDF5Sink(tmp)
     try:
-        return h5py.File(sink, "w"), sink
+        h5 = h5py.File(sink, "w")
     except BaseException:
         sink.close()
         raise
+    h5._dgex_sink = sink  # for check_written
+    return h5, sink
+
+
+def check_written(h5: h5py.File) -> None:
+    """Raise the ``OSError`` that spoilt an HDF5 file opened by :func:`atomic_h5` / :func:`scratch_h5`, if any."""
+    sink = getattr(h5, "_dgex_sink", None)
+    if sink is not None and sink.error is not None:
+        raise sink.error
 
 
 def _close_h5(h5: h5py.File, sink: _HDF5Sink, commit: bool) -> None:
     """Close an HDF5 file opened by :func:`_open_h5`; with ``commit``, raise the write error that spoilt it."""
     try:
-        if commit and sink.error is None:
-            # the last writes happen here; a failed flush, unlike a failed close, leaves HDF5 able to close
-            with contextlib.suppress(Exception):
-                h5.flush()
-        if not commit:
-            sink.discard()
-        h5.close()
+        h5.close()  # cannot fail on I/O: the sink takes every write
     finally:
         sink.close()
     if commit and sink.error is not None:
@@ -400,8 +463,8 @@ def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
 def scratch_h5(path: str | os.PathLike, kind: str = "work.h5") -> Iterator[h5py.File]:
     """A temporary HDF5 work file next to ``path`` (named by :func:`temp_path`), always deleted afterwards.
 
-    A failed write to it becomes a :class:`StorageError` naming ``path``;
-    other errors of the ``with`` body pass unchanged.
+    Call :func:`check_written` after writing to it: a failed write becomes a
+    :class:`StorageError` naming ``path``; other errors of the body pass unchanged.
     """
     path = Path(path)
     tmp = _begin_temp(path, kind)
@@ -413,9 +476,9 @@ def scratch_h5(path: str | os.PathLike, kind: str = "work.h5") -> Iterator[h5py.
             raise storage_error(exc, path, what) from None
         try:
             yield h5
-        except OSError:
-            if isinstance(sink.error, OSError) and sink.error.errno is not None:
-                raise storage_error(sink.error, path, what) from None
+        except OSError as exc:
+            if exc is sink.error and exc.errno is not None:
+                raise storage_error(exc, path, what) from None
             raise
         finally:
             _close_h5(h5, sink, commit=False)
@@ -904,6 +967,7 @@ class GCTXWriter:
             raise ValueError(f"writing past the declared {self.n_cols} samples")
         try:
             self._data[self._pos : end] = block
+            check_written(self._h5)  # a full disk shows here, at the first block it spoils
         except OSError as exc:
             raise self._translated(exc) from None
         self._pos = end
@@ -917,7 +981,7 @@ class GCTXWriter:
             self._abort(err)
             raise err
         if not ok:
-            self._abort(_Abandoned())
+            self._abort(RuntimeError("abandoned"))
             return
         stack, self._stack = self._stack, None
         stack.close()  # commit: flush, close, rename; a failed write raises StorageError here

@@ -42,7 +42,9 @@ from .io import (
     Matrix,
     atomic_h5,
     check_finite,
+    check_output_path,
     check_scale,
+    check_written,
     flat_samples,
     open_matrix,
     scratch_h5,
@@ -259,6 +261,8 @@ def preprocess(
         )
     if not summary_path.name.lower().endswith(".json"):
         raise ConfigError(f"{summary_path}: the preprocess summary is JSON; name it .json")
+    check_output_path(output)
+    check_output_path(summary_path)
     if standardize not in ("transductive", "inductive"):
         raise InputError(f"standardize must be 'transductive' or 'inductive', got {standardize!r}")
 
@@ -320,6 +324,7 @@ def preprocess(
                 block = quantile_map(block, probe_reference)
             gene_block = np.asarray(block[:, probe_pos] @ agg, dtype=np.float32)
             gene_ds[start:stop] = gene_block
+            check_written(work)  # a full disk stops the run here, not after de-duplicating zeros
             flat[start:stop] = flat_samples(gene_block)
             if dedup:
                 pending.append(gene_block[~flat[start:stop]] if flat[start:stop].any() else gene_block)
@@ -328,6 +333,8 @@ def preprocess(
                     pending = []
         if dedup and pending and hasattr(kmeans, "cluster_centers_"):
             kmeans.partial_fit(np.concatenate(pending))
+        work.flush()  # every block on disk now, so that a failed write cannot go unnoticed
+        check_written(work)
         phase("gene_means_kmeans")
 
         # -- pass 2: de-duplicate within clusters
