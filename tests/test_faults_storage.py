@@ -361,6 +361,25 @@ def test_permission_denied_on_rename(trained, tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_failed_overwrite_keeps_the_previous_bundle(trained, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "bundle"
+    shutil.copytree(trained.bundle, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    replace = os.replace
+
+    def refuse_new_bundle(src, dst):  # moving the old bundle aside works, moving the new one in fails
+        if Path(src).name.startswith(".bundle~") and Path(src).name.endswith(".tmp"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(dst))
+        return replace(src, dst)
+
+    monkeypatch.setattr(dio.os, "replace", refuse_new_bundle)
+    res = _main(capsys, "export", "--dataset", trained.dataset, "--runs", *trained.runs, "--output", out,
+                "--overwrite", "--no-progress")  # fmt: skip
+    assert_one_line_error(res, str(out), "input/output error")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert _hidden(tmp_path) == []
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permission bits; the injected variant runs instead")
 def test_permission_denied_real(trained, tmp_path, capsys):
     locked = tmp_path / "locked"
@@ -535,6 +554,52 @@ def test_sigterm_cleans_up_and_says_so(trained, tmp_path):
     lines = err.strip().splitlines()
     assert lines[-1].startswith("dgex: terminated (SIGTERM)") and "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+TERM_INSIDE_HDF5 = r"""
+import os, signal, sys
+import dgex.io as dio
+
+n, seen, write_all = int(os.environ["DGEX_TEST_TERM_AT"]), [0], dio._HDF5Sink._write_all
+
+
+def counted(self, view):  # SIGTERM arrives while HDF5 is inside dgex's write callback
+    seen[0] += 1
+    if seen[0] == n:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return write_all(self, view)
+
+
+dio._HDF5Sink._write_all = counted
+from dgex.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_inside_an_hdf5_write_is_delivered_after_it(tmp_path):
+    """Raising inside HDF5's file callback would fail the write inside HDF5: the signal waits until it returns."""
+    maps = _maps(tmp_path)
+    make_geo(tmp_path / "geo.gctx", maps["probes"], n_samples=300)
+    out = tmp_path / "ds" / "d.h5"
+    args = ["preprocess", "--geo", tmp_path / "geo.gctx", "--landmarks", maps["landmarks"], "--targets",
+            maps["targets"], "--dedup-clusters", "5", "--chunk-size", "10", "--output", out, "--no-progress"]  # fmt: skip
+    for at in ("3", "40"):  # the work file's flush; the dataset's last writes (at its close)
+        shutil.rmtree(out.parent, ignore_errors=True)
+        res = subprocess.run(
+            [sys.executable, "-c", TERM_INSIDE_HDF5, *map(str, args)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "DGEX_TEST_TERM_AT": at},
+            timeout=300,
+        )
+        assert res.returncode == 128 + signal.SIGTERM, res.stderr[-3000:]
+        assert res.stderr.strip().splitlines()[-1].startswith("dgex: terminated (SIGTERM)"), res.stderr[-3000:]
+        assert "Traceback" not in res.stderr and "Fatal Python error" not in res.stderr
+        # where the signal takes effect depends on timing (it waits until h5py returns): what exists is whole
+        assert _hidden(out.parent) == []
+        assert not out.exists() or _arrays(out)["splits/geo-tr/X"].shape == (240, 12)
+        assert not out.with_suffix(".json").exists() or json.loads(out.with_suffix(".json").read_text())
 
 
 def test_reader_thread_never_blocks_a_failed_consumer():

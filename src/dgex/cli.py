@@ -8,11 +8,14 @@ one-line ``dgex: error: ...`` message and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import queue
 import signal
 import sys
 import threading
+import weakref
 
 from . import __version__
 from .errors import DgexError
@@ -539,13 +542,47 @@ class Terminated(BaseException):
     """
 
 
-def _on_signal(signum, frame):
-    """SIGTERM -> :class:`Terminated`, SIGINT -> ``KeyboardInterrupt``; never inside HDF5's file callbacks."""
+#: Signals received while HDF5 must not be interrupted, to be delivered again by these timers ...
+_deferred: dict[int, threading.Timer] = {}
+#: ... and those not answered by an exception reaching main (late, or swallowed on the way).
+_late: list[int] = []
+_finishing = False
+
+
+#: Standard-library code that an exception at an arbitrary line can leave locked or inconsistent
+#: (a lock taken but never released, a queue item never announced: seen to hang `dgex infer`).
+_UNSAFE_FILES = frozenset(m.__file__ for m in (threading, queue, contextlib, logging, weakref))
+
+
+def _unsafe_to_raise(frame) -> bool:
+    """Whether an exception raised at ``frame`` could hang, crash or be dropped: then the signal waits.
+
+    Inside h5py / HDF5 work (see :func:`dgex.io.hdf5_busy`), in threading, queue,
+    contextlib, logging or weakref code, or in a ``__del__`` (where Python drops exceptions).
+    """
     dio = sys.modules.get("dgex.io")
-    if dio is not None and dio.in_hdf5_callback():
-        # raising here would fail a write inside HDF5, which cannot recover: deliver the signal again shortly
-        threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+    if dio is not None and dio.hdf5_busy(frame):
+        return True
+    while frame is not None:
+        if frame.f_code.co_filename in _UNSAFE_FILES or frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _on_signal(signum, frame):
+    """SIGTERM -> :class:`Terminated`, SIGINT -> ``KeyboardInterrupt``, raised where that is safe (see below)."""
+    if _finishing:
+        _late.append(signum)
         return
+    if _unsafe_to_raise(frame):  # deliver the signal again shortly, when the main thread is elsewhere
+        timer = threading.Timer(0.01, os.kill, (os.getpid(), signum))
+        timer.daemon = True
+        _deferred[signum] = timer
+        timer.start()
+        return
+    _deferred.pop(signum, None)
+    _late.append(signum)  # until the exception reaches main (it is taken back there)
     if signum == signal.SIGTERM:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
         raise Terminated()
@@ -553,6 +590,7 @@ def _on_signal(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _finishing
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -563,9 +601,36 @@ def main(argv: list[str] | None = None) -> int:
     handled = (signal.SIGTERM, signal.SIGINT)
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers: main thread only
     previous = {s: signal.getsignal(s) for s in handled}
+    _deferred.clear()
+    _late.clear()
+    _finishing = False
     if main_thread:
         for s in handled:
             signal.signal(s, _on_signal)
+    try:
+        rc = _run(args)
+    finally:
+        _finishing = True  # a signal from now on is only noted
+        for signum, timer in list(_deferred.items()):  # deferred during the last writes, not delivered yet
+            timer.cancel()
+            timer.join()
+            if signum not in _late:
+                _late.append(signum)
+        _deferred.clear()
+        if main_thread:
+            for s in handled:
+                if previous[s] is not None:  # None: installed outside Python, cannot be restored
+                    signal.signal(s, previous[s])
+    # a signal that came during the last writes, or whose exception something swallowed: the outputs are
+    # whole, but the run was stopped
+    if _late and rc == 0:
+        print(f"dgex: terminated ({signal.Signals(_late[0]).name}) as it finished", file=sys.stderr)
+        return 128 + _late[0]
+    return rc
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the verb; every error becomes one line and an exit status."""
     try:
         return _dispatch(args) or 0
     except DgexError as exc:
@@ -577,16 +642,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dgex: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _late.clear()
         print("dgex: interrupted; temporary files were removed", file=sys.stderr)
         return 130
     except Terminated:
+        _late.clear()
         print("dgex: terminated (SIGTERM); temporary files were removed", file=sys.stderr)
         return 128 + signal.SIGTERM
-    finally:
-        if main_thread:
-            for s in handled:
-                if previous[s] is not None:  # None: installed outside Python, cannot be restored
-                    signal.signal(s, previous[s])
 
 
 def _dispatch(args: argparse.Namespace) -> int | None:

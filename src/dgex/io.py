@@ -13,6 +13,7 @@ directions in the pinned environment (numpy<2, pandas<3).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import gzip
@@ -23,7 +24,6 @@ import os
 import re
 import shutil
 import socket
-import threading
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -71,7 +71,10 @@ _CAUSES = {
     errno.EPERM: ("operation not permitted", "choose a location you can write to, or fix its permissions"),
     errno.EISDIR: ("is a directory", "remove it or choose another output name"),
     errno.ENAMETOOLONG: ("file name too long", "choose a shorter output name"),
-    errno.EFBIG: ("file too large for this file system", "write to another file system"),
+    errno.EFBIG: (
+        "file too large (for the file system, or the process's file size limit)",
+        "write to another file system or raise the limit (ulimit -f)",
+    ),
     errno.EIO: ("input/output error", "check the disk (or network file system), then rerun"),
 }
 
@@ -91,7 +94,7 @@ def describe_os_error(exc: OSError, path=None, what: str = "") -> str:
     actually written when it is not ``path`` itself (e.g. a temporary work file).
     """
     if path is None and not exc.filename:
-        cause, fix = _CAUSES.get(exc.errno, (exc.strerror or str(exc), "check the output location, then rerun"))
+        cause, fix = _CAUSES.get(exc.errno, (exc.strerror or str(exc), "check the path, then rerun"))
         return f"{cause}; {fix}"
     path = Path(path if path is not None else exc.filename)
     code = exc.errno
@@ -104,7 +107,7 @@ def describe_os_error(exc: OSError, path=None, what: str = "") -> str:
             )
     if code in (errno.EEXIST, errno.ENOTDIR) and path.is_dir():
         code = errno.EISDIR
-    cause, fix = _CAUSES.get(code, (exc.strerror or str(exc), "check the output location, then rerun"))
+    cause, fix = _CAUSES.get(code, (exc.strerror or str(exc), "check the path, then rerun"))
     return f"{path}: {cause}{f' (writing {what})' if what else ''}; {fix}"
 
 
@@ -309,6 +312,11 @@ def _replace_dir(tmp: Path, output: Path, overwrite: bool) -> None:
         os.replace(output, old)
     try:
         os.replace(tmp, output)
+    except BaseException:
+        if old is not None:  # put the previous one back
+            with contextlib.suppress(OSError):
+                os.replace(old, output)
+        raise
     finally:
         if old is not None:
             _remove(old)
@@ -329,25 +337,30 @@ def _replace_dir(tmp: Path, output: Path, overwrite: bool) -> None:
 # always be closed; dgex then raises the recorded error itself (after each
 # block written, and before a file is renamed into place) and deletes the file.
 
-_CALLBACK = threading.local()
 #: Writes up to this size are kept in memory after a failure (HDF5 metadata it may read back) ...
 _OVERLAY_WRITE_MAX = 1 << 20
 #: ... up to this much in total; larger writes are raw data that HDF5 never needs again.
 _OVERLAY_TOTAL_MAX = 256 << 20
 
 
-def in_hdf5_callback() -> bool:
-    """Whether this thread is inside HDF5, in one of dgex's file callbacks (a signal must not raise here)."""
-    return getattr(_CALLBACK, "depth", 0) > 0
+#: h5py's own Python code: not safe against an exception at any line (bare ``except:``, half-made objects).
+_H5PY_DIR = os.path.dirname(h5py.__file__) + os.sep
 
 
-@contextlib.contextmanager
-def _callback():
-    _CALLBACK.depth = getattr(_CALLBACK, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _CALLBACK.depth -= 1
+def hdf5_busy(frame) -> bool:
+    """Whether ``frame`` (where a signal handler interrupted) is inside HDF5 work that must not be interrupted.
+
+    That is h5py's Python code (not safe against an exception at any line),
+    dgex's file callbacks (an exception there fails a write inside HDF5,
+    which cannot recover) and the opening and closing of dgex's HDF5 files.
+    A signal handler must not raise there, but deliver the signal again a
+    moment later.
+    """
+    while frame is not None:
+        if frame.f_code in _PROTECTED_CODES or frame.f_code.co_filename.startswith(_H5PY_DIR):
+            return True
+        frame = frame.f_back
+    return False
 
 
 class _HDF5Sink(io.FileIO):
@@ -364,58 +377,62 @@ class _HDF5Sink(io.FileIO):
         self._overlay_bytes = 0
 
     def write(self, b) -> int:
-        with _callback():
-            view = memoryview(b).cast("B")
-            size = view.nbytes
-            if self.error is None:
-                start = self.tell()
-                try:
-                    while view.nbytes:  # FileIO writes less than asked when the disk is nearly full
-                        view = view[super().write(view) :]
-                    return size
-                except OSError as exc:
-                    self.error = exc
-                    view = memoryview(b).cast("B")
-                    self.seek(start)
-            if size <= _OVERLAY_WRITE_MAX and self._overlay_bytes + size <= _OVERLAY_TOTAL_MAX:
-                self._overlay.append((self.tell(), bytes(view)))
-                self._overlay_bytes += size
-            self.seek(size, os.SEEK_CUR)
-            return size
+        view = memoryview(b).cast("B")
+        size = view.nbytes
+        if self.error is None:
+            start = self.tell()
+            try:
+                self._write_all(view)
+                return size
+            except OSError as exc:
+                self.error = exc
+                self.seek(start)
+        if size <= _OVERLAY_WRITE_MAX and self._overlay_bytes + size <= _OVERLAY_TOTAL_MAX:
+            self._overlay.append((self.tell(), bytes(view)))
+            self._overlay_bytes += size
+        self.seek(size, os.SEEK_CUR)
+        return size
+
+    def _write_all(self, view: memoryview) -> None:
+        while view.nbytes:  # FileIO writes less than asked when the disk is nearly full
+            view = view[super().write(view) :]
 
     def readinto(self, b) -> int:
         # h5py's driver ignores short reads: fill the whole buffer (zeros past the end, as HDF5's own driver)
-        with _callback():
-            view = memoryview(b).cast("B")
-            start, got = self.tell(), 0
-            try:
-                while got < view.nbytes:
-                    n = super().readinto(view[got:])
-                    if not n:
-                        break
-                    got += n
-            except OSError as exc:
-                self.error = self.error or exc
-            view[got:] = bytes(view.nbytes - got)
-            end = start + view.nbytes
-            for offset, data in self._overlay:  # in write order: later writes win
-                lo, hi = max(start, offset), min(end, offset + len(data))
-                if lo < hi:
-                    view[lo - start : hi - start] = data[lo - offset : hi - offset]
-            self.seek(end)
-            return view.nbytes
+        view = memoryview(b).cast("B")
+        start, got = self.tell(), 0
+        try:
+            while got < view.nbytes:
+                n = super().readinto(view[got:])
+                if not n:
+                    break
+                got += n
+        except OSError as exc:
+            self.error = self.error or exc
+        view[got:] = bytes(view.nbytes - got)
+        end = start + view.nbytes
+        for offset, data in self._overlay:  # in write order: later writes win
+            lo, hi = max(start, offset), min(end, offset + len(data))
+            if lo < hi:
+                view[lo - start : hi - start] = data[lo - offset : hi - offset]
+        self.seek(end)
+        return view.nbytes
 
     def truncate(self, size=None):
-        with _callback():
-            if self.error is None:
-                try:
-                    return super().truncate(size)
-                except OSError as exc:
-                    self.error = exc
-            return size
+        if self.error is None:
+            try:
+                return super().truncate(size)
+            except OSError as exc:
+                self.error = exc
+        return size
 
     def flush(self) -> None:
         pass  # unbuffered
+
+
+#: HDF5 files open for writing; any still open at exit are abandoned while Python can still serve their
+#: callbacks (HDF5's own exit handler would flush them into a finalised interpreter: SIGSEGV).
+_OPEN_H5: dict[int, tuple[h5py.File, _HDF5Sink]] = {}
 
 
 def _open_h5(tmp: Path) -> tuple[h5py.File, _HDF5Sink]:
@@ -426,7 +443,16 @@ def _open_h5(tmp: Path) -> tuple[h5py.File, _HDF5Sink]:
         sink.close()
         raise
     h5._dgex_sink = sink  # for check_written
+    _OPEN_H5[id(sink)] = (h5, sink)
     return h5, sink
+
+
+@atexit.register
+def _abandon_open_h5() -> None:
+    for h5, sink in list(_OPEN_H5.values()):
+        with contextlib.suppress(Exception):
+            _close_h5(h5, sink, commit=False)
+        _remove(Path(sink.name))
 
 
 def check_written(h5: h5py.File) -> None:
@@ -438,10 +464,13 @@ def check_written(h5: h5py.File) -> None:
 
 def _close_h5(h5: h5py.File, sink: _HDF5Sink, commit: bool) -> None:
     """Close an HDF5 file opened by :func:`_open_h5`; with ``commit``, raise the write error that spoilt it."""
+    if not commit and sink.error is None:
+        sink.error = OSError("abandoned")  # nothing more needs to reach the disk
     try:
         h5.close()  # cannot fail on I/O: the sink takes every write
     finally:
         sink.close()
+        _OPEN_H5.pop(id(sink), None)
     if commit and sink.error is not None:
         raise sink.error
 
@@ -1021,3 +1050,30 @@ def write_tsv(path, data: np.ndarray, row_ids, col_ids, row_meta: pd.DataFrame |
         df.to_csv(
             tmp, sep="\t", index=False, float_format="%.6g", compression="gzip" if str(path).endswith(".gz") else None
         )
+
+
+#: Code during which a signal must not raise (see :func:`hdf5_busy`): HDF5's callbacks, and the setting
+#: up and tearing down of temporary files, so that an interrupt never leaves one open or behind.
+_PROTECTED_CODES = frozenset(
+    getattr(f, "__wrapped__", f).__code__
+    for f in (
+        _HDF5Sink.write,
+        _HDF5Sink._write_all,
+        _HDF5Sink.readinto,
+        _HDF5Sink.truncate,
+        _HDF5Sink.flush,
+        _open_h5,
+        _close_h5,
+        _begin_temp,
+        _remove,
+        _replace_dir,
+        sweep_stale,
+        atomic_path,
+        atomic_dir,
+        atomic_h5,
+        scratch_h5,
+        GCTXWriter.__init__,
+        GCTXWriter._abort,
+        GCTXWriter.close,
+    )
+)
