@@ -556,6 +556,29 @@ def test_sigterm_cleans_up_and_says_so(trained, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_sigterm_during_training_is_not_a_success(trained, tmp_path):
+    """Lightning turns SIGTERM into a SystemExit with status 0: dgex reports it as the termination it is."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dgex", "train", "--dataset", str(trained.dataset), "--output-dir", str(run),
+         "--layers", "1", "--units", "4", "--dropout", "0", "--part", "0", "--epochs", "100000", "--device", "cpu",
+         "--checkpoint-interval", "0", "--no-progress"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while not (run / "history.csv").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert (run / "history.csv").exists(), "training never wrote its first epoch"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("dgex: terminated (SIGTERM)") and "Traceback" not in err
+    assert _hidden(run) == [] and not (run / "run.json").exists()
+
+
 TERM_INSIDE_HDF5 = r"""
 import os, signal, sys
 import dgex.io as dio

@@ -649,6 +649,13 @@ def _run(args: argparse.Namespace) -> int:
         _late.clear()
         print("dgex: terminated (SIGTERM); temporary files were removed", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except SystemExit as exc:
+        # Lightning answers SIGTERM with its own SIGTERMException, a SystemExit with status 0
+        if type(exc).__name__ != "SIGTERMException" and signal.SIGTERM not in (*_late, *_deferred):
+            raise
+        _late.clear()
+        print("dgex: terminated (SIGTERM); temporary files were removed", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 def _dispatch(args: argparse.Namespace) -> int | None:
