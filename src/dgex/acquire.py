@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .errors import ConfigError, DownloadError
-from .io import write_json, write_text
+from .io import ensure_dir, storage_error, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def download(
     source = _parse_source(url)
     part = output.with_name(output.name + ".part")
     meta_path = output.with_name(output.name + ".part.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(output.parent)
     resumed_from = _reusable_partial(part, meta_path, url, size)
     if resumed_from:
         log.info("resuming %s from %d bytes (%s)", output.name, resumed_from, part)
@@ -220,7 +220,10 @@ def download(
             f"{output}: sha256 mismatch for {url} (expected {expected}, got {digest}); "
             f"check the sha256 in the config or delete it to skip verification"
         )
-    os.replace(part, output)
+    try:
+        os.replace(part, output)
+    except OSError as exc:
+        raise storage_error(exc, output) from None
     with contextlib.suppress(FileNotFoundError):
         meta_path.unlink()
     _write_sidecar(output, digest)
@@ -467,10 +470,8 @@ def _write_body(
                 got += len(chunk)
                 bar.update(len(chunk))
     except OSError as exc:  # network errors were turned into _Transient by `chunks`
-        raise DownloadError(
-            f"{part}: cannot write the download ({_one_line(exc)}); "
-            f"check free disk space and permissions, then rerun to resume"
-        ) from None
+        output = part.with_name(part.name.removesuffix(".part"))
+        raise storage_error(exc, output, what=f"the partial download {part.name}, kept to resume from") from None
     if total is not None and got < total:
         raise _Transient(f"connection closed after {got} of {total} bytes")
     if total is not None and got > total:

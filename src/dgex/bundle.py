@@ -42,9 +42,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
-import shutil
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -58,8 +56,8 @@ import torch
 from . import __version__
 from .acquire import sha256_file
 from .dataset import EVAL_SPLITS, ProcessedDataset
-from .errors import InputError
-from .io import write_json
+from .errors import ConfigError, InputError
+from .io import atomic_dir, save_torch, write_json
 from .models import DGEX
 from .runs import load_runs
 
@@ -69,6 +67,8 @@ BUNDLE_FORMAT = 1
 BUNDLE_KIND = "dgex-model-bundle"
 LANDMARK_COLUMNS = ["ensembl", "entrez", "symbol", "probe"]
 TARGET_COLUMNS = ["ensembl", "entrez", "symbol", "part"]
+#: Extensions that promise a file or an archive: a bundle folder is not named so.
+FILE_SUFFIXES = {".zip", ".tar", ".tgz", ".gz", ".bz2", ".xz", ".pt", ".pth", ".ckpt", ".json", ".h5", ".gctx", ".csv"}
 
 
 # --------------------------------------------------------------------------- #
@@ -385,23 +385,26 @@ def write_bundle(
     ``part_info``: extra per-part fields; ``extra``: extra top-level fields.
     """
     output = Path(output)
+    if output.suffix.lower() in FILE_SUFFIXES:
+        raise ConfigError(
+            f"{output}: a model bundle is a folder, but the name ends in {output.suffix} like a file or archive; "
+            f"name it without that extension (e.g. {output.with_suffix('').name})"
+        )
     if output.exists() and not overwrite:
         raise InputError(f"{output} exists; pass --overwrite to replace it or choose another --output")
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(output, overwrite) as tmp:
         parts, start = [], 0
         for k, (part, model) in enumerate(networks):
             name = _weights_name(part)
             shape = [model.n_in, model.n_out, model.n_layers, model.n_units]
-            torch.save(
+            save_torch(
                 {
                     "state_dict": {key: v.detach().cpu() for key, v in model.state_dict().items()},
                     "shape": shape,
                     "dropout": float(model.dropout_rate),
                 },
                 tmp / name,
+                atomic=False,
             )
             parts.append(
                 {
@@ -445,28 +448,7 @@ def write_bundle(
             "files": {f: sha256_file(tmp / f) for f in sorted(p.name for p in tmp.iterdir())},
         }
         write_json(tmp / "bundle.json", info)
-        _replace_dir(tmp, output, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return info
-
-
-def _replace_dir(tmp: Path, output: Path, overwrite: bool) -> None:
-    """Rename the finished folder ``tmp`` onto ``output`` (an existing one is moved aside, then removed)."""
-    old = None
-    if output.exists():
-        if not overwrite:
-            raise InputError(f"{output} exists; pass --overwrite to replace it")
-        old = output.with_name(f".{output.name}.{os.getpid()}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(output, old)
-    os.replace(tmp, output)
-    if old is not None:
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- #

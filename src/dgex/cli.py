@@ -8,8 +8,14 @@ one-line ``dgex: error: ...`` message and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import queue
+import signal
 import sys
+import threading
+import weakref
 
 from . import __version__
 from .errors import DgexError
@@ -488,7 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="genes x samples log2 expression: .gctx (streamed), .gct, .tsv or .csv (rows: landmark genes)",
     )
-    p.add_argument("--output", required=True, help="predictions: .gctx (any size), .csv/.tsv (small inputs)")
+    p.add_argument(
+        "--output", required=True, help="predictions: .gctx (any size), .csv/.tsv (small inputs; .gz to compress)"
+    )
     p.add_argument(
         "--id-type",
         choices=("auto",) + ID_TYPES,
@@ -499,9 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--format",
         dest="output_format",
-        choices=("gctx", "csv", "tsv", "parquet"),
+        choices=("gctx", "csv", "tsv"),
         default=None,
-        help="output format (default: from the --output extension; parquet needs pyarrow)",
+        help="output format (default: from the --output extension, which must agree with it: "
+        ".gctx/.h5, .csv[.gz], .tsv/.txt[.gz])",
     )
     p.add_argument("--chunk-size", type=_positive_int, default=4096, help="input samples read per chunk (default 4096)")
     p.add_argument(
@@ -527,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N (default auto)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--force", action="store_true", help="allow csv/tsv/parquet output above 20,000 samples")
+    p.add_argument("--force", action="store_true", help="allow csv/tsv output above 20,000 samples")
     _add_no_progress(p)
 
     # ---------------------------------------------------------------- gpus
@@ -551,7 +560,62 @@ def _part(text: str):
     return value
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every ``finally`` and temporary-file clean-up runs.
+
+    A ``BaseException`` like ``KeyboardInterrupt``: ``except Exception`` blocks do not swallow it.
+    """
+
+
+#: Signals received while HDF5 must not be interrupted, to be delivered again by these timers ...
+_deferred: dict[int, threading.Timer] = {}
+#: ... and those not answered by an exception reaching main (late, or swallowed on the way).
+_late: list[int] = []
+_finishing = False
+
+
+#: Standard-library code that an exception at an arbitrary line can leave locked or inconsistent
+#: (a lock taken but never released, a queue item never announced: seen to hang `dgex infer`).
+_UNSAFE_FILES = frozenset(m.__file__ for m in (threading, queue, contextlib, logging, weakref))
+
+
+def _unsafe_to_raise(frame) -> bool:
+    """Whether an exception raised at ``frame`` could hang, crash or be dropped: then the signal waits.
+
+    Inside h5py / HDF5 work (see :func:`dgex.io.hdf5_busy`), in threading, queue,
+    contextlib, logging or weakref code, or in a ``__del__`` (where Python drops exceptions).
+    """
+    dio = sys.modules.get("dgex.io")
+    if dio is not None and dio.hdf5_busy(frame):
+        return True
+    while frame is not None:
+        if frame.f_code.co_filename in _UNSAFE_FILES or frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _on_signal(signum, frame):
+    """SIGTERM -> :class:`Terminated`, SIGINT -> ``KeyboardInterrupt``, raised where that is safe (see below)."""
+    if _finishing:
+        _late.append(signum)
+        return
+    if _unsafe_to_raise(frame):  # deliver the signal again shortly, when the main thread is elsewhere
+        timer = threading.Timer(0.01, os.kill, (os.getpid(), signum))
+        timer.daemon = True
+        _deferred[signum] = timer
+        timer.start()
+        return
+    _deferred.pop(signum, None)
+    _late.append(signum)  # until the exception reaches main (it is taken back there)
+    if signum == signal.SIGTERM:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise Terminated()
+    raise KeyboardInterrupt()
+
+
 def main(argv: list[str] | None = None) -> int:
+    global _finishing
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -559,14 +623,64 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    handled = (signal.SIGTERM, signal.SIGINT)
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers: main thread only
+    previous = {s: signal.getsignal(s) for s in handled}
+    _deferred.clear()
+    _late.clear()
+    _finishing = False
+    if main_thread:
+        for s in handled:
+            signal.signal(s, _on_signal)
+    try:
+        rc = _run(args)
+    finally:
+        _finishing = True  # a signal from now on is only noted
+        for signum, timer in list(_deferred.items()):  # deferred during the last writes, not delivered yet
+            timer.cancel()
+            timer.join()
+            if signum not in _late:
+                _late.append(signum)
+        _deferred.clear()
+        if main_thread:
+            for s in handled:
+                if previous[s] is not None:  # None: installed outside Python, cannot be restored
+                    signal.signal(s, previous[s])
+    # a signal that came during the last writes, or whose exception something swallowed: the outputs are
+    # whole, but the run was stopped
+    if _late and rc == 0:
+        print(f"dgex: terminated ({signal.Signals(_late[0]).name}) as it finished", file=sys.stderr)
+        return 128 + _late[0]
+    return rc
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the verb; every error becomes one line and an exit status."""
     try:
         return _dispatch(args) or 0
     except DgexError as exc:
         print(f"dgex: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # last resort: a file operation no stage turned into a DgexError
+        from .io import describe_os_error  # imports h5py/pandas: only when needed
+
+        print(f"dgex: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("dgex: interrupted", file=sys.stderr)
+        _late.clear()
+        print("dgex: interrupted; temporary files were removed", file=sys.stderr)
         return 130
+    except Terminated:
+        _late.clear()
+        print("dgex: terminated (SIGTERM); temporary files were removed", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except SystemExit as exc:
+        # Lightning answers SIGTERM with its own SIGTERMException, a SystemExit with status 0
+        if type(exc).__name__ != "SIGTERMException" and signal.SIGTERM not in (*_late, *_deferred):
+            raise
+        _late.clear()
+        print("dgex: terminated (SIGTERM); temporary files were removed", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 def _dispatch(args: argparse.Namespace) -> int | None:

@@ -84,7 +84,7 @@ import pandas as pd
 from . import __version__
 from .errors import ConfigError
 from .genes import ALL_PROBES, data_path, probe_annotation, read_gene_map, select_targets
-from .io import write_gctx, write_json, write_tsv
+from .io import ensure_dir, write_gctx, write_json, write_tsv
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +364,7 @@ def generate(
     }
     t0 = time.time()
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     r_model, r_layout, r_geo, r_1000g, r_gtex = (
         np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)
     )

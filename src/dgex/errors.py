@@ -20,3 +20,7 @@ class ConfigError(DgexError):
 
 class DownloadError(DgexError):
     """A download failed or did not verify."""
+
+
+class StorageError(DgexError):
+    """An output could not be written (disk full, read-only, no permission, a file or folder in the way)."""

@@ -20,7 +20,7 @@ import pandas as pd
 
 from .aggregate import load_aggregate
 from .errors import InputError
-from .io import write_json
+from .io import ensure_dir, write_json
 from .plotting import pyplot, save_figure
 from .tables import (
     BASELINES,
@@ -183,7 +183,7 @@ def make_figures(*, aggregate, output_dir) -> dict:
     agg = load_aggregate(aggregate)
     gaps = incomplete_points(agg, aggregate)
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     figs = {}
     if choose(agg["summary"], "geo") is None:
         raise InputError(f"{aggregate}: no D-GEX runs to draw; aggregate D-GEX runs first")

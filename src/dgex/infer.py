@@ -44,14 +44,35 @@ import torch
 from .bundle import Bundle, _clean_entrez, load_bundle
 from .devices import pick_device
 from .errors import ConfigError, InputError
-from .io import GCTXWriter, atomic_path, check_finite, check_scale, open_matrix
+from .io import (
+    CONSTANT_GENE_STD,
+    FLAT_SAMPLE_STD,
+    GCTXWriter,
+    atomic_path,
+    check_finite,
+    check_output_path,
+    check_scale,
+    flat_samples,
+    open_matrix,
+)
 
 log = logging.getLogger(__name__)
 
 ID_TYPES = ("ensembl", "entrez", "symbol", "probe")
 #: Order in which id types win a tie in ``--id-type auto``.
 AUTO_ORDER = ("probe", "ensembl", "entrez", "symbol")
-FORMATS = ("gctx", "csv", "tsv", "parquet")
+FORMATS = ("gctx", "csv", "tsv")
+#: Output name endings of each format (.txt is tab-separated text, as ``open_matrix`` reads it).
+EXTENSIONS = {
+    "gctx": (".gctx", ".h5"),
+    "csv": (".csv", ".csv.gz"),
+    "tsv": (".tsv", ".tsv.gz", ".txt", ".txt.gz"),
+}
+#: Extensions that promise some other file type: an output named so is refused even with --format.
+PROMISING_SUFFIXES = set(
+    ".gz .bz2 .xz .zst .zip .tar .tgz .parquet .pq .feather .arrow .json .xlsx .xls .h5ad .hdf5 .hdf .loom "
+    ".npy .npz .pkl .pickle .gct .mtx .rds .rda .csv .tsv .txt".split()
+)
 #: Text outputs are built in memory: refuse more samples than this unless forced.
 MAX_TEXT_SAMPLES = 20_000
 #: Fewer landmarks than this fraction is always an error, imputation or not.
@@ -343,20 +364,24 @@ def _prefetch(chunks, depth: int = 1):
     stop = threading.Event()
     done = object()
 
+    def offer(item) -> bool:
+        # never block for good: the consumer may have stopped (an error) and be joining this thread
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def run():
         try:
             for item in chunks:
-                while not stop.is_set():
-                    try:
-                        items.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer(item):
                     return
-            items.put(done)
+            offer(done)
         except BaseException as exc:
-            items.put(exc)
+            offer(exc)
 
     thread = threading.Thread(target=run, name="dgex-reader", daemon=True)
     thread.start()
@@ -373,26 +398,89 @@ def _prefetch(chunks, depth: int = 1):
         thread.join()
 
 
+class _InputQuality:
+    """Flat samples and constant landmarks of an input seen chunk by chunk (warnings only).
+
+    A flat profile (s.d. across the landmarks below :data:`~dgex.io.FLAT_SAMPLE_STD`)
+    is a failed array or an unmeasured sample; a landmark with one value in every
+    sample was probably not measured.  Both are predicted as given, so the user is told.
+    """
+
+    def __init__(self, k: int):
+        self.n = 0
+        self.flat: list[int] = []
+        self.flat_count = 0
+        self.lo = np.full(k, np.inf, dtype=np.float32)
+        self.hi = np.full(k, -np.inf, dtype=np.float32)
+
+    def update(self, x: np.ndarray, start: int) -> None:
+        """Account for the chunk ``x`` ``(n, k)`` of samples ``start:start + n``."""
+        flat = np.flatnonzero(flat_samples(x))
+        self.flat_count += len(flat)
+        self.flat.extend((start + flat[: max(0, 5 - len(self.flat))]).tolist())
+        np.minimum(self.lo, x.min(axis=0), out=self.lo)
+        np.maximum(self.hi, x.max(axis=0), out=self.hi)
+        self.n += len(x)
+
+    def warn(self, bundle: Bundle, mapping: LandmarkMapping, col_ids, source) -> None:
+        if self.flat_count:
+            log.warning(
+                "%s: %d of %d samples have a flat landmark profile (s.d. < %g log2 units: failed arrays?), e.g. %s; "
+                "their predictions are written but carry no information",
+                source,
+                self.flat_count,
+                self.n,
+                FLAT_SAMPLE_STD,
+                ", ".join(str(col_ids[i]) for i in self.flat),
+            )
+        const = np.flatnonzero(self.hi - self.lo < CONSTANT_GENE_STD) if self.n >= 2 else np.array([], int)
+        if len(const):
+            lm = bundle.landmarks.iloc[mapping.present[const[:5]]]
+            names = [s or e for s, e in zip(lm["symbol"], lm["ensembl"])]
+            log.warning(
+                "%s: %d of %d landmark genes have the same value in all %d samples (e.g. %s); predictions use "
+                "that value as given: if they were not measured, drop their rows and pass --impute-missing mean",
+                source,
+                len(const),
+                len(mapping.present),
+                self.n,
+                ", ".join(names),
+            )
+
+
 def _output_format(output: Path, fmt: str | None) -> str:
-    if fmt:
-        if fmt not in FORMATS:
-            raise ConfigError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
-        return fmt
-    name = output.name.lower().removesuffix(".gz")
-    for ext, f in (
-        (".gctx", "gctx"),
-        (".h5", "gctx"),
-        (".csv", "csv"),
-        (".tsv", "tsv"),
-        (".txt", "tsv"),
-        (".parquet", "parquet"),
-    ):
-        if name.endswith(ext):
-            return f
-    raise ConfigError(
-        f"{output}: cannot tell the output format from the extension; name it .gctx, .csv, .tsv "
-        f"or .parquet, or pass --format"
-    )
+    """The format written to ``output``: from ``fmt`` or the extension; the two must agree."""
+    if fmt is not None and fmt not in FORMATS:
+        raise ConfigError(
+            f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})"
+            + ("; parquet output is not offered: write .gctx (any size) or .csv/.tsv" if fmt == "parquet" else "")
+        )
+    name = output.name.lower()
+    by_name = next((f for f, exts in EXTENSIONS.items() if name.endswith(exts)), None)
+    suffix = "".join(s for s in output.suffixes[-2:] if s.lower() in PROMISING_SUFFIXES | {".gctx", ".h5"})
+    if by_name is None and suffix:
+        lower = suffix.lower()
+        if lower.endswith(".gz") and lower.removesuffix(".gz") in (".gctx", ".h5"):
+            fix = f"GCTX is HDF5, written uncompressed: name it {output.name[: -len('.gz')]}"
+        elif ".parquet" in lower:
+            fix = "parquet output is not offered: write .gctx (any size) or .csv/.tsv"
+        else:
+            fix = "name it .gctx, .csv or .tsv (text optionally .gz)"
+        raise ConfigError(f"{output}: the extension {suffix} promises a format that dgex infer does not write; {fix}")
+    if fmt is None:
+        if by_name is None:
+            raise ConfigError(
+                f"{output}: cannot tell the output format from the extension; name it .gctx, .csv or .tsv, "
+                f"or pass --format"
+            )
+        return by_name
+    if by_name is not None and by_name != fmt:
+        raise ConfigError(
+            f"{output}: the extension {next(e for e in EXTENSIONS[by_name] if name.endswith(e))} promises "
+            f"{by_name} but --format {fmt} writes {fmt}; name it "
+            f"{' or '.join(e for e in EXTENSIONS[fmt] if not e.endswith('.gz'))} or drop --format"
+        )
+    return fmt
 
 
 def auto_batch_size(n_targets: int) -> int:
@@ -431,13 +519,7 @@ def infer(
         raise ConfigError("--chunk-size and --batch-size must be >= 1")
     output, input = Path(output), Path(input)
     fmt = _output_format(output, output_format)
-    if fmt == "parquet":
-        try:
-            import pyarrow  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                "parquet output needs pyarrow, which is not installed; pip install pyarrow, or write .gctx or .csv"
-            ) from None
+    check_output_path(output)
     if output.exists() and not overwrite:
         raise InputError(f"{output} exists; pass --overwrite to replace it or choose another --output")
     if output.exists() and input.exists() and output.resolve() == input.resolve():
@@ -490,11 +572,13 @@ def infer(
             )
             sink = _BufferedWriter(writer.write, (batch_size, bundle.n_targets))
         chunks = ((start, stop, mapping.gather(block)) for start, stop, block in reader.iter_samples(chunk_size))
+        quality = _InputQuality(len(mapping.present))
         ok = False
         bar = tqdm(total=n, unit="profile", desc="infer", disable=not progress, dynamic_ncols=True)
         try:
             for start, stop, x in _prefetch(chunks):  # x: (chunk, k) present landmarks
                 check_finite(x, col_ids[start:stop], input)
+                quality.update(x, start)
                 if start == 0:
                     check_scale(
                         x[:2000],
@@ -544,6 +628,7 @@ def infer(
                 writer.close(ok=ok)
     if fmt != "gctx":
         _write_table(output, fmt, np.concatenate(collected), col_ids, row_meta)
+    quality.warn(bundle, mapping, col_ids, input)
     wall = time.time() - t0
     summary = {
         "model": str(model),
@@ -579,13 +664,10 @@ def _write_table(path: Path, fmt: str, y: np.ndarray, col_ids, row_meta: pd.Data
     """Genes x samples table: ensembl, symbol, entrez, part, then one column per sample; ``y`` ``(n, T)``."""
     df = pd.concat([row_meta.reset_index(drop=True), pd.DataFrame(y.T, columns=[str(c) for c in col_ids])], axis=1)
     with atomic_path(path) as tmp:
-        if fmt == "parquet":
-            df.to_parquet(tmp, index=False)
-        else:
-            df.to_csv(
-                tmp,
-                sep="," if fmt == "csv" else "\t",
-                index=False,
-                float_format="%.6g",
-                compression="gzip" if path.name.endswith(".gz") else None,
-            )
+        df.to_csv(
+            tmp,
+            sep="," if fmt == "csv" else "\t",
+            index=False,
+            float_format="%.6g",
+            compression="gzip" if path.name.lower().endswith(".gz") else None,
+        )

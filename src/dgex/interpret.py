@@ -41,7 +41,7 @@ import torch
 
 from .dataset import SPLITS, ProcessedDataset
 from .errors import ConfigError, InputError
-from .io import atomic_path, write_json
+from .io import atomic_path, ensure_dir, write_json
 from .plotting import pyplot, save_figure
 from .runs import load_runs
 
@@ -306,7 +306,7 @@ def interpret_s2(
         summary_rows.append(row)
     summary = pd.DataFrame(summary_rows)
 
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     _write_csv(table, out / "s2_adjusted_r2.csv")
     _write_csv(summary, out / "s2_summary.csv")
     name = _arch_name((layers, units, dropout))
@@ -631,7 +631,7 @@ def interpret_s3(
         nets.append({"part": part_label, "w_in": w_in, "w_out": w_out, "d": d_map, "lm": lm_sym, "tg": tg_sym})
 
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     tables = {
         "s3_hidden_in_degree.csv": hid_in_rows,
         "s3_target_in_degree.csv": tg_rows,

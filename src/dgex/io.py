@@ -13,10 +13,19 @@ directions in the pinned environment (numpy<2, pandas<3).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import errno
 import gzip
+import io
 import json
+import logging
 import os
+import re
+import shutil
+import socket
+import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -24,7 +33,9 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from .errors import InputError
+from .errors import InputError, StorageError
+
+log = logging.getLogger(__name__)
 
 MATRIX = "0/DATA/0/matrix"
 ROW_META = "0/META/ROW"
@@ -33,25 +44,494 @@ GCTX_VERSION = "GCTX1.0"
 
 
 # --------------------------------------------------------------------------- #
-# atomic writes
+# storage errors, temporary files and atomic writes
 # --------------------------------------------------------------------------- #
+# Every output is written under a temporary name next to it and renamed into
+# place when complete.  The name carries the host and process id
+# (``.<name>~<host>~<pid>.<kind>``), so that the next run writing the same
+# output can tell the leftovers of a killed run (SIGKILL, power loss) from the
+# files of a run still in progress, and remove them.
+
+#: This host as it appears in temporary names (a shared file system may serve several hosts).
+HOST = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()) or "localhost"
+#: Temporary files of another host are removed once untouched this long (their owner cannot be asked).
+STALE_AGE_S = 7 * 24 * 3600
+#: A process that started this long after a temporary file was last written cannot be its writer
+#: (its pid was reused); generous, because a network file system stamps files with its own clock.
+PID_REUSE_SLACK_S = 60.0
+#: Temporary paths this process is writing now (pid reuse within one process is no leftover).
+_ACTIVE: set[str] = set()
+
+#: Cause and fix of the OS errors an output can meet, for one-line messages.
+_CAUSES = {
+    errno.ENOSPC: ("no space left on device", "free space there or write to another location, then rerun"),
+    errno.EDQUOT: ("disk quota exceeded", "free space in your quota or write to another location, then rerun"),
+    errno.EROFS: ("read-only file system", "choose an output location on a writable file system"),
+    errno.EACCES: ("permission denied", "choose a location you can write to, or fix its permissions"),
+    errno.EPERM: ("operation not permitted", "choose a location you can write to, or fix its permissions"),
+    errno.EISDIR: ("is a directory", "remove it or choose another output name"),
+    errno.ENAMETOOLONG: ("file name too long", "choose a shorter output name"),
+    errno.EFBIG: (
+        "file too large (for the file system, or the process's file size limit)",
+        "write to another file system or raise the limit (ulimit -f)",
+    ),
+    errno.EIO: ("input/output error", "check the disk (or network file system), then rerun"),
+}
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The first component of ``path`` (from the root) that exists but is not a folder, if any."""
+    for p in reversed([path, *path.parents]):
+        if os.path.lexists(p) and not p.is_dir():
+            return p
+    return None
+
+
+def describe_os_error(exc: OSError, path=None, what: str = "") -> str:
+    """One line ``<path>: <cause>; <fix>`` for an OS error met while writing ``path``.
+
+    ``path`` defaults to the error's own file name; ``what`` names the file
+    actually written when it is not ``path`` itself (e.g. a temporary work file).
+    """
+    if path is None and not exc.filename:
+        cause, fix = _CAUSES.get(exc.errno, (exc.strerror or str(exc), "check the path, then rerun"))
+        return f"{cause}; {fix}"
+    path = Path(path if path is not None else exc.filename)
+    code = exc.errno
+    if code in (errno.ENOTDIR, errno.EEXIST, errno.ENOENT):
+        blocker = _file_in_the_way(path if code == errno.EEXIST else path.parent)
+        if blocker is not None:
+            return (
+                f"{blocker}: is a file, not a folder (needed for {path}); "
+                f"remove or rename it, or choose another output location"
+            )
+    if code in (errno.EEXIST, errno.ENOTDIR) and path.is_dir():
+        code = errno.EISDIR
+    cause, fix = _CAUSES.get(code, (exc.strerror or str(exc), "check the path, then rerun"))
+    return f"{path}: {cause}{f' (writing {what})' if what else ''}; {fix}"
+
+
+def storage_error(exc: OSError, path=None, what: str = "") -> StorageError:
+    """:class:`StorageError` with the one-line description of ``exc`` (see :func:`describe_os_error`)."""
+    err = StorageError(describe_os_error(exc, path, what))
+    err.errno = exc.errno
+    return err
+
+
+def temp_path(path: str | os.PathLike, kind: str = "tmp") -> Path:
+    """This process's temporary name for ``path``: ``.<name>~<host>~<pid>.<kind>`` in the same folder."""
+    path = Path(path)
+    return path.with_name(f".{path.name}~{HOST}~{os.getpid()}.{kind}")
+
+
+def _temp_pattern(name: str) -> re.Pattern:
+    # also the names of dgex versions before host names were added: .<name>.<pid>.<kind>
+    return re.compile(rf"\.{re.escape(name)}(?:~(?P<host>[A-Za-z0-9.-]+)~|\.)(?P<pid>\d+)\.(?:tmp|work\.h5|old)")
+
+
+@lru_cache(maxsize=1)
+def _boot_time() -> float | None:
+    try:
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith("btime "):
+                return float(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _process_start(pid: int) -> float | None:
+    """Start time (epoch seconds) of process ``pid``, where ``/proc`` tells it."""
+    boot = _boot_time()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return None if boot is None else boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _owner_alive(host: str | None, pid: int, mtime: float) -> bool:
+    """Whether the writer of a temporary file (``host``, ``pid``, last written at ``mtime``) may still run."""
+    if host is not None and host != HOST:
+        return time.time() - mtime < STALE_AGE_S
+    if pid < 1 or pid == os.getpid():
+        return False  # our own pid, but not one of our active files: a dead run's pid, reused
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # e.g. another user's process: alive
+    started = _process_start(pid)
+    return started is None or started <= mtime + PID_REUSE_SLACK_S
+
+
+def sweep_stale(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and folders that dead runs left for ``path``; returns them.
+
+    A leftover is a sibling named like :func:`temp_path` of ``path`` whose
+    writer is gone: on this host its pid is not running (or runs a process
+    started after the file was last written); from another host, untouched
+    for :data:`STALE_AGE_S`.
+    """
+    path = Path(path)
+    pattern, prefix = _temp_pattern(path.name), f".{path.name}"
+    removed = []
+    try:
+        entries = [e for e in os.scandir(path.parent) if e.name.startswith(prefix)]
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if m is None or entry.path in _ACTIVE:
+            continue
+        try:
+            mtime = entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        if _owner_alive(m["host"], int(m["pid"]), mtime):
+            continue
+        _remove(Path(entry.path))
+        removed.append(Path(entry.path))
+        log.info(
+            "removed %s, left behind by an interrupted run (pid %s on %s)", entry.path, m["pid"], m["host"] or HOST
+        )
+    return removed
+
+
+def _remove(p: Path) -> None:
+    with contextlib.suppress(OSError):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def ensure_dir(path: str | os.PathLike) -> Path:
+    """Create folder ``path`` (and its parents); a one-line :class:`StorageError` if that is impossible."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise storage_error(exc, path) from None
+    return path
+
+
+def check_output_path(path: str | os.PathLike) -> None:
+    """Fail fast, before hours of work, when the output file ``path`` cannot be written.
+
+    A folder at ``path``, a file where a parent folder must be, a read-only
+    file system or a folder without write permission: one-line :class:`StorageError`.
+    """
+    path = Path(path)
+    code = None
+    if path.is_dir():
+        code = errno.EISDIR
+    elif _file_in_the_way(path.parent) is not None:
+        code = errno.ENOTDIR
+    else:
+        folder = next(p for p in [path.parent, *path.parent.parents] if p.is_dir())
+        with contextlib.suppress(OSError):
+            if os.statvfs(folder).f_flag & os.ST_RDONLY:
+                code = errno.EROFS
+            elif not os.access(folder, os.W_OK | os.X_OK):
+                code = errno.EACCES
+    if code is not None:
+        raise storage_error(OSError(code, os.strerror(code)), path)
+
+
+def _begin_temp(path: Path, kind: str, is_dir: bool = False) -> Path:
+    """Prepare writing ``path`` under a temporary name: parent folder, leftovers swept, name registered."""
+    ensure_dir(path.parent)
+    if not is_dir and path.is_dir():
+        raise storage_error(OSError(errno.EISDIR, os.strerror(errno.EISDIR)), path)
+    sweep_stale(path)
+    tmp = temp_path(path, kind)
+    _ACTIVE.add(str(tmp))
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
 
-    On any exception the temporary file is removed, so a crashed or killed
-    writer never leaves a file that looks complete.
+    On any exception the temporary file is removed, so a failed or interrupted
+    writer never leaves a file that looks complete; an ``OSError`` while
+    writing (disk full, read-only, no permission, ...) becomes a one-line
+    :class:`StorageError` naming ``path``.  Leftovers of killed runs are
+    removed first (:func:`sweep_stale`).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _begin_temp(path, "tmp")
     try:
-        yield tmp
-        os.replace(tmp, path)
+        try:
+            yield tmp
+            os.replace(tmp, path)
+        except OSError as exc:
+            if exc.errno is None:  # not an OS-level failure (e.g. an HDF5 format error): keep it as it is
+                raise
+            raise storage_error(exc, path) from None
     except BaseException:
-        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-            tmp.unlink()
+        _remove(tmp)
         raise
+    finally:
+        _ACTIVE.discard(str(tmp))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a new temporary folder next to ``path``; on success it replaces ``path`` (see :func:`atomic_path`)."""
+    path = Path(path)
+    tmp = _begin_temp(path, "tmp", is_dir=True)
+    try:
+        try:
+            _remove(tmp)
+            tmp.mkdir()
+            yield tmp
+            _replace_dir(tmp, path, overwrite)
+        except OSError as exc:
+            if exc.errno is None:
+                raise
+            raise storage_error(exc, path) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+    finally:
+        _ACTIVE.discard(str(tmp))
+
+
+def _replace_dir(tmp: Path, output: Path, overwrite: bool) -> None:
+    """Rename the finished folder ``tmp`` onto ``output`` (an existing one is moved aside, then removed)."""
+    old = None
+    if os.path.lexists(output):
+        if not overwrite:
+            raise InputError(f"{output} exists; pass --overwrite to replace it")
+        old = temp_path(output, "old")
+        _ACTIVE.add(str(old))
+        _remove(old)
+        os.replace(output, old)
+    try:
+        os.replace(tmp, output)
+    except BaseException:
+        if old is not None:  # put the previous one back
+            with contextlib.suppress(OSError):
+                os.replace(old, output)
+        raise
+    finally:
+        if old is not None:
+            _remove(old)
+            _ACTIVE.discard(str(old))
+
+
+# --------------------------------------------------------------------------- #
+# HDF5 files written through a guard
+# --------------------------------------------------------------------------- #
+# HDF5 (2.0, bundled with h5py 3.16) cannot recover from a failed write: after
+# a failed flush it cannot close the file ("slist already enabled"), a failed
+# close frees the file's shared state while dataset ids still point into it,
+# and h5py's clean-up of those ids (at the latest at interpreter exit) then
+# crashes the process with SIGSEGV.  So dgex writes HDF5 through a Python file
+# object (h5py's ``fileobj`` driver) that never lets a write fail inside HDF5:
+# the first OS error is recorded and later writes go to memory (small ones,
+# which HDF5 may read back) or nowhere, so that HDF5 stays consistent and can
+# always be closed; dgex then raises the recorded error itself (after each
+# block written, and before a file is renamed into place) and deletes the file.
+
+#: Writes up to this size are kept in memory after a failure (HDF5 metadata it may read back) ...
+_OVERLAY_WRITE_MAX = 1 << 20
+#: ... up to this much in total; larger writes are raw data that HDF5 never needs again.
+_OVERLAY_TOTAL_MAX = 256 << 20
+
+
+#: h5py's own Python code: not safe against an exception at any line (bare ``except:``, half-made objects).
+_H5PY_DIR = os.path.dirname(h5py.__file__) + os.sep
+
+
+def hdf5_busy(frame) -> bool:
+    """Whether ``frame`` (where a signal handler interrupted) is inside HDF5 work that must not be interrupted.
+
+    That is h5py's Python code (not safe against an exception at any line),
+    dgex's file callbacks (an exception there fails a write inside HDF5,
+    which cannot recover) and the opening and closing of dgex's HDF5 files.
+    A signal handler must not raise there, but deliver the signal again a
+    moment later.
+    """
+    while frame is not None:
+        if frame.f_code in _PROTECTED_CODES or frame.f_code.co_filename.startswith(_H5PY_DIR):
+            return True
+        frame = frame.f_back
+    return False
+
+
+class _HDF5Sink(io.FileIO):
+    """The OS file under an HDF5 file being written; its writes never fail inside HDF5 (see above).
+
+    :attr:`error` is the first ``OSError`` met; from then on nothing more
+    reaches the disk and the file must be abandoned.
+    """
+
+    def __init__(self, path: Path):
+        super().__init__(path, "w+")
+        self.error: OSError | None = None
+        self._overlay: list[tuple[int, bytes]] = []
+        self._overlay_bytes = 0
+
+    def write(self, b) -> int:
+        view = memoryview(b).cast("B")
+        size = view.nbytes
+        if self.error is None:
+            start = self.tell()
+            try:
+                self._write_all(view)
+                return size
+            except OSError as exc:
+                self.error = exc
+                self.seek(start)
+        if size <= _OVERLAY_WRITE_MAX and self._overlay_bytes + size <= _OVERLAY_TOTAL_MAX:
+            self._overlay.append((self.tell(), bytes(view)))
+            self._overlay_bytes += size
+        self.seek(size, os.SEEK_CUR)
+        return size
+
+    def _write_all(self, view: memoryview) -> None:
+        while view.nbytes:  # FileIO writes less than asked when the disk is nearly full
+            view = view[super().write(view) :]
+
+    def readinto(self, b) -> int:
+        # h5py's driver ignores short reads: fill the whole buffer (zeros past the end, as HDF5's own driver)
+        view = memoryview(b).cast("B")
+        start, got = self.tell(), 0
+        try:
+            while got < view.nbytes:
+                n = super().readinto(view[got:])
+                if not n:
+                    break
+                got += n
+        except OSError as exc:
+            self.error = self.error or exc
+        view[got:] = bytes(view.nbytes - got)
+        end = start + view.nbytes
+        for offset, data in self._overlay:  # in write order: later writes win
+            lo, hi = max(start, offset), min(end, offset + len(data))
+            if lo < hi:
+                view[lo - start : hi - start] = data[lo - offset : hi - offset]
+        self.seek(end)
+        return view.nbytes
+
+    def truncate(self, size=None):
+        if self.error is None:
+            try:
+                return super().truncate(size)
+            except OSError as exc:
+                self.error = exc
+        return size
+
+    def flush(self) -> None:
+        pass  # unbuffered
+
+
+#: HDF5 files open for writing; any still open at exit are abandoned while Python can still serve their
+#: callbacks (HDF5's own exit handler would flush them into a finalised interpreter: SIGSEGV).
+_OPEN_H5: dict[int, tuple[h5py.File, _HDF5Sink]] = {}
+
+
+def _open_h5(tmp: Path) -> tuple[h5py.File, _HDF5Sink]:
+    sink = _HDF5Sink(tmp)
+    try:
+        h5 = h5py.File(sink, "w")
+    except BaseException:
+        sink.close()
+        raise
+    h5._dgex_sink = sink  # for check_written
+    _OPEN_H5[id(sink)] = (h5, sink)
+    return h5, sink
+
+
+@atexit.register
+def _abandon_open_h5() -> None:
+    for h5, sink in list(_OPEN_H5.values()):
+        with contextlib.suppress(Exception):
+            _close_h5(h5, sink, commit=False)
+        _remove(Path(sink.name))
+
+
+def check_written(h5: h5py.File) -> None:
+    """Raise the ``OSError`` that spoilt an HDF5 file opened by :func:`atomic_h5` / :func:`scratch_h5`, if any."""
+    sink = getattr(h5, "_dgex_sink", None)
+    if sink is not None and sink.error is not None:
+        raise sink.error
+
+
+def _close_h5(h5: h5py.File, sink: _HDF5Sink, commit: bool) -> None:
+    """Close an HDF5 file opened by :func:`_open_h5`; with ``commit``, raise the write error that spoilt it."""
+    if not commit and sink.error is None:
+        sink.error = OSError("abandoned")  # nothing more needs to reach the disk
+    try:
+        h5.close()  # cannot fail on I/O: the sink takes every write
+    finally:
+        sink.close()
+        _OPEN_H5.pop(id(sink), None)
+    if commit and sink.error is not None:
+        raise sink.error
+
+
+@contextlib.contextmanager
+def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
+    """Create the HDF5 file ``path`` atomically (see :func:`atomic_path`); I/O errors never crash HDF5."""
+    with atomic_path(path) as tmp:
+        h5, sink = _open_h5(tmp)
+        try:
+            yield h5
+        except BaseException:
+            _close_h5(h5, sink, commit=False)
+            raise
+        _close_h5(h5, sink, commit=True)
+
+
+@contextlib.contextmanager
+def scratch_h5(path: str | os.PathLike, kind: str = "work.h5") -> Iterator[h5py.File]:
+    """A temporary HDF5 work file next to ``path`` (named by :func:`temp_path`), always deleted afterwards.
+
+    Call :func:`check_written` after writing to it: a failed write becomes a
+    :class:`StorageError` naming ``path``; other errors of the body pass unchanged.
+    """
+    path = Path(path)
+    tmp = _begin_temp(path, kind)
+    what = f"its temporary work file {tmp.name}"
+    try:
+        try:
+            h5, sink = _open_h5(tmp)
+        except OSError as exc:
+            raise storage_error(exc, path, what) from None
+        try:
+            yield h5
+        except OSError as exc:
+            if exc is sink.error and exc.errno is not None:
+                raise storage_error(exc, path, what) from None
+            raise
+        finally:
+            _close_h5(h5, sink, commit=False)
+    finally:
+        _remove(tmp)
+        _ACTIVE.discard(str(tmp))
+
+
+def save_torch(obj, path: str | os.PathLike, atomic: bool = True) -> None:
+    """``torch.save(obj)`` to ``path`` (atomically unless ``atomic`` is false).
+
+    Written through a Python file, so that a full disk raises ``OSError``
+    (torch's own file writer raises an opaque ``RuntimeError``) and the archive
+    inside is named ``archive`` whatever the (temporary) file name: the bytes
+    do not depend on the process id.
+    """
+    import torch  # only the stages that save networks pay for the import
+
+    if not atomic:
+        with open(path, "wb") as fh:
+            torch.save(obj, fh)
+        return
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -124,6 +604,20 @@ def check_scale(block: np.ndarray, path, linear_fix: str, ratio_fix: str) -> Non
             f"{path}: median value {med:.3g} looks like z-scores or log ratios, expected log2 "
             f"expression (~2-16); {ratio_fix}"
         )
+
+
+#: A profile varying less than this (s.d. across genes, log2 units) is flat: a failed array, no
+#: expression information (real HG-U133A / L1000 profiles have s.d. 1.5-2.5).
+FLAT_SAMPLE_STD = 0.1
+#: A gene varying less than this (s.d. across samples, log2 units) is constant (real genes: >= 0.15).
+CONSTANT_GENE_STD = 1e-3
+
+
+def flat_samples(block: np.ndarray) -> np.ndarray:
+    """Mask ``(n_samples,)`` of flat profiles in ``block`` ``(n_samples, n_genes)`` (see :data:`FLAT_SAMPLE_STD`)."""
+    if block.shape[1] < 2:
+        return np.zeros(block.shape[0], dtype=bool)
+    return block.std(axis=1, dtype=np.float64) < FLAT_SAMPLE_STD
 
 
 def _decode(values: np.ndarray) -> np.ndarray:
@@ -321,9 +815,18 @@ def read_gct(path: str | os.PathLike) -> InMemoryMatrix:
                 raise InputError(f"{path}: not a GCT file (first line {version[:20]!r}, expected #1.2 or #1.3)")
             n_row_meta = int(dims[2]) if version == "#1.3" else 1
             n_col_meta = int(dims[3]) if version == "#1.3" else 0
-            df = pd.read_csv(fh, sep="\t", header=0, dtype=str, keep_default_na=False)
+            # no header=0: pandas would rename repeated sample names (A, A.1) instead of letting us reject them
+            table = pd.read_csv(fh, sep="\t", header=None, dtype=str, keep_default_na=False)
     except (UnicodeDecodeError, gzip.BadGzipFile, ValueError, IndexError) as exc:
         raise InputError(f"{path}: cannot parse GCT file ({exc}); check the file format") from None
+    if table.empty:
+        raise InputError(f"{path}: no header line after the dimensions; check the file format")
+    header = table.iloc[0].tolist()
+    n_lead = 1 + (n_row_meta if version == "#1.3" else 1)
+    check_unique(header[n_lead:], "column", path)
+    check_unique(header[:n_lead], "annotation column", path)
+    df = table.iloc[1:].reset_index(drop=True)
+    df.columns = header
     id_col = df.columns[0]
     meta_cols = list(df.columns[1 : 1 + n_row_meta]) if version == "#1.3" else [df.columns[1]]
     sample_cols = list(df.columns[1 + len(meta_cols) :])
@@ -374,10 +877,14 @@ def read_tsv(path: str | os.PathLike, id_column: str | int = 0) -> InMemoryMatri
     sep = "," if ".csv" in path.suffixes else "\t"
     try:
         df = pd.read_csv(path, sep=sep, low_memory=False)
+        # the header as written: pandas renames repeated names (A, A.1), which must be rejected, not
+        # confused with a sample really named A.1
+        header = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0]
     except (UnicodeDecodeError, gzip.BadGzipFile, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise InputError(
             f"{path}: cannot parse table ({exc}); expected a tab-separated genes x samples table"
         ) from None
+    check_unique([h for h in header.tolist() if h.strip()], "column", path)
     id_name = df.columns[id_column] if isinstance(id_column, int) else id_column
     if id_name not in df.columns:
         raise InputError(f"{path}: id column {id_name!r} not found; columns start {list(df.columns[:5])}")
@@ -431,7 +938,9 @@ class GCTXWriter:
     ...     for block in blocks:          # each (k, n_genes)
     ...         w.write(block)
 
-    The file appears at ``path`` only after every sample was written.
+    The file appears at ``path`` only after every sample was written; a failed
+    write (disk full, ...) raises a one-line :class:`StorageError` and the
+    temporary file is removed on :meth:`close`.
     """
 
     def __init__(
@@ -444,23 +953,38 @@ class GCTXWriter:
         compression: str | None = None,
     ):
         self.path = Path(path)
-        self._atomic = atomic_path(self.path)
-        self._tmp = self._atomic.__enter__()
         self.n_rows, self.n_cols = len(row_ids), len(col_ids)
-        self._h5 = h5py.File(self._tmp, "w")
-        self._h5.attrs["version"] = GCTX_VERSION
-        self._h5.attrs["src"] = self.path.name
-        chunk_rows = max(1, min(self.n_cols, (1 << 20) // max(1, self.n_rows)))
-        self._data = self._h5.create_dataset(
-            MATRIX,
-            shape=(self.n_cols, self.n_rows),
-            dtype=np.float32,
-            chunks=(chunk_rows, self.n_rows) if self.n_cols and self.n_rows else None,
-            compression=compression,
-        )
-        _write_meta(self._h5, ROW_META, row_ids, row_meta)
-        _write_meta(self._h5, COL_META, col_ids, col_meta)
         self._pos = 0
+        self._stack = contextlib.ExitStack()
+        self._h5 = self._stack.enter_context(atomic_h5(self.path))
+        try:
+            self._h5.attrs["version"] = GCTX_VERSION
+            self._h5.attrs["src"] = self.path.name
+            chunk_rows = max(1, min(self.n_cols, (1 << 20) // max(1, self.n_rows)))
+            self._data = self._h5.create_dataset(
+                MATRIX,
+                shape=(self.n_cols, self.n_rows),
+                dtype=np.float32,
+                chunks=(chunk_rows, self.n_rows) if self.n_cols and self.n_rows else None,
+                compression=compression,
+            )
+            _write_meta(self._h5, ROW_META, row_ids, row_meta)
+            _write_meta(self._h5, COL_META, col_ids, col_meta)
+        except BaseException as exc:
+            self._abort(exc)
+            raise self._translated(exc) from None
+
+    def _translated(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return storage_error(exc, self.path)
+        return exc
+
+    def _abort(self, exc: BaseException) -> None:
+        """Close and delete the temporary file; ``exc`` is what went wrong."""
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            with contextlib.suppress(BaseException):
+                stack.__exit__(type(exc), exc, None)
 
     def write(self, block: np.ndarray) -> None:
         """Append ``block`` of shape ``(k, n_rows)`` (k samples)."""
@@ -470,24 +994,26 @@ class GCTXWriter:
         end = self._pos + block.shape[0]
         if end > self.n_cols:
             raise ValueError(f"writing past the declared {self.n_cols} samples")
-        self._data[self._pos : end] = block
+        try:
+            self._data[self._pos : end] = block
+            check_written(self._h5)  # a full disk shows here, at the first block it spoils
+        except OSError as exc:
+            raise self._translated(exc) from None
         self._pos = end
 
     def close(self, ok: bool = True) -> None:
-        self._h5.close()
+        """Rename the finished file into place (``ok``) or delete it; a second call does nothing."""
+        if self._stack is None:
+            return
         if ok and self._pos != self.n_cols:
-            ok = False
             err = ValueError(f"only {self._pos} of {self.n_cols} samples were written")
-        else:
-            err = None
-        if ok:
-            self._atomic.__exit__(None, None, None)
-        else:
-            exc = err or RuntimeError("aborted")
-            with contextlib.suppress(BaseException):
-                self._atomic.__exit__(type(exc), exc, None)
-            if err:
-                raise err
+            self._abort(err)
+            raise err
+        if not ok:
+            self._abort(RuntimeError("abandoned"))
+            return
+        stack, self._stack = self._stack, None
+        stack.close()  # commit: flush, close, rename; a failed write raises StorageError here
 
     def __enter__(self):
         return self
@@ -524,3 +1050,30 @@ def write_tsv(path, data: np.ndarray, row_ids, col_ids, row_meta: pd.DataFrame |
         df.to_csv(
             tmp, sep="\t", index=False, float_format="%.6g", compression="gzip" if str(path).endswith(".gz") else None
         )
+
+
+#: Code during which a signal must not raise (see :func:`hdf5_busy`): HDF5's callbacks, and the setting
+#: up and tearing down of temporary files, so that an interrupt never leaves one open or behind.
+_PROTECTED_CODES = frozenset(
+    getattr(f, "__wrapped__", f).__code__
+    for f in (
+        _HDF5Sink.write,
+        _HDF5Sink._write_all,
+        _HDF5Sink.readinto,
+        _HDF5Sink.truncate,
+        _HDF5Sink.flush,
+        _open_h5,
+        _close_h5,
+        _begin_temp,
+        _remove,
+        _replace_dir,
+        sweep_stale,
+        atomic_path,
+        atomic_dir,
+        atomic_h5,
+        scratch_h5,
+        GCTXWriter.__init__,
+        GCTXWriter._abort,
+        GCTXWriter.close,
+    )
+)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import resource
 import time
 from contextlib import ExitStack
@@ -35,11 +34,27 @@ from tqdm.auto import tqdm
 
 from . import DATASET_FORMAT, __version__
 from .dataset import content_fingerprint, encode
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .genes import ALL_PROBES, aggregation_matrix, assign_parts, load_gene_map, select_targets, strip_version
-from .io import Matrix, atomic_path, check_finite, check_scale, open_matrix, write_json
+from .io import (
+    CONSTANT_GENE_STD,
+    FLAT_SAMPLE_STD,
+    Matrix,
+    atomic_h5,
+    check_finite,
+    check_output_path,
+    check_scale,
+    check_written,
+    flat_samples,
+    open_matrix,
+    scratch_h5,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
+
+#: Name endings of a processed dataset (HDF5).
+DATASET_SUFFIXES = (".h5", ".hdf5")
 
 
 # --------------------------------------------------------------------------- #
@@ -251,6 +266,15 @@ def preprocess(
 
     output = Path(output)
     summary_path = Path(summary) if summary else output.with_suffix(".json")
+    if not output.name.lower().endswith(DATASET_SUFFIXES):
+        raise ConfigError(
+            f"{output}: a processed dataset is an HDF5 file, but the name ends in "
+            f"{''.join(output.suffixes) or 'no extension'}; name it {output.stem.split('.')[0] or 'dataset'}.h5"
+        )
+    if not summary_path.name.lower().endswith(".json"):
+        raise ConfigError(f"{summary_path}: the preprocess summary is JSON; name it .json")
+    check_output_path(output)
+    check_output_path(summary_path)
     if standardize not in ("transductive", "inductive"):
         raise InputError(f"standardize must be 'transductive' or 'inductive', got {standardize!r}")
 
@@ -290,16 +314,14 @@ def preprocess(
             phase("quantile_reference")
 
         # -- pass 1: gene-level work file + MiniBatchKMeans
-        output.parent.mkdir(parents=True, exist_ok=True)
-        work_path = output.with_name(f".{output.name}.{os.getpid()}.work.h5")
-        stack.callback(lambda: work_path.unlink(missing_ok=True))
-        work = stack.enter_context(h5py.File(work_path, "w"))
+        work = stack.enter_context(scratch_h5(output))  # next to the output; removed however this ends
         gene_ds = work.create_dataset(
             "genes", shape=(n_geo, G), dtype=np.float32, chunks=(max(1, min(n_geo, (1 << 22) // (4 * G))), G)
         )
         k = min(dedup_clusters, n_geo)
         kmeans = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=max(1024, 3 * k), n_init=3)
         pending = []
+        flat = np.zeros(n_geo, dtype=bool)  # failed arrays: no expression information, removed below
         checked_scale = False
         for start, stop, block in raw_chunks("gene means"):
             if not checked_scale:
@@ -314,23 +336,42 @@ def preprocess(
                 block = quantile_map(block, probe_reference)
             gene_block = np.asarray(block[:, probe_pos] @ agg, dtype=np.float32)
             gene_ds[start:stop] = gene_block
+            check_written(work)  # a full disk stops the run here, not after de-duplicating zeros
+            flat[start:stop] = flat_samples(gene_block)
             if dedup:
-                pending.append(gene_block)
+                pending.append(gene_block[~flat[start:stop]] if flat[start:stop].any() else gene_block)
                 if sum(len(b) for b in pending) >= k:
                     kmeans.partial_fit(np.concatenate(pending))
                     pending = []
         if dedup and pending and hasattr(kmeans, "cluster_centers_"):
             kmeans.partial_fit(np.concatenate(pending))
+        work.flush()  # every block on disk now, so that a failed write cannot go unnoticed
+        check_written(work)
         phase("gene_means_kmeans")
 
         # -- pass 2: de-duplicate within clusters
-        keep = np.ones(n_geo, dtype=bool)
+        keep = ~flat
         if dedup:
-            labels = np.concatenate([kmeans.predict(gene_ds[s:e]) for s, e in _spans(n_geo, chunk_size)])
-            keep = ~_dedup_by_cluster(gene_ds, labels, dedup_threshold, memory_mb, chunk_size, progress)
+            if hasattr(kmeans, "cluster_centers_"):
+                labels = np.concatenate([kmeans.predict(gene_ds[s:e]) for s, e in _spans(n_geo, chunk_size)])
+            else:  # fewer non-flat profiles than clusters: one cluster
+                labels = np.zeros(n_geo, dtype=np.int64)
+            labels[flat] = labels.max(initial=0) + 1  # a cluster of their own: never a duplicate of a real profile
+            keep &= ~_dedup_by_cluster(gene_ds, labels, dedup_threshold, memory_mb, chunk_size, progress)
         kept = np.flatnonzero(keep)
         phase("dedup")
-        n_removed = int(n_geo - kept.size)
+        n_flat = int(flat.sum())
+        n_removed = int(n_geo - n_flat - kept.size)
+        if n_flat:
+            log.warning(
+                "%s: %d of %d GEO samples are flat (s.d. across genes < %g log2 units: failed arrays?), e.g. %s; "
+                "they are removed before de-duplication and splitting",
+                geo,
+                n_flat,
+                n_geo,
+                FLAT_SAMPLE_STD,
+                ", ".join(map(str, matrix.col_ids[np.flatnonzero(flat)[:5]])),
+            )
         log.info(
             "de-duplication: removed %d of %d GEO profiles (K=%d, threshold %.3g)", n_removed, n_geo, k, dedup_threshold
         )
@@ -355,6 +396,7 @@ def preprocess(
         geo_mean = s1 / n_stat
         geo_std = np.sqrt(np.maximum(s2 / n_stat - geo_mean**2, 0.0))
         gene_reference = qsum / kept.size
+        _warn_constant_genes(geo_std, lm, tg, geo, "the GEO profiles used for the statistics")
         phase("statistics")
 
         # -- RNA-seq sources: rank-map onto the GEO reference, standardise with their own statistics
@@ -369,7 +411,7 @@ def preprocess(
         phase("rnaseq")
 
         # -- pass 4: write the dataset
-        with atomic_path(output) as tmp, h5py.File(tmp, "w") as out:
+        with atomic_h5(output) as out:
             out.attrs["format"] = DATASET_FORMAT
             out.attrs["dgex_version"] = __version__
             out.attrs["standardize"] = standardize
@@ -422,6 +464,7 @@ def preprocess(
         "inputs": {"geo": str(geo), "1000g": g1000 and str(g1000), "gtex": gtex and str(gtex)},
         "geo_profiles_in": int(n_geo),
         "duplicates_removed": n_removed,
+        "flat_removed": n_flat,
         "geo_profiles_kept": int(kept.size),
         "splits": counts,
         "genes": {
@@ -438,6 +481,38 @@ def preprocess(
     write_json(summary_path, result)
     log.info("wrote %s (%s) in %.1f s", output, ", ".join(f"{k} {v}" for k, v in counts.items()), result["seconds"])
     return result
+
+
+def _warn_constant_genes(std: np.ndarray, lm: pd.DataFrame, tg: pd.DataFrame, source, over: str) -> None:
+    """Warn (one line per role) about genes whose s.d. ``std`` ``(L+T,)`` is below :data:`CONSTANT_GENE_STD`."""
+    L = len(lm)
+    for role, table, sd, effect in (
+        (
+            "landmark",
+            lm,
+            std[:L],
+            "they carry no information; the networks learn from the other landmarks",
+        ),
+        (
+            "target",
+            tg,
+            std[L:],
+            "they are trivially predicted and lower every mean error; drop them from the target map",
+        ),
+    ):
+        const = np.flatnonzero(sd < CONSTANT_GENE_STD)
+        if len(const):
+            names = [s or e for s, e in zip(table["symbol"].iloc[const[:5]], table["ensembl"].iloc[const[:5]])]
+            log.warning(
+                "%s: %d of %d %s genes are constant over %s (e.g. %s): %s",
+                source,
+                len(const),
+                len(table),
+                role,
+                over,
+                ", ".join(map(str, names)),
+                effect,
+            )
 
 
 def _spans(n: int, size: int):

@@ -25,7 +25,7 @@ import pandas as pd
 
 from .aggregate import describe_gap, load_aggregate
 from .errors import InputError
-from .io import atomic_path, write_json, write_text
+from .io import atomic_path, ensure_dir, write_json, write_text
 from .metrics import bootstrap_ci, compare
 
 log = logging.getLogger(__name__)
@@ -476,7 +476,7 @@ def make_tables(*, aggregate, output_dir, paper_reference: bool = False, n_boot:
     incomplete = frozenset((g["layers"], g["units"], float(g["dropout"])) for g in gaps if "left_out" not in g)
     note = gaps_note(gaps)
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     written, chosen = {}, {}
     for task, t in TASKS.items():
         table, md = main_table(summary, task, paper_reference, incomplete)

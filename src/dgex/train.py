@@ -29,8 +29,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,7 +40,7 @@ from . import __version__
 from .dataset import EVAL_SPLITS, SELECTIONS, ProcessedDataset, fingerprint_differences
 from .devices import lease_gpu, pick_device
 from .errors import ConfigError, DgexError, InputError
-from .io import atomic_path, write_json
+from .io import atomic_path, save_torch, sweep_stale, write_json
 from .metrics import per_gene_frame, write_per_gene
 from .models import DGEX, default_learning_rate
 
@@ -371,20 +369,19 @@ def build_task(cfg: TrainConfig, data: dict, device: torch.device, run_dir: Path
 def _save_weights(
     path: Path, state: dict, model: DGEX, cfg: TrainConfig, epoch: int, row: dict, gene_ids: dict, fingerprint: dict
 ) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(
-            {
-                "state_dict": {k: v.cpu() for k, v in state.items()},
-                "config": asdict(cfg),
-                "epoch": epoch,
-                "metrics": dict(row),
-                "genes": gene_ids,
-                "dataset_fingerprint": fingerprint["sha256"],
-                "shape": [model.n_in, model.n_out, model.n_layers, model.n_units],
-                "dgex_version": __version__,
-            },
-            tmp,
-        )
+    save_torch(
+        {
+            "state_dict": {k: v.cpu() for k, v in state.items()},
+            "config": asdict(cfg),
+            "epoch": epoch,
+            "metrics": dict(row),
+            "genes": gene_ids,
+            "dataset_fingerprint": fingerprint["sha256"],
+            "shape": [model.n_in, model.n_out, model.n_layers, model.n_units],
+            "dgex_version": __version__,
+        },
+        path,
+    )
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
@@ -440,35 +437,11 @@ def load_weights(
 # --------------------------------------------------------------------------- #
 #: Files of a run folder; starting from scratch removes them all.
 RUN_FILES = ("last.ckpt", *(f"best_{s}.pt" for s in SELECTIONS), "history.csv", "per_gene.csv", "run.json")
-_TEMP = re.compile(r"^\..+\.(\d+)\.tmp$")  # dgex.io.atomic_path: .<name>.<pid>.tmp
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 def remove_dead_temps(run_dir: Path) -> list[Path]:
-    """Delete the temporary files that killed writers left in ``run_dir``.
-
-    Called before this process writes anything there, so a file named with
-    its own pid is also stale (a dead run whose pid was reused).
-    """
-    removed = []
-    if run_dir.is_dir():
-        for f in run_dir.iterdir():
-            m = _TEMP.match(f.name)
-            if m and (int(m.group(1)) == os.getpid() or not _pid_alive(int(m.group(1)))):
-                f.unlink(missing_ok=True)
-                removed.append(f)
-    if removed:
-        log.info("removed %d temporary file(s) of a killed run in %s", len(removed), run_dir)
-    return removed
+    """Delete the temporary files that killed writers left for the run files of ``run_dir``."""
+    return [p for name in RUN_FILES for p in sweep_stale(run_dir / name)]
 
 
 def _load_checkpoint(path: Path):
