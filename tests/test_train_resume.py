@@ -464,7 +464,7 @@ def test_kill_dash_nine_then_the_same_command(toy, forker, uninterrupted, tmp_pa
     assert res.returncode == -9, res.stderr  # the kill point was reached
     left = {p.name for p in out.iterdir()}
     if KILL_POINTS[point]["kind"] == "writing":  # the dead writer's temporary file is there ...
-        assert any(n.startswith(f".{KILL_POINTS[point]['file']}.") and n.endswith(".tmp") for n in left), left
+        assert any(n.startswith(f".{KILL_POINTS[point]['file']}~") and n.endswith(".tmp") for n in left), left
     assert ("run.json" in left) == point.startswith("after run.json")
 
     res = forker(_kill_argv(toy, out))
