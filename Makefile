@@ -6,13 +6,14 @@ BIN     := $(VENV)/bin
 CORES   ?= 2
 CONFIG  ?= config/config.yaml
 SMK_ARGS ?=
+PIP_ARGS ?=
 STAMP   := $(VENV)/.dgex-installed
 
 .PHONY: run test install lint format report dryrun-paper dryrun-slurm bench clean
 
 $(STAMP): envs/requirements.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r envs/requirements.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(PIP_ARGS) -r envs/requirements.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $@
 
