@@ -472,6 +472,7 @@ def run_baseline(
         grid = check_grid(method, grid_arg, n_train=n_train, n_landmarks=n_landmarks)  # fail before loading
         X, Y = ds.X("geo-tr"), ds.Y("geo-tr")
         evals = {s: (ds.X(s), ds.Y(s)) for s in EVAL_SPLITS if ds.has(s)}
+        fingerprint = ds.fingerprint()["sha256"]
     timings = {"load": time.time() - t0}
     if len(targets) != Y.shape[1]:
         raise InputError(f"{dataset}: {len(targets)} target genes but Y has {Y.shape[1]} columns; rerun preprocess")
@@ -529,6 +530,7 @@ def run_baseline(
         "method_key": method,
         "dgex_version": __version__,
         "dataset": str(dataset),
+        "dataset_fingerprint": fingerprint,  # what aggregate compares: paths change when results move
         "hyper_parameter": family.param,
         "penalty_convention": {
             "ridge": "(1/n)|y - Xw - b|^2 + lambda |w|^2; sklearn Ridge alpha = n_train * lambda",

@@ -59,7 +59,7 @@ from .dataset import EVAL_SPLITS, ProcessedDataset
 from .errors import ConfigError, InputError
 from .io import atomic_dir, save_torch, write_json
 from .models import DGEX
-from .runs import load_runs
+from .runs import check_dataset, load_runs
 
 log = logging.getLogger(__name__)
 
@@ -280,11 +280,9 @@ def export_bundle(
         epsilon = float(ds.attrs.get("epsilon", 1e-3))
         standardize = str(ds.attrs.get("standardize", ""))
         gene_q = ds.reference("gene_quantiles")
-        try:
-            probe_q = ds.reference("probe_quantiles")
-        except KeyError:
-            probe_q = None
+        probe_q = ds.reference("probe_quantiles") if ds.has_reference("probe_quantiles") else None
         ds_params = ds.params
+        fingerprint = ds.fingerprint()
     L = len(genes.landmarks)
     _check_parts(run_list, genes.n_parts)
 
@@ -308,6 +306,8 @@ def export_bundle(
         )
         target_idx.append(idx)
     tg_index = np.concatenate(target_idx)
+    # same genes are not enough: the bundle's statistics and reference come from this dataset
+    check_dataset({str(r["dir"]): r["info"].get("dataset_fingerprint") for r in run_list}, fingerprint, dataset)
 
     lm = genes.landmarks[["ensembl", "entrez", "symbol"]].copy()
     lm["probe"] = _landmark_probes(lm["ensembl"]).values

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import textwrap
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from .dataset import SPLITS, ProcessedDataset
 from .errors import ConfigError, InputError
 from .io import atomic_path, ensure_dir, write_json
 from .plotting import pyplot, save_figure
-from .runs import load_runs
+from .runs import check_dataset, load_runs
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +225,7 @@ def interpret_s2(
                 f"pick one of those (the paper uses geo-tr)"
             )
         genes = ds.genes()
+        fingerprint = ds.fingerprint()
         n_total = ds.n_samples(split)
         idx = None
         if max_samples is not None and max_samples < n_total:
@@ -271,6 +273,7 @@ def interpret_s2(
             frames.append(frame)
             del model, stats
         n_parts = genes.n_parts
+    check_dataset({str(r["dir"]): r["info"].get("dataset_fingerprint") for r in run_list}, fingerprint, dataset)
 
     table = pd.concat(frames, ignore_index=True)
     n_predictors = {rep: X.shape[1] if rep == "input" else units for rep in reps}
@@ -561,8 +564,8 @@ def interpret_s3(
 
     sigmas = [float(k) for k in sigmas]
     map_sigmas = [float(k) for k in map_sigmas]
-    if not sigmas or any(not k > 0 for k in sigmas) or len(map_sigmas) != 2 or any(not k > 0 for k in map_sigmas):
-        raise ConfigError(f"--sigmas and --map-sigmas (IN OUT) must be positive numbers (got {sigmas}, {map_sigmas})")
+    if not sigmas or len(map_sigmas) != 2 or not all(0 < k < math.inf for k in [*sigmas, *map_sigmas]):
+        raise ConfigError(f"--sigmas and --map-sigmas (IN OUT) must be finite numbers > 0 (got {sigmas}, {map_sigmas})")
     if scope not in SCOPES:
         raise ConfigError(f"--scope must be one of {', '.join(SCOPES)} (got {scope!r})")
     if map_size < 1:
@@ -575,10 +578,11 @@ def interpret_s3(
             f"S3 analyses a network with one hidden layer (the paper's 3000x1), but "
             f"{run_list[0]['dir']} has {layers} hidden layers; pass the part runs of a 1-layer network"
         )
-    genes = None
+    genes = fingerprint = None
     if dataset is not None:
         with ProcessedDataset(dataset) as ds:
             genes = ds.genes()
+            fingerprint = ds.fingerprint()
 
     hid_in_rows, tg_rows, lm_rows, hid_out_rows, counts, nets = [], [], [], [], [], []
     for run in tqdm(run_list, desc="S3", unit="run", disable=not progress, leave=False):
@@ -629,6 +633,8 @@ def interpret_s3(
             }
         )
         nets.append({"part": part_label, "w_in": w_in, "w_out": w_out, "d": d_map, "lm": lm_sym, "tg": tg_sym})
+    if fingerprint is not None:
+        check_dataset({str(r["dir"]): r["info"].get("dataset_fingerprint") for r in run_list}, fingerprint, dataset)
 
     out = Path(output_dir)
     ensure_dir(out)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import resource
 import time
 from contextlib import ExitStack
@@ -217,6 +218,25 @@ def rnaseq_gene_matrix(matrix: Matrix, genes: pd.DataFrame, id_type: str) -> np.
 # --------------------------------------------------------------------------- #
 # the stage
 # --------------------------------------------------------------------------- #
+def _check_settings(p: dict) -> None:
+    """The numeric settings of :func:`preprocess` (the CLI's types check them too; the Python API gets the same)."""
+    problems = []
+    for key in ("dedup_threshold", "epsilon"):
+        if not 0 < p[key] < math.inf:
+            problems.append(f"--{key.replace('_', '-')} must be a finite number > 0 (got {p[key]})")
+    for key in ("va_fraction", "te_fraction"):
+        if not 0 <= p[key] < 1:
+            problems.append(f"--{key.replace('_', '-')} must be in [0, 1) (got {p[key]})")
+    for key in ("target_seed", "part_seed", "split_seed", "seed"):
+        if not 0 <= p[key] < 2**32:
+            problems.append(f"--{key.replace('_', '-')} must be an integer in 0..{2**32 - 1} (got {p[key]})")
+    for key in ("target_parts", "dedup_clusters", "chunk_size", "memory_mb"):
+        if p[key] < 1:
+            problems.append(f"--{key.replace('_', '-')} must be >= 1 (got {p[key]})")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def preprocess(
     *,
     geo,
@@ -277,6 +297,7 @@ def preprocess(
     check_output_path(summary_path)
     if standardize not in ("transductive", "inductive"):
         raise InputError(f"standardize must be 'transductive' or 'inductive', got {standardize!r}")
+    _check_settings(locals())
 
     lm, tg = load_genes(landmarks, targets, max_targets, target_seed, target_parts, part_seed)
     genes = pd.concat([lm, tg], ignore_index=True)

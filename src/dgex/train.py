@@ -96,12 +96,22 @@ class TrainConfig:
             problems.append(f"--part must be >= 0 or 'all' (got {self.part})")
         if self.epochs < 1 or self.batch_size < 1 or self.monitor_size < 1:
             problems.append("--epochs, --batch-size and --monitor-size must be >= 1")
-        if self.lr is not None and not self.lr > 0:
-            problems.append(f"--lr must be > 0 (got {self.lr})")
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            problems.append(f"--lr must be a finite number > 0 (got {self.lr})")
         if not 0.0 <= self.momentum < 1.0:
             problems.append(f"--momentum must be in [0, 1) (got {self.momentum})")
         if not 0.0 < self.lr_decay <= 1.0:
             problems.append(f"--lr-decay must be in (0, 1] (got {self.lr_decay})")
+        if not 0 < self.lr_min < math.inf:
+            problems.append(f"--lr-min must be a finite number > 0 (got {self.lr_min})")
+        if not 0 <= self.weight_decay < math.inf:
+            problems.append(f"--weight-decay must be a finite number >= 0 (got {self.weight_decay})")
+        if not 0 <= self.checkpoint_interval < math.inf:
+            problems.append(
+                f"--checkpoint-interval must be a finite number of seconds >= 0 (got {self.checkpoint_interval})"
+            )
+        if not 0 <= self.seed < 2**32:
+            problems.append(f"--seed must be an integer in 0..{2**32 - 1} (got {self.seed})")
         if self.precision not in PRECISIONS:
             problems.append(f"--precision must be one of {', '.join(PRECISIONS)} (got {self.precision})")
         if self.optimizer not in OPTIMIZERS:
@@ -404,9 +414,24 @@ def load_weights(
     path = Path(path)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise InputError(f"{path}: cannot read checkpoint ({exc}); retrain the run") from None
-    shape_in, shape_out, layers, units = blob["shape"]
+    except FileNotFoundError:
+        raise InputError(f"{path}: checkpoint not found; retrain the run") from None
+    except Exception as exc:  # unpickling damaged bytes can raise almost any type
+        reason = (str(exc).splitlines() or [""])[0][:120]
+        raise InputError(
+            f"{path}: truncated or corrupt checkpoint ({type(exc).__name__}: {reason}); retrain the run"
+        ) from None
+    shape = blob.get("shape") if isinstance(blob, dict) else None
+    if (
+        not isinstance(shape, (list, tuple))
+        or len(shape) != 4
+        or not all(isinstance(v, int) and v >= 1 for v in shape)
+        or not isinstance(blob.get("state_dict"), dict)
+        or not isinstance(blob.get("config"), dict)
+        or not isinstance(blob["config"].get("dropout"), (int, float))
+    ):
+        raise InputError(f"{path}: not a dgex weights file (best_*.pt written by `dgex train`); retrain the run")
+    shape_in, shape_out, layers, units = shape
     if (n_in is not None and n_in != shape_in) or (n_out is not None and n_out != shape_out):
         raise InputError(
             f"{path}: network maps {shape_in} -> {shape_out} genes but the dataset has {n_in} landmarks -> "
@@ -427,7 +452,11 @@ def load_weights(
                     f"use the dataset the model was trained on"
                 )
     model = DGEX(shape_in, shape_out, layers, units, blob["config"]["dropout"])
-    model.load_state_dict(blob["state_dict"])
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except (RuntimeError, TypeError, ValueError) as exc:
+        reason = (str(exc).splitlines() or [""])[0][:120]
+        raise InputError(f"{path}: weights do not fit the network they describe ({reason}); retrain the run") from None
     model.eval()
     return model, blob
 
