@@ -33,7 +33,7 @@ import pandas as pd
 
 from .dataset import EVAL_SPLITS, ProcessedDataset
 from .errors import InputError
-from .io import atomic_path, write_json
+from .io import atomic_path, refuse_overwriting_inputs, staged_files, write_json
 from .metrics import read_per_gene
 from .runs import check_dataset, read_baseline_run, read_dgex_run, read_history
 
@@ -42,6 +42,14 @@ log = logging.getLogger(__name__)
 ARCH = ["layers", "units", "dropout"]
 KEY = ["method", *ARCH, "selected_by", "split"]
 PER_GENE_AGG = [*KEY, "ensembl", "symbol", "entrez", "part", "overlap", "mae", "r", "rho"]
+#: The files of an aggregate folder.
+AGGREGATE_FILES = {
+    "per_gene": "per_gene.csv.gz",
+    "summary": "summary.csv",
+    "history": "history.csv",
+    "runs": "runs.csv",
+    "info": "aggregate.json",
+}
 
 
 def _dgex_runs(dirs, allow_incomplete: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
@@ -341,6 +349,15 @@ def aggregate(*, dgex_runs, baseline_runs, output_dir, dataset=None, allow_incom
     leave out unfinished run folders) instead of refusing; they are listed in
     ``aggregate.json`` under ``incomplete``.
     """
+    refuse_overwriting_inputs(
+        [Path(output_dir) / f for f in AGGREGATE_FILES.values()],
+        {
+            "--dgex-runs": [Path(d) / f for d in dgex_runs or [] for f in ("run.json", "per_gene.csv", "history.csv")],
+            "--baseline-runs": [Path(d) / f for d in baseline_runs or [] for f in ("run.json", "per_gene.csv")],
+            "--dataset": dataset,
+        },
+        "--output-dir",
+    )
     left_out = [str(d) for d in dgex_runs or [] if allow_incomplete and not (Path(d) / "run.json").is_file()]
     per_gene_d, histories, runs_d = _dgex_runs(dgex_runs or [], allow_incomplete)
     per_gene_b, runs_b = _baseline_runs(baseline_runs or [])
@@ -375,38 +392,38 @@ def aggregate(*, dgex_runs, baseline_runs, output_dir, dataset=None, allow_incom
     per_gene = pd.concat([f for f in (per_gene_d, per_gene_b) if not f.empty], ignore_index=True)[PER_GENE_AGG]
     check_coverage(per_gene, runs_d)
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "per_gene.csv.gz") as tmp:
-        per_gene.to_csv(tmp, index=False, compression="gzip", float_format="%.6g")
-    summary = summarise(per_gene)
-    with atomic_path(out / "summary.csv") as tmp:  # full precision: tables choose models by these means
-        summary.to_csv(tmp, index=False, float_format="%.10g")
-    with atomic_path(out / "history.csv") as tmp:
-        weighted_history(histories).to_csv(tmp, index=False, float_format="%.6g")
-    with atomic_path(out / "runs.csv") as tmp:
-        pd.DataFrame(runs).to_csv(tmp, index=False)
-    dg = per_gene[per_gene["method"] == "D-GEX"]
-    info = {
-        "dataset": str(dataset)
-        if dataset is not None
-        else next((r["dataset"] for r in runs if r.get("dataset")), None),
-        "methods": sorted(per_gene["method"].unique()),
-        "grid": {
-            "layers": sorted(int(v) for v in dg["layers"].unique()),
-            "units": sorted(int(v) for v in dg["units"].unique()),
-            "dropout": sorted(float(v) for v in dg["dropout"].unique()),
-        },
-        "splits": [s for s in EVAL_SPLITS if s in set(per_gene["split"])],
-        "rnaseq": bool({"1000g-va", "gtex-te"} <= set(per_gene["split"])),
-        "n_genes": int(per_gene["ensembl"].nunique()),
-        "n_overlap": int(per_gene.drop_duplicates("ensembl")["overlap"].astype(bool).sum()),
-        "n_runs": {"dgex": len(runs_d), "baselines": len(runs_b)},
-        "target_parts": None if sizes is None else {str(k): v for k, v in sizes.items()},
-        "incomplete": gaps,
-    }
-    if left_out:  # unfinished run folders that --allow-incomplete skipped (only then: the key stays optional)
-        info["left_out"] = left_out
-    write_json(out / "aggregate.json", info)
+    with staged_files(out) as stage:  # all outputs or none
+        with atomic_path(stage / "per_gene.csv.gz") as tmp:
+            per_gene.to_csv(tmp, index=False, compression="gzip", float_format="%.6g")
+        summary = summarise(per_gene)
+        with atomic_path(stage / "summary.csv") as tmp:  # full precision: tables choose models by these means
+            summary.to_csv(tmp, index=False, float_format="%.10g")
+        with atomic_path(stage / "history.csv") as tmp:
+            weighted_history(histories).to_csv(tmp, index=False, float_format="%.6g")
+        with atomic_path(stage / "runs.csv") as tmp:
+            pd.DataFrame(runs).to_csv(tmp, index=False)
+        dg = per_gene[per_gene["method"] == "D-GEX"]
+        info = {
+            "dataset": str(dataset)
+            if dataset is not None
+            else next((r["dataset"] for r in runs if r.get("dataset")), None),
+            "methods": sorted(per_gene["method"].unique()),
+            "grid": {
+                "layers": sorted(int(v) for v in dg["layers"].unique()),
+                "units": sorted(int(v) for v in dg["units"].unique()),
+                "dropout": sorted(float(v) for v in dg["dropout"].unique()),
+            },
+            "splits": [s for s in EVAL_SPLITS if s in set(per_gene["split"])],
+            "rnaseq": bool({"1000g-va", "gtex-te"} <= set(per_gene["split"])),
+            "n_genes": int(per_gene["ensembl"].nunique()),
+            "n_overlap": int(per_gene.drop_duplicates("ensembl")["overlap"].astype(bool).sum()),
+            "n_runs": {"dgex": len(runs_d), "baselines": len(runs_b)},
+            "target_parts": None if sizes is None else {str(k): v for k, v in sizes.items()},
+            "incomplete": gaps,
+        }
+        if left_out:  # unfinished run folders that --allow-incomplete skipped (only then: the key stays optional)
+            info["left_out"] = left_out
+        write_json(stage / "aggregate.json", info)
     log.info("aggregated %d D-GEX and %d baseline runs into %s", len(runs_d), len(runs_b), out)
     return info
 
@@ -423,13 +440,7 @@ REQUIRED_COLUMNS = {
 def load_aggregate(path) -> dict:
     """Read an aggregate folder: ``{"per_gene", "summary", "history", "runs": DataFrame, "info": dict}``."""
     path = Path(path)
-    files = {
-        "per_gene": "per_gene.csv.gz",
-        "summary": "summary.csv",
-        "history": "history.csv",
-        "runs": "runs.csv",
-        "info": "aggregate.json",
-    }
+    files = AGGREGATE_FILES
     missing = [f for f in files.values() if not (path / f).exists()]
     if missing:
         raise InputError(f"{path}: not an aggregate folder (missing {', '.join(missing)}); run `dgex aggregate` first")

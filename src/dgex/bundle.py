@@ -57,7 +57,7 @@ from . import __version__
 from .acquire import sha256_file
 from .dataset import EVAL_SPLITS, ProcessedDataset
 from .errors import ConfigError, InputError
-from .io import atomic_dir, save_torch, write_json
+from .io import atomic_dir, refuse_overwriting_inputs, save_torch, write_json
 from .models import DGEX
 from .runs import check_dataset, load_runs
 
@@ -272,6 +272,8 @@ def export_bundle(
     pick = None
     if grid_aggregate:
         runs, pick = runs_from_aggregate(grid_aggregate, selection)
+    # the bundle folder is replaced as a whole (--overwrite): it must not be, or hold, what it is made from
+    refuse_overwriting_inputs([output], {"--dataset": dataset, "--runs": runs, "--grid-aggregate": grid_aggregate})
     run_list = load_runs(runs, selection)
 
     with ProcessedDataset(dataset) as ds:

@@ -48,6 +48,7 @@ from .io import (
     check_written,
     flat_samples,
     open_matrix,
+    refuse_overwriting_inputs,
     scratch_h5,
     write_json,
 )
@@ -295,6 +296,16 @@ def preprocess(
         raise ConfigError(f"{summary_path}: the preprocess summary is JSON; name it .json")
     check_output_path(output)
     check_output_path(summary_path)
+    refuse_overwriting_inputs(
+        [output, summary_path],
+        {
+            "--geo": geo,
+            "--g1000": g1000,
+            "--gtex": gtex,
+            "--landmarks": None if str(landmarks) == "builtin" else landmarks,
+            "--targets": None if str(targets) in ("builtin", ALL_PROBES) else targets,
+        },
+    )
     if standardize not in ("transductive", "inductive"):
         raise InputError(f"standardize must be 'transductive' or 'inductive', got {standardize!r}")
     _check_settings(locals())

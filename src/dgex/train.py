@@ -40,7 +40,7 @@ from . import __version__
 from .dataset import EVAL_SPLITS, SELECTIONS, ProcessedDataset, fingerprint_differences
 from .devices import lease_gpu, pick_device
 from .errors import ConfigError, DgexError, InputError
-from .io import atomic_path, save_torch, sweep_stale, write_json
+from .io import atomic_path, refuse_overwriting_inputs, save_torch, sweep_stale, write_json
 from .metrics import per_gene_frame, write_per_gene
 from .models import DGEX, default_learning_rate
 
@@ -394,6 +394,27 @@ def _save_weights(
     )
 
 
+#: A best validation MAE this many times that of predicting the training mean means training failed.
+TRIVIAL_FACTOR = 10.0
+
+
+def worse_than_trivial(best_mae: float, y_tr: np.ndarray, y_va: np.ndarray, lr: float) -> str | None:
+    """Why a run's best geo-va MAE shows a failed training (far worse than the trivial predictor), or None.
+
+    The trivial predictor answers every profile with the training mean of each gene; ``y_tr`` and
+    ``y_va`` are ``(n_samples, n_targets)``.  A loss can stay finite while the weights run away
+    (a learning rate far too high): the result is then a real but meaningless measurement.
+    """
+    trivial = float(np.abs(y_va - y_tr.mean(axis=0, dtype=np.float64)).mean())
+    if not math.isfinite(best_mae) or best_mae > TRIVIAL_FACTOR * max(trivial, 1e-12):
+        return (
+            f"training diverged: the best geo-va MAE {best_mae:.4g} is more than {TRIVIAL_FACTOR:g} times that of "
+            f"predicting the training mean ({trivial:.4g}), so the model is worse than the trivial predictor; "
+            f"lower --lr (now {lr:.3g}) and retrain"
+        )
+    return None
+
+
 def _write_history(path: Path, history: list[dict]) -> None:
     keys = list(dict.fromkeys(k for row in history for k in row))
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
@@ -615,6 +636,7 @@ def train(
         raise ConfigError("--restart-incompatible only applies together with --resume")
     run_dir = Path(output_dir)
     last = run_dir / "last.ckpt"
+    refuse_overwriting_inputs([run_dir / name for name in RUN_FILES], {"--dataset": dataset}, "--output-dir")
     remove_dead_temps(run_dir)
     if threads:
         torch.set_num_threads(int(threads))
@@ -683,6 +705,8 @@ def train(
         wall = time.time() - t0
         if not task.history:
             raise DgexError(f"training of {run_dir} ran no epoch")
+        # a resume whose every epoch was already done runs none: the history comes from the checkpoint
+        _write_history(run_dir / "history.csv", task.history)
 
         # evaluate the selected models on every evaluation split
         frames = []
@@ -735,6 +759,10 @@ def train(
             "profiles_per_second": n_tr * len(task.history) / max(train_seconds, 1e-9),
             "train_flops_per_sample": 3 * model.flops_per_sample(),
         }
+        warning = worse_than_trivial(task.best["geo-va"]["mae"], data["geo-tr"][1], data["geo-va"][1], cfg.base_lr)
+        if warning:
+            log.warning("%s: %s", run_dir, warning)
+            summary["warning"] = warning  # only then: a normal run's run.json is unchanged
         write_json(run_dir / "run.json", summary)
         if not keep_last:
             last.unlink(missing_ok=True)
