@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dedup-clusters", type=_positive_int, default=100, help="MiniBatchKMeans K (default 100)")
     p.add_argument(
         "--dedup-threshold",
-        type=_positive_float,
+        type=_nonneg_float,
         default=1.0,
         help="Euclidean distance below which two profiles are duplicates (default 1.0)",
     )
