@@ -41,6 +41,7 @@ from fixtures import (
     numpy_predict,
     read_gctx,
     run_killed,
+    run_paused,
     same_h5,
     train_argv,
     write_table,
@@ -1448,12 +1449,23 @@ def _ex_stale(c):
 add("export", "stale-temp-folders-of-dead-run", "leftovers", "ok", _ex_stale, check=_export_oracle, xfail=I4)
 
 
+def _killed_leaving(c, first, sig, pattern):
+    """The first run died by ``sig`` (SIGKILL) or ended as dgex ends on it (SIGTERM: 143); after SIGKILL the
+    pause point guarantees a temporary file was left, so the rerun really has to clean it up."""
+    want = -signal.SIGKILL if sig == signal.SIGKILL else 128 + signal.SIGTERM
+    if first.rc != want:
+        raise RuntimeError(f"the paused run ended with exit {first.rc}, expected {want}: {first.stderr[-500:]}")
+    if sig == signal.SIGKILL and not any(c.dir.rglob(pattern)):
+        raise RuntimeError(f"the killed run left no {pattern}: the rerun tests nothing")
+    c.notes.append(f"killed: exit {first.rc}")
+
+
 def _ex_killed(c):
-    argv = [PY, "-m", "dgex", "export", "--dataset", c.f("ds.h5"), "--runs", *runs_of(c), "--output", "model", "--overwrite"]  # fmt: skip
-    first = run_killed(argv, c.dir, glob_exists(c.dir, ".model.*.tmp"), sig=signal.SIGKILL, poll=0.001)
-    if first.rc == 0:
-        raise Skip("export finished before it could be killed")
-    return c.dgex(*argv[3:], "--no-progress")
+    args = ["export", "--dataset", c.f("ds.h5"), "--runs", *runs_of(c), "--output", "model", "--overwrite"]
+    # paused just before bundle.json is renamed into the temporary bundle folder: that folder is complete but for it
+    first = run_paused(args, c.dir, "before-rename:1")
+    _killed_leaving(c, first, signal.SIGKILL, ".model~*.tmp")
+    return c.dgex(*args, "--no-progress")
 
 
 add("export", "sigkill-then-rerun", "kill-rerun", "ok", _ex_killed, check=_export_oracle, slow=True, xfail=I4)
@@ -1758,12 +1770,13 @@ add("infer", "stale-temp-file-of-dead-run", "leftovers", "ok", _in_stale, check=
 def _in_killed(sig):
     def body(c):
         big = c.fx.infer_big()
-        argv = [PY, "-m", "dgex", "infer", "--model", c.f("bundle"), "--input", big, "--output", "out/pred.gctx"]
-        argv += [*INF, "--chunk-size", "64", "--batch-size", "8"]
-        first = run_killed(argv, c.dir, glob_exists(c.p("out"), ".pred.gctx.*.tmp"), sig=sig, settle=0.2)
-        if first.rc == 0:
-            raise Skip("infer finished before it could be killed")
-        return c.dgex(*argv[3:])
+        args = ["infer", "--model", c.f("bundle"), "--input", big, "--output", "out/pred.gctx"]
+        args += [*INF, "--chunk-size", "64", "--batch-size", "8"]
+        # mid-way through the output's blocks; SIGTERM where the main thread is (not in the writer thread)
+        point = "h5write:40" if sig == signal.SIGKILL else "call=dgex.infer.check_finite:40"
+        first = run_paused(args, c.dir, point, sig=sig)
+        _killed_leaving(c, first, sig, ".pred.gctx~*.tmp")
+        return c.dgex(*args)
 
     return body
 
