@@ -9,8 +9,11 @@ they accept and reject the same folders with the same messages.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,34 @@ from .dataset import EVAL_SPLITS, SELECTIONS
 from .errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
+
+
+def lock_run_dir(run_dir) -> int | None:
+    """Hold an exclusive lock on the folder ``run_dir`` (its own inode: no lock file is left behind).
+
+    Two ``dgex train`` on one folder would clear and overwrite each other's
+    files (e.g. a rerun while the job of a killed Snakemake still runs): the
+    second one stops with one line instead.  The kernel drops the lock when
+    the process ends, however it ends.  Returns the descriptor to close (or
+    None where the folder does not exist yet, or the file system cannot lock
+    folders, e.g. some network file systems).
+    """
+    try:
+        fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise InputError(
+                f"{run_dir}: another dgex train is writing this run folder; wait for it to finish "
+                "(or stop it), then rerun"
+            ) from None
+        log.debug("cannot lock %s (%s): running without a run-folder lock", run_dir, exc)
+        return None
+    return fd
 
 
 def read_run_info(run_dir) -> dict:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ from .errors import ConfigError, DgexError, InputError
 from .io import atomic_path, refuse_overwriting_inputs, save_torch, sweep_stale, write_json
 from .metrics import per_gene_frame, write_per_gene
 from .models import DGEX, default_learning_rate
+from .runs import lock_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -637,14 +639,15 @@ def train(
     run_dir = Path(output_dir)
     last = run_dir / "last.ckpt"
     refuse_overwriting_inputs([run_dir / name for name in RUN_FILES], {"--dataset": dataset}, "--output-dir")
-    remove_dead_temps(run_dir)
-    if threads:
-        torch.set_num_threads(int(threads))
+    run_lock = lock_run_dir(run_dir)  # before anything in the folder is removed; None: no folder yet
     lease = None
-    if device in ("auto", "cuda"):  # a specific cuda:N was chosen by the user: no lease
-        # sets CUDA_VISIBLE_DEVICES before CUDA starts and logs the GPU (or SLURM's); held until train returns
-        lease = lease_gpu(gpu_lock_dir)
     try:
+        remove_dead_temps(run_dir)
+        if threads:
+            torch.set_num_threads(int(threads))
+        if device in ("auto", "cuda"):  # a specific cuda:N was chosen by the user: no lease
+            # sets CUDA_VISIBLE_DEVICES before CUDA starts and logs the GPU (or SLURM's); held until train returns
+            lease = lease_gpu(gpu_lock_dir)
         dev = pick_device(device)
         if precision == "tf32":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -681,6 +684,8 @@ def train(
         if continue_from is None:  # nothing of an earlier run may survive into this one
             _clear_run(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        if run_lock is None:
+            run_lock = lock_run_dir(run_dir)
 
         pl = _lightning()
         pl.seed_everything(seed, workers=True, verbose=False)
@@ -779,4 +784,6 @@ def train(
     finally:
         if lease is not None:  # a failed run must not keep the GPU from the next job
             lease.release()
+        if run_lock is not None:
+            os.close(run_lock)
     return summary

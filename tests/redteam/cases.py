@@ -898,6 +898,24 @@ def _tr_stale(c):
 add("train", "stale-temp-files-of-dead-run", "leftovers", "ok", _tr_stale, check=_per_gene_equal("out", "runs/1x8_d0/part0"))  # fmt: skip
 
 
+def _tr_concurrent(c):
+    """A second train on a run folder that a live train is writing (a rerun racing the job of a killed
+    Snakemake): refused with one line; the first is paused once it holds the folder, then killed."""
+    second = []
+    first = run_paused(
+        train_argv(c.f("ds.h5"), "out"),
+        c.dir,
+        "call=dgex.train.build_task:1",
+        while_paused=lambda: second.append(tr(c)),
+    )
+    if first.rc != -signal.SIGKILL or not second:
+        raise RuntimeError(f"the paused first train ended with exit {first.rc}: {first.stderr[-500:]}")
+    return second[0]
+
+
+add("train", "second-train-on-a-busy-run-folder", "concurrent-run", "error", _tr_concurrent, msg=("out", "another dgex train"))  # fmt: skip
+
+
 def _tr_existing(c):
     c.copy("runs/1x8_d0/part0", "out")
     (c.p("out", "per_gene.csv")).write_text("stale\n")

@@ -262,18 +262,26 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def run_paused(args, cwd, point: str, sig=signal.SIGKILL, timeout=120) -> Result:
+def run_paused(args, cwd, point: str, sig=signal.SIGKILL, timeout=120, while_paused=None) -> Result:
     """Run ``dgex *args`` paused at ``point`` (see :data:`PAUSE_SCRIPT`), send it ``sig`` there, wait for it.
 
-    Raises RuntimeError when the point was never reached (the command ended by itself): the case would test nothing.
+    ``while_paused()``, if given, is called once the pause is reached, before the signal (e.g. to run a
+    second command while the first is alive at a known point).  Raises RuntimeError when the point was
+    never reached (the command ended by itself): the case would test nothing.
     """
     marker = Path(cwd) / ".sweep-paused"
     marker.unlink(missing_ok=True)
+
+    def trigger():
+        if not marker.exists():
+            return False
+        if while_paused is not None:
+            while_paused()
+        return True
+
     argv = [PY, "-c", PAUSE_SCRIPT, *map(str, args)]
     try:
-        res = run_killed(
-            argv, cwd, marker.exists, sig=sig, env={"DGEX_SWEEP_PAUSE": f"{point}:{marker}"}, timeout=timeout
-        )
+        res = run_killed(argv, cwd, trigger, sig=sig, env={"DGEX_SWEEP_PAUSE": f"{point}:{marker}"}, timeout=timeout)
     finally:
         marker.unlink(missing_ok=True)
     if res.timed_out:
