@@ -1,6 +1,6 @@
 """The red-team sweep (tests/redteam/sweep.py): bad inputs and faults against every verb and the workflow.
 
-``test_redteam_sweep`` runs the sweep's ``--smoke`` subset (27 cases: every
+``test_redteam_sweep`` runs the sweep's ``--smoke`` subset (28 cases: every
 item of issue 11 plus the main fault classes, about 3 minutes on 2 cores) and
 fails if any case fails.  ``DGEX_REDTEAM=full`` runs every case instead (about
 340 cases, see README "Red-team sweep" for the time); ``DGEX_REDTEAM_STRICT=1``
