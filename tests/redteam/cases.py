@@ -241,12 +241,10 @@ BIG_DEMO += ["--max-targets", "20"]
 def _demo_killed(sig):
     def body(c):
         c.fx.big_demo()
-        argv = [PY, "-m", "dgex", "demo-data", "--output-dir", "out", *BIG_DEMO]
-        first = run_killed(argv, c.dir, glob_exists(c.p("out"), ".*.tmp"), sig=sig)
-        if first.rc == 0:
-            raise Skip("demo-data finished before it could be killed")
-        c.notes.append(f"killed: exit {first.rc}")
-        return c.dgex("demo-data", "--output-dir", "out", *BIG_DEMO)
+        args = ["demo-data", "--output-dir", "out", *BIG_DEMO]
+        first = run_paused(args, c.dir, "h5write:2", sig=sig)  # the first GCTX output is being filled
+        _killed_leaving(c, first, sig, ".*.tmp")
+        return c.dgex(*args)
 
     return body
 
@@ -652,13 +650,12 @@ add("preprocess", "stale-temp-files-of-dead-run", "leftovers", "ok", _pre_stale,
 def _pre_killed(sig):
     def body(c):
         big = c.fx.big_demo()
-        argv = [PY, "-m", "dgex", "preprocess", "--geo", big / "geo.gctx", *PRE_ARGS, "--output", "out/ds.h5"]
-        first = run_killed(argv, c.dir, glob_exists(c.p("out"), ".*.work.h5"), sig=sig, settle=0.3)
-        if first.rc == 0:
-            raise Skip("preprocess finished before it could be killed")
-        res = c.dgex(*[str(a) for a in argv[3:]])
+        args = ["preprocess", "--geo", big / "geo.gctx", *PRE_ARGS, "--output", "out/ds.h5"]
+        first = run_paused(args, c.dir, "h5write:5", sig=sig)  # the work file is being filled
+        _killed_leaving(c, first, sig, ".*.work.h5")
+        res = c.dgex(*[str(a) for a in args])
         if res.rc == 0:
-            ref = c.dgex(*[str(a) for a in argv[3:-1]], "ref/ds.h5")
+            ref = c.dgex(*[str(a) for a in args[:-1]], "ref/ds.h5")
             if ref.rc != 0:
                 raise RuntimeError(f"reference preprocess failed: {ref.stderr[-500:]}")
         return res
@@ -928,12 +925,18 @@ add("train", "existing-run-without-resume-retrains", "existing-output", "ok", _t
 def _tr_killed(sig):
     def body(c):
         ref = c.fx.reference_train()
-        argv = [PY, "-m", "dgex", *train_argv(c.f("ds.h5"), "out", epochs=6, extra=("--checkpoint-interval", "0"))]
-        first = run_killed(argv, c.dir, glob_exists(c.p("out"), "last.ckpt"), sig=sig, settle=0.2)
-        if first.rc == 0:
-            raise Skip("training finished before it could be killed")
+        args = train_argv(c.f("ds.h5"), "out", epochs=6, extra=("--checkpoint-interval", "0"))
+        # paused as epoch 3 ends (its history not yet written; last.ckpt of epoch 2 in place): a tiny
+        # training is over in a fraction of a second, so a kill on a trigger could come too late
+        first = run_paused(args, c.dir, "call=dgex.train._write_history:3", sig=sig)
+        want = -signal.SIGKILL if sig == signal.SIGKILL else 128 + signal.SIGTERM
+        if first.rc != want:
+            raise RuntimeError(
+                f"the paused training ended with exit {first.rc}, expected {want}: {first.stderr[-500:]}"
+            )
+        c.notes.append(f"killed: exit {first.rc}")
         c._ref = ref
-        return c.dgex(*argv[3:], "--resume")
+        return c.dgex(*args, "--resume")
 
     return body
 
