@@ -2139,6 +2139,7 @@ def _wf_killed(sig, tree, unlock=False):
             if first.rc == 0:
                 raise Skip("the workflow finished before it could be killed")
             c.notes.append(f"first run killed: exit {first.rc}")
+            recover = unlock
             if sig == signal.SIGKILL and not unlock:
                 # the killed Snakemake's lock stays: the same command must refuse, pointing at --unlock
                 # (README "When things go wrong"), and then the documented recovery must complete
@@ -2146,8 +2147,8 @@ def _wf_killed(sig, tree, unlock=False):
                 if again.rc == 0 or "--unlock" not in again.stdout + again.stderr:
                     return again  # completed without the recovery, or failed otherwise: judged as it is
                 c.notes.append("rerun refused by Snakemake's lock, as documented; unlocked")
-                unlock = True
-            if unlock:  # what Snakemake's LockException asks for
+                recover = True
+            if recover:  # what Snakemake's LockException asks for
                 fx_smk(REPO, "--unlock", "--configfile", path)
             return c.smk("--configfile", path)
         finally:
