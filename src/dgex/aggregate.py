@@ -33,15 +33,23 @@ import pandas as pd
 
 from .dataset import EVAL_SPLITS, ProcessedDataset
 from .errors import InputError
-from .io import atomic_path, write_json
+from .io import atomic_path, refuse_overwriting_inputs, staged_files, write_json
 from .metrics import read_per_gene
-from .runs import read_run_info
+from .runs import check_dataset, read_baseline_run, read_dgex_run, read_history
 
 log = logging.getLogger(__name__)
 
 ARCH = ["layers", "units", "dropout"]
 KEY = ["method", *ARCH, "selected_by", "split"]
 PER_GENE_AGG = [*KEY, "ensembl", "symbol", "entrez", "part", "overlap", "mae", "r", "rho"]
+#: The files of an aggregate folder.
+AGGREGATE_FILES = {
+    "per_gene": "per_gene.csv.gz",
+    "summary": "summary.csv",
+    "history": "history.csv",
+    "runs": "runs.csv",
+    "info": "aggregate.json",
+}
 
 
 def _dgex_runs(dirs, allow_incomplete: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
@@ -50,9 +58,9 @@ def _dgex_runs(dirs, allow_incomplete: bool = False) -> tuple[pd.DataFrame, pd.D
         if allow_incomplete and not (d / "run.json").is_file():
             log.warning("%s: no run.json (unfinished run), left out: --allow-incomplete", d)
             continue
-        info = read_run_info(d)
-        cfg = info["config"]
-        arch = {"layers": int(cfg["layers"]), "units": int(cfg["units"]), "dropout": float(cfg["dropout"])}
+        info = read_dgex_run(d)
+        layers, units, dropout = info["arch"]
+        arch = {"layers": layers, "units": units, "dropout": dropout}
         pg = read_per_gene(d / "per_gene.csv").assign(**arch)
         rows = pg.groupby(["selected_by", "split"]).size()
         if (rows != info["n_targets"]).any():
@@ -61,16 +69,23 @@ def _dgex_runs(dirs, allow_incomplete: bool = False) -> tuple[pd.DataFrame, pd.D
                 f"{info['n_targets']} targets: the file is incomplete; delete the run folder and retrain it"
             )
         frames.append(pg)
-        hist = pd.read_csv(d / "history.csv").assign(**arch, part=str(cfg["part"]), n_genes=info["n_targets"])
-        histories.append(hist)
+        hist = read_history(d / "history.csv")
+        missing = sorted(set(pg["split"]) - set(hist.columns))
+        if missing:
+            raise InputError(
+                f"{d / 'history.csv'}: training history lacks the evaluation split(s) {', '.join(missing)} that "
+                f"per_gene.csv has; delete the run folder and retrain it"
+            )
+        histories.append(hist.assign(**arch, part=str(info["part"]), n_genes=info["n_targets"]))
         runs.append(
             {
                 "method": "D-GEX",
                 **arch,
-                "part": cfg["part"],
+                "part": info["part"],
                 "n_targets": info["n_targets"],
                 "dir": str(d),
                 "dataset": info.get("dataset"),
+                "dataset_fingerprint": info.get("dataset_fingerprint"),
                 "best_epoch_geo_va": info["best"].get("geo-va", {}).get("epoch"),
                 "best_epoch_1000g_va": info["best"].get("1000g-va", {}).get("epoch"),
                 "epochs": info.get("epochs"),
@@ -90,23 +105,72 @@ def _dgex_runs(dirs, allow_incomplete: bool = False) -> tuple[pd.DataFrame, pd.D
 def _baseline_runs(dirs) -> tuple[pd.DataFrame, list[dict]]:
     frames, runs = [], []
     for d in map(Path, dirs):
-        info = read_run_info(d)
+        info = read_baseline_run(d)
         frames.append(read_per_gene(d / "per_gene.csv").assign(layers=np.nan, units=np.nan, dropout=np.nan))
         runs.append(
             {
-                "method": info.get("method"),
+                "method": info["method"],
                 "layers": None,
                 "units": None,
                 "dropout": None,
                 "part": None,
                 "dir": str(d),
                 "dataset": info.get("dataset"),
+                "dataset_fingerprint": info.get("dataset_fingerprint"),
                 "epochs": None,
                 "wall_seconds": info.get("seconds", {}).get("total") if isinstance(info.get("seconds"), dict) else None,
                 "device": "cpu",
             }
         )
     return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), runs
+
+
+def check_distinct(runs: list[dict]) -> None:
+    """No run folder given twice, and no D-GEX grid point x part from two folders (its genes would count twice)."""
+    seen: dict = {}
+    for r in runs:
+        key = Path(r["dir"]).resolve()
+        if key in seen:
+            what = (
+                f"grid point {r['layers']}x{r['units']} dropout {r['dropout']:g} part "
+                f"{'all' if r['part'] is None else r['part']}"
+                if r["method"] == "D-GEX"
+                else f"baseline {r['method']}"
+            )
+            raise InputError(
+                f"run folder {r['dir']} given more than once, so {what} would have more than one run; "
+                f"pass each run folder once"
+            )
+        seen[key] = r
+    points: dict = {}
+    for r in runs:
+        if r["method"] != "D-GEX":
+            continue
+        key = (r["layers"], r["units"], r["dropout"], r["part"])
+        if key in points:
+            raise InputError(
+                f"grid point {r['layers']}x{r['units']} dropout {r['dropout']:g} part "
+                f"{'all' if r['part'] is None else r['part']} has more than one run ({points[key]['dir']}, {r['dir']}); "
+                f"pass one run folder per grid point and part"
+            )
+        points[key] = r
+    methods: dict = {}
+    for r in runs:
+        if r["method"] == "D-GEX":
+            continue
+        if r["method"] in methods:
+            raise InputError(
+                f"baseline {r['method']} has more than one run ({methods[r['method']]['dir']}, {r['dir']}); "
+                f"pass one run folder per method"
+            )
+        methods[r["method"]] = r
+
+
+def _dataset_key(run: dict) -> str | None:
+    """What identifies a run's dataset: its content fingerprint (a path only for runs of an older dgex)."""
+    if run.get("dataset_fingerprint"):
+        return run["dataset_fingerprint"]
+    return f"path {run['dataset']}" if run.get("dataset") else None
 
 
 def check_coverage(per_gene: pd.DataFrame, runs: list[dict]) -> None:
@@ -131,21 +195,47 @@ def check_coverage(per_gene: pd.DataFrame, runs: list[dict]) -> None:
             )
 
 
-def expected_parts(runs: list[dict], dataset=None) -> dict:
-    """``{part: n_targets}`` of the dataset the runs were trained on (``dataset`` or the one their run.json names)."""
+def expected_parts(runs: list[dict], dataset=None) -> tuple[dict, dict, str]:
+    """``({part: n_targets}, fingerprint, path)`` of the dataset the runs were trained on.
+
+    ``dataset`` or, by default, the first dataset their run.json names that still exists.
+    """
     path = dataset
     if path is None:
-        recorded = {r["dataset"] for r in runs if r.get("dataset")}
-        path = next(iter(recorded), None)
-        if path is None or not Path(path).is_file():
+        recorded = list(dict.fromkeys(r["dataset"] for r in runs if r.get("dataset")))
+        path = next((p for p in recorded if Path(p).is_file()), None)
+        if path is None:
             raise InputError(
                 f"cannot check that every grid point has all its target parts: the runs' dataset "
-                f"{path or '(not recorded in run.json)'} is not found from {Path.cwd()}; pass --dataset "
-                f"with the processed dataset the runs were trained on (or --allow-incomplete)"
+                f"{', '.join(recorded) or '(not recorded in run.json)'} is not found from {Path.cwd()}; pass "
+                f"--dataset with the processed dataset the runs were trained on (or --allow-incomplete)"
             )
     with ProcessedDataset(path) as ds:
         parts = ds.genes().targets["part"].value_counts()
-    return {int(k): int(v) for k, v in sorted(parts.items())}
+        fingerprint = ds.fingerprint()
+    return {int(k): int(v) for k, v in sorted(parts.items())}, fingerprint, str(path)
+
+
+def check_same_dataset(runs: list[dict]) -> None:
+    """All runs were trained on one dataset: the same content fingerprint (paths differ once results move)."""
+    by_fp: dict = {}
+    for r in runs:
+        if r.get("dataset_fingerprint"):
+            by_fp.setdefault(r["dataset_fingerprint"], r)
+    # runs of an older dgex record only the dataset's path
+    fp_paths = {r.get("dataset") for r in runs if r.get("dataset_fingerprint")}
+    by_path: dict = {}
+    for r in runs:
+        if not r.get("dataset_fingerprint") and r.get("dataset") and r["dataset"] not in fp_paths:
+            by_path.setdefault(r["dataset"], r)
+    groups = list(by_fp.values()) + list(by_path.values())
+    if len(groups) > 1:
+        a, b = groups[:2]
+        raise InputError(
+            f"runs come from different datasets: {a['dir']} was trained on {a.get('dataset')} and {b['dir']} on "
+            f"{b.get('dataset')}, whose content differs (dataset fingerprints in run.json); aggregate the runs "
+            f"of one dataset at a time"
+        )
 
 
 def find_gaps(runs: list[dict], sizes: dict | None) -> list[dict]:
@@ -259,26 +349,36 @@ def aggregate(*, dgex_runs, baseline_runs, output_dir, dataset=None, allow_incom
     leave out unfinished run folders) instead of refusing; they are listed in
     ``aggregate.json`` under ``incomplete``.
     """
+    refuse_overwriting_inputs(
+        [Path(output_dir) / f for f in AGGREGATE_FILES.values()],
+        {
+            "--dgex-runs": [Path(d) / f for d in dgex_runs or [] for f in ("run.json", "per_gene.csv", "history.csv")],
+            "--baseline-runs": [Path(d) / f for d in baseline_runs or [] for f in ("run.json", "per_gene.csv")],
+            "--dataset": dataset,
+        },
+        "--output-dir",
+    )
     left_out = [str(d) for d in dgex_runs or [] if allow_incomplete and not (Path(d) / "run.json").is_file()]
     per_gene_d, histories, runs_d = _dgex_runs(dgex_runs or [], allow_incomplete)
     per_gene_b, runs_b = _baseline_runs(baseline_runs or [])
     runs = runs_d + runs_b
     if not runs:
         raise InputError("no runs given; pass --dgex-runs and/or --baseline-runs folders")
-    datasets = {r["dataset"] for r in runs if r.get("dataset")}
-    if len(datasets) > 1:
-        raise InputError(
-            f"runs come from different datasets ({', '.join(sorted(datasets))}); "
-            f"aggregate the runs of one dataset at a time"
-        )
+    check_same_dataset(runs)
+    check_distinct(runs)
     gaps, sizes = [], None
     if runs_d:
+        found = None
         try:
-            sizes = expected_parts(runs_d, dataset)
+            found = expected_parts(runs, dataset)
         except InputError:
             if dataset is not None or not allow_incomplete:
                 raise
             log.warning("the runs' dataset is not readable: gaps are judged by the parts the grid points have")
+        if found is not None:
+            sizes, fingerprint, path = found
+            # every run (baselines too) must come from that dataset's content, wherever it lies now
+            check_dataset({r["dir"]: r.get("dataset_fingerprint") for r in runs}, fingerprint, path)
         gaps = find_gaps(runs_d, sizes)
     if gaps and not allow_incomplete:
         listed = "; ".join(describe_gap(g) for g in gaps[:4]) + (f"; and {len(gaps) - 4} more" if len(gaps) > 4 else "")
@@ -292,50 +392,55 @@ def aggregate(*, dgex_runs, baseline_runs, output_dir, dataset=None, allow_incom
     per_gene = pd.concat([f for f in (per_gene_d, per_gene_b) if not f.empty], ignore_index=True)[PER_GENE_AGG]
     check_coverage(per_gene, runs_d)
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "per_gene.csv.gz") as tmp:
-        per_gene.to_csv(tmp, index=False, compression="gzip", float_format="%.6g")
-    summary = summarise(per_gene)
-    with atomic_path(out / "summary.csv") as tmp:  # full precision: tables choose models by these means
-        summary.to_csv(tmp, index=False, float_format="%.10g")
-    with atomic_path(out / "history.csv") as tmp:
-        weighted_history(histories).to_csv(tmp, index=False, float_format="%.6g")
-    with atomic_path(out / "runs.csv") as tmp:
-        pd.DataFrame(runs).to_csv(tmp, index=False)
-    dg = per_gene[per_gene["method"] == "D-GEX"]
-    info = {
-        "dataset": next(iter(datasets), None),
-        "methods": sorted(per_gene["method"].unique()),
-        "grid": {
-            "layers": sorted(int(v) for v in dg["layers"].unique()),
-            "units": sorted(int(v) for v in dg["units"].unique()),
-            "dropout": sorted(float(v) for v in dg["dropout"].unique()),
-        },
-        "splits": [s for s in EVAL_SPLITS if s in set(per_gene["split"])],
-        "rnaseq": bool({"1000g-va", "gtex-te"} <= set(per_gene["split"])),
-        "n_genes": int(per_gene["ensembl"].nunique()),
-        "n_overlap": int(per_gene.drop_duplicates("ensembl")["overlap"].astype(bool).sum()),
-        "n_runs": {"dgex": len(runs_d), "baselines": len(runs_b)},
-        "target_parts": None if sizes is None else {str(k): v for k, v in sizes.items()},
-        "incomplete": gaps,
-    }
-    if left_out:  # unfinished run folders that --allow-incomplete skipped (only then: the key stays optional)
-        info["left_out"] = left_out
-    write_json(out / "aggregate.json", info)
+    with staged_files(out) as stage:  # all outputs or none
+        with atomic_path(stage / "per_gene.csv.gz") as tmp:
+            per_gene.to_csv(tmp, index=False, compression="gzip", float_format="%.6g")
+        summary = summarise(per_gene)
+        with atomic_path(stage / "summary.csv") as tmp:  # full precision: tables choose models by these means
+            summary.to_csv(tmp, index=False, float_format="%.10g")
+        with atomic_path(stage / "history.csv") as tmp:
+            weighted_history(histories).to_csv(tmp, index=False, float_format="%.6g")
+        with atomic_path(stage / "runs.csv") as tmp:
+            pd.DataFrame(runs).to_csv(tmp, index=False)
+        dg = per_gene[per_gene["method"] == "D-GEX"]
+        info = {
+            "dataset": str(dataset)
+            if dataset is not None
+            else next((r["dataset"] for r in runs if r.get("dataset")), None),
+            "methods": sorted(per_gene["method"].unique()),
+            "grid": {
+                "layers": sorted(int(v) for v in dg["layers"].unique()),
+                "units": sorted(int(v) for v in dg["units"].unique()),
+                "dropout": sorted(float(v) for v in dg["dropout"].unique()),
+            },
+            "splits": [s for s in EVAL_SPLITS if s in set(per_gene["split"])],
+            "rnaseq": bool({"1000g-va", "gtex-te"} <= set(per_gene["split"])),
+            "n_genes": int(per_gene["ensembl"].nunique()),
+            "n_overlap": int(per_gene.drop_duplicates("ensembl")["overlap"].astype(bool).sum()),
+            "n_runs": {"dgex": len(runs_d), "baselines": len(runs_b)},
+            "target_parts": None if sizes is None else {str(k): v for k, v in sizes.items()},
+            "incomplete": gaps,
+        }
+        if left_out:  # unfinished run folders that --allow-incomplete skipped (only then: the key stays optional)
+            info["left_out"] = left_out
+        write_json(stage / "aggregate.json", info)
     log.info("aggregated %d D-GEX and %d baseline runs into %s", len(runs_d), len(runs_b), out)
     return info
+
+
+#: Columns each table of an aggregate folder must have for tables, figures and export (written by :func:`aggregate`).
+REQUIRED_COLUMNS = {
+    "per_gene": ("mae", "method", "split", "selected_by", *ARCH, "ensembl", "part", "overlap"),
+    "summary": (*KEY, "n_genes", "mae_mean", "mae_std"),
+    "history": (*ARCH, "epoch"),
+    "runs": ("method", *ARCH, "part", "dir"),
+}
 
 
 def load_aggregate(path) -> dict:
     """Read an aggregate folder: ``{"per_gene", "summary", "history", "runs": DataFrame, "info": dict}``."""
     path = Path(path)
-    files = {
-        "per_gene": "per_gene.csv.gz",
-        "summary": "summary.csv",
-        "history": "history.csv",
-        "runs": "runs.csv",
-        "info": "aggregate.json",
-    }
+    files = AGGREGATE_FILES
     missing = [f for f in files.values() if not (path / f).exists()]
     if missing:
         raise InputError(f"{path}: not an aggregate folder (missing {', '.join(missing)}); run `dgex aggregate` first")
@@ -348,7 +453,13 @@ def load_aggregate(path) -> dict:
         out["info"] = json.loads((path / files["info"]).read_text())
     except (ValueError, OSError) as exc:
         raise InputError(f"{path}: corrupt aggregate ({exc}); rerun `dgex aggregate`") from None
-    for col in ("mae", "method", "split", "selected_by"):
-        if col not in out["per_gene"].columns:
-            raise InputError(f"{path}/per_gene.csv.gz lacks column {col!r}; rerun `dgex aggregate`")
+    for key, columns in REQUIRED_COLUMNS.items():
+        missing = [c for c in columns if c not in out[key].columns]
+        if missing:
+            raise InputError(
+                f"{path / files[key]} lacks column(s) {', '.join(map(repr, missing))}: not what `dgex aggregate` "
+                f"writes; rerun `dgex aggregate`"
+            )
+    if not isinstance(out["info"], dict):
+        raise InputError(f"{path / files['info']}: not a JSON object; rerun `dgex aggregate`")
     return out

@@ -63,7 +63,7 @@ from scipy import linalg, sparse
 from . import __version__
 from .dataset import EVAL_SPLITS, SELECTIONS, ProcessedDataset
 from .errors import ConfigError, InputError
-from .io import write_json
+from .io import refuse_overwriting_inputs, staged_files, write_json
 from .metrics import overall, per_gene_frame, per_gene_mae, write_per_gene
 
 log = logging.getLogger(__name__)
@@ -461,6 +461,9 @@ def run_baseline(
     if n_jobs == 0:
         raise ConfigError("--n-jobs must be >= 1 (or negative for all cores but |n|-1), got 0")
     output_dir = Path(output_dir)
+    refuse_overwriting_inputs(
+        [output_dir / f for f in ("per_gene.csv", "metrics.json", "run.json")], {"--dataset": dataset}, "--output-dir"
+    )
 
     with ProcessedDataset(dataset) as ds:
         for need in ("geo-tr", "geo-va"):
@@ -472,6 +475,7 @@ def run_baseline(
         grid = check_grid(method, grid_arg, n_train=n_train, n_landmarks=n_landmarks)  # fail before loading
         X, Y = ds.X("geo-tr"), ds.Y("geo-tr")
         evals = {s: (ds.X(s), ds.Y(s)) for s in EVAL_SPLITS if ds.has(s)}
+        fingerprint = ds.fingerprint()["sha256"]
     timings = {"load": time.time() - t0}
     if len(targets) != Y.shape[1]:
         raise InputError(f"{dataset}: {len(targets)} target genes but Y has {Y.shape[1]} columns; rerun preprocess")
@@ -529,6 +533,7 @@ def run_baseline(
         "method_key": method,
         "dgex_version": __version__,
         "dataset": str(dataset),
+        "dataset_fingerprint": fingerprint,  # what aggregate compares: paths change when results move
         "hyper_parameter": family.param,
         "penalty_convention": {
             "ridge": "(1/n)|y - Xw - b|^2 + lambda |w|^2; sklearn Ridge alpha = n_train * lambda",
@@ -545,8 +550,9 @@ def run_baseline(
         "details": family.info,
         "seconds": {k: round(v, 3) for k, v in timings.items()},
     }
-    write_per_gene(output_dir / "per_gene.csv", per_gene)
-    write_json(output_dir / "metrics.json", {"method": name, "metrics": metrics})
-    write_json(output_dir / "run.json", summary)  # last: its presence marks a complete run
+    with staged_files(output_dir) as stage:  # all outputs or none; run.json marks a complete run
+        write_per_gene(stage / "per_gene.csv", per_gene)
+        write_json(stage / "metrics.json", {"method": name, "metrics": metrics})
+        write_json(stage / "run.json", summary)
     log.info("%s: wrote %s in %.1f s", name, output_dir, timings["total"])
     return {**summary, "metrics": metrics}

@@ -57,9 +57,9 @@ from . import __version__
 from .acquire import sha256_file
 from .dataset import EVAL_SPLITS, ProcessedDataset
 from .errors import ConfigError, InputError
-from .io import atomic_dir, save_torch, write_json
+from .io import atomic_dir, refuse_overwriting_inputs, save_torch, write_json
 from .models import DGEX
-from .runs import load_runs
+from .runs import check_dataset, load_runs
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +272,8 @@ def export_bundle(
     pick = None
     if grid_aggregate:
         runs, pick = runs_from_aggregate(grid_aggregate, selection)
+    # the bundle folder is replaced as a whole (--overwrite): it must not be, or hold, what it is made from
+    refuse_overwriting_inputs([output], {"--dataset": dataset, "--runs": runs, "--grid-aggregate": grid_aggregate})
     run_list = load_runs(runs, selection)
 
     with ProcessedDataset(dataset) as ds:
@@ -280,11 +282,9 @@ def export_bundle(
         epsilon = float(ds.attrs.get("epsilon", 1e-3))
         standardize = str(ds.attrs.get("standardize", ""))
         gene_q = ds.reference("gene_quantiles")
-        try:
-            probe_q = ds.reference("probe_quantiles")
-        except KeyError:
-            probe_q = None
+        probe_q = ds.reference("probe_quantiles") if ds.has_reference("probe_quantiles") else None
         ds_params = ds.params
+        fingerprint = ds.fingerprint()
     L = len(genes.landmarks)
     _check_parts(run_list, genes.n_parts)
 
@@ -308,6 +308,8 @@ def export_bundle(
         )
         target_idx.append(idx)
     tg_index = np.concatenate(target_idx)
+    # same genes are not enough: the bundle's statistics and reference come from this dataset
+    check_dataset({str(r["dir"]): r["info"].get("dataset_fingerprint") for r in run_list}, fingerprint, dataset)
 
     lm = genes.landmarks[["ensembl", "entrez", "symbol"]].copy()
     lm["probe"] = _landmark_probes(lm["ensembl"]).values

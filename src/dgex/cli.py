@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import queue
 import signal
@@ -35,17 +36,43 @@ def _nonneg_int(text: str) -> int:
     return value
 
 
-def _fraction(text: str) -> float:
+def _finite_float(text: str) -> float:
+    """A float option: NaN and +-Inf are never a meaningful setting (every float option uses this or a narrower type)."""
     value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+#: Seeds are numpy/torch seeds: integers in [0, 2**32).
+MAX_SEED = 2**32 - 1
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..{MAX_SEED}, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _finite_float(text)
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _finite_float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -81,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "gene-level GCTX (gtex.gctx), plus demo.json describing them.",
     )
     p.add_argument("--output-dir", required=True, help="folder to write the files into")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
     p.add_argument("--n-geo", type=_positive_int, default=2000, help="distinct GEO-like profiles (default 2000)")
     p.add_argument(
         "--n-duplicates",
@@ -101,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="use a seeded subset of this many target genes (default: all 9,520)",
     )
-    p.add_argument("--target-seed", type=int, default=0, help="seed of the target-gene subset (default 0)")
+    p.add_argument("--target-seed", type=_seed, default=0, help="seed of the target-gene subset (default 0)")
     p.add_argument(
         "--targets",
         choices=("builtin", "u133a-probes"),
@@ -155,16 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-targets", type=_positive_int, default=None, help="seeded subset of target genes (default all)"
     )
-    p.add_argument("--target-seed", type=int, default=0, help="seed of the target subset (default 0)")
+    p.add_argument("--target-seed", type=_seed, default=0, help="seed of the target subset (default 0)")
     p.add_argument(
         "--target-parts", type=_positive_int, default=2, help="random target parts, one network each (default 2)"
     )
-    p.add_argument("--part-seed", type=int, default=0, help="seed of the target partition (default 0)")
+    p.add_argument("--part-seed", type=_seed, default=0, help="seed of the target partition (default 0)")
     p.add_argument("--no-dedup", action="store_true", help="skip duplicate removal")
     p.add_argument("--dedup-clusters", type=_positive_int, default=100, help="MiniBatchKMeans K (default 100)")
     p.add_argument(
         "--dedup-threshold",
-        type=float,
+        type=_nonneg_float,
         default=1.0,
         help="Euclidean distance below which two profiles are duplicates (default 1.0)",
     )
@@ -177,8 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epsilon", type=_positive_float, default=1e-3, help="(x - mean) / (std + epsilon) (default 1e-3)")
     p.add_argument("--va-fraction", type=_fraction, default=0.1, help="GEO validation fraction (default 0.1)")
     p.add_argument("--te-fraction", type=_fraction, default=0.1, help="GEO test fraction (default 0.1)")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the GEO split (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of MiniBatchKMeans (default 0)")
+    p.add_argument("--split-seed", type=_seed, default=0, help="seed of the GEO split (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of MiniBatchKMeans (default 0)")
     p.add_argument(
         "--chunk-size", type=_positive_int, default=4096, help="GEO samples per streamed chunk (default 4096)"
     )
@@ -224,11 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="training profiles monitored for the decay rule (default 5000)",
     )
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="sgd (paper) or adamw")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--weight-decay", type=_nonneg_float, default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument(
         "--precision", choices=("32", "tf32", "bf16-mixed"), default="32", help="numeric precision (default 32)"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and dropout (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of initialisation, shuffling and dropout (default 0)")
     p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
     p.add_argument(
         "--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)"
@@ -254,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--checkpoint-interval",
-        type=float,
+        type=_nonneg_float,
         default=60.0,
         help="seconds between resumable checkpoints (last.ckpt + best weights; default 60, 0 = every epoch)",
     )
@@ -279,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True, help="run folder")
     p.add_argument(
         "--lambdas",
-        type=float,
+        type=_finite_float,
         nargs="+",
         default=None,
         metavar="L",
@@ -395,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="use a seeded random subset of this many profiles (default: all)",
     )
-    q.add_argument("--seed", type=int, default=0, help="seed of the --max-samples subset (default 0)")
+    q.add_argument("--seed", type=_seed, default=0, help="seed of the --max-samples subset (default 0)")
     q.add_argument("--batch-size", type=_positive_int, default=4096, help="profiles per streamed chunk (default 4096)")
     q.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N (default auto)")
     q.add_argument("--output-dir", required=True, help="folder for the S2 outputs")

@@ -55,6 +55,11 @@ EVAL_SPLITS = SPLITS[1:]
 #: Validation splits that choose a model: the best epoch of a run, a baseline's hyper-parameter, a grid point.
 SELECTIONS = ("geo-va", "1000g-va")
 SOURCE_OF = {"geo-tr": "geo", "geo-va": "geo", "geo-te": "geo", "1000g-va": "1000g", "gtex-te": "gtex"}
+#: The gene-table columns under ``/genes/<role>``.
+GENE_COLUMNS = {
+    "landmark": ("ensembl", "symbol", "entrez"),
+    "target": ("ensembl", "symbol", "entrez", "part", "overlap"),
+}
 
 
 #: Version of the fingerprint definition; a new definition must not compare equal to an old one.
@@ -197,14 +202,57 @@ class ProcessedDataset:
                 f"rerun `dgex preprocess` with this version"
             )
         self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in self._h5.attrs.items()}
-        self.params = json.loads(self.attrs.get("params", "{}"))
+        try:
+            try:
+                self.params = json.loads(self.attrs.get("params", "{}"))
+            except ValueError:
+                raise self._damaged("unreadable 'params' attribute") from None
+            self._check_layout()
+        except BaseException:
+            self._h5.close()
+            raise
+
+    def _damaged(self, what: str) -> InputError:
+        return InputError(
+            f"{self.path}: {what}: the processed dataset is incomplete or damaged; rerun `dgex preprocess`"
+        )
+
+    def _node(self, name: str):
+        """The HDF5 object ``name``; a one-line error naming the file if it is missing."""
+        try:
+            return self._h5[name]
+        except KeyError:
+            raise self._damaged(f"no /{name}") from None
+
+    def _check_layout(self) -> None:
+        """Every group and array of the format (module docstring), with consistent shapes (metadata only: cheap)."""
+        n_lm = n_tg = None
+        for role in ("landmark", "target"):
+            cols = GENE_COLUMNS[role]
+            lengths = {c: self._node(f"genes/{role}/{c}").shape for c in cols}
+            if len({shape for shape in lengths.values()}) != 1 or len(next(iter(lengths.values()))) != 1:
+                raise self._damaged(f"the /genes/{role} columns have different lengths ({lengths})")
+            n = next(iter(lengths.values()))[0]
+            if n < 1:
+                raise self._damaged(f"no {role} genes")
+            n_lm, n_tg = (n, n_tg) if role == "landmark" else (n_lm, n)
+        for split in self.splits:
+            x, y, ids = (self._node(f"splits/{split}/{k}") for k in ("X", "Y", "ids"))
+            if x.ndim != 2 or y.ndim != 2 or x.shape != (ids.shape[0], n_lm) or y.shape != (ids.shape[0], n_tg):
+                raise self._damaged(
+                    f"split {split} has X {x.shape}, Y {y.shape}, ids {ids.shape}, expected "
+                    f"(n, {n_lm}), (n, {n_tg}), (n,)"
+                )
+            for stat in ("mean", "std"):
+                if self._node(f"stats/{SOURCE_OF[split]}/{stat}").shape != (n_lm + n_tg,):
+                    raise self._damaged(f"/stats/{SOURCE_OF[split]}/{stat} does not have {n_lm + n_tg} values")
 
     @property
     def splits(self) -> list[str]:
         return [s for s in SPLITS if f"splits/{s}" in self._h5]
 
     def genes(self) -> GeneTables:
-        g = self._h5["genes"]
+        g = self._node("genes")
         lm = pd.DataFrame({k: _strings(g["landmark"][k]) for k in ("ensembl", "symbol", "entrez")})
         tg = pd.DataFrame({k: _strings(g["target"][k]) for k in ("ensembl", "symbol", "entrez")})
         tg["part"] = g["target/part"][()]
@@ -237,11 +285,11 @@ class ProcessedDataset:
 
     def X(self, split: str) -> np.ndarray:
         """Landmarks of ``split``: ``(n_samples, n_landmarks)``; NaN/Inf is an error."""
-        return self._finite(self._h5[f"splits/{split}/X"][()], split, "landmark (X)")
+        return self._finite(self._node(f"splits/{split}/X")[()], split, "landmark (X)")
 
     def Y(self, split: str, part: int | None = None) -> np.ndarray:
         """Targets of ``split`` (one part or all): ``(n_samples, n_targets_sel)``; NaN/Inf is an error."""
-        ds = self._h5[f"splits/{split}/Y"]
+        ds = self._node(f"splits/{split}/Y")
         if part is None:
             return self._finite(ds[()], split, "target (Y)")
         sl = self.genes().part_slice(part)
@@ -266,17 +314,20 @@ class ProcessedDataset:
         return a
 
     def ids(self, split: str) -> np.ndarray:
-        return _strings(self._h5[f"splits/{split}/ids"])
+        return _strings(self._node(f"splits/{split}/ids"))
 
     def n_samples(self, split: str) -> int:
-        return int(self._h5[f"splits/{split}/X"].shape[0])
+        return int(self._node(f"splits/{split}/X").shape[0])
 
     def stats(self, source: str) -> tuple[np.ndarray, np.ndarray]:
         """``(mean, std)`` of ``source`` over landmarks then targets, ``(L+T,)`` each."""
-        return self._h5[f"stats/{source}/mean"][()], self._h5[f"stats/{source}/std"][()]
+        return self._node(f"stats/{source}/mean")[()], self._node(f"stats/{source}/std")[()]
 
     def reference(self, name: str = "gene_quantiles") -> np.ndarray:
-        return self._h5[f"reference/{name}"][()]
+        return self._node(f"reference/{name}")[()]
+
+    def has_reference(self, name: str) -> bool:
+        return f"reference/{name}" in self._h5
 
     def close(self):
         self._h5.close()

@@ -20,7 +20,7 @@ import pandas as pd
 
 from .aggregate import load_aggregate
 from .errors import InputError
-from .io import ensure_dir, write_json
+from .io import staged_files, write_json
 from .plotting import pyplot, save_figure
 from .tables import (
     BASELINES,
@@ -183,30 +183,30 @@ def make_figures(*, aggregate, output_dir) -> dict:
     agg = load_aggregate(aggregate)
     gaps = incomplete_points(agg, aggregate)
     out = Path(output_dir)
-    ensure_dir(out)
-    figs = {}
     if choose(agg["summary"], "geo") is None:
         raise InputError(f"{aggregate}: no D-GEX runs to draw; aggregate D-GEX runs first")
-    files, cap = figure1(agg, out)
-    figs["figure1"] = {"files": files, "caption": cap}
-    files, cap = figure2(agg, out)
-    figs["figure2"] = {"files": files, "caption": cap}
-    files, cap, wins = _scatter(agg, out, "geo", 3)
-    figs["figure3"] = {"files": files, "caption": cap, "dgex_wins": wins}
-    if agg["info"].get("rnaseq") and chosen_arch(agg["summary"], "cross") is not None:
-        files, cap, wins = _scatter(agg, out, "cross", 4)
-        figs["figure4"] = {"files": files, "caption": cap, "dgex_wins": wins}
-        res = figure5(agg, out)
-        if res:
-            figs["figure5"] = {"files": res[0], "caption": res[1]}
-    skipped = [f"figure{n}" for n in (4, 5) if f"figure{n}" not in figs]
-    if skipped:
-        log.info("no RNA-seq results: skipped %s", ", ".join(skipped))
-    info = {"figures": figs, "skipped": skipped}
-    if gaps:  # every caption says what the aggregate lacks (a complete run's figures.json is unchanged)
-        note = gaps_note(gaps).replace("† marks", "the tables mark")
-        for fig in figs.values():
-            fig["caption"] += " " + note
-        info["incomplete"] = incomplete_info(gaps, note)
-    write_json(out / "figures.json", info)
+    with staged_files(out) as stage:  # all outputs or none
+        figs = {}
+        files, cap = figure1(agg, stage)
+        figs["figure1"] = {"files": files, "caption": cap}
+        files, cap = figure2(agg, stage)
+        figs["figure2"] = {"files": files, "caption": cap}
+        files, cap, wins = _scatter(agg, stage, "geo", 3)
+        figs["figure3"] = {"files": files, "caption": cap, "dgex_wins": wins}
+        if agg["info"].get("rnaseq") and chosen_arch(agg["summary"], "cross") is not None:
+            files, cap, wins = _scatter(agg, stage, "cross", 4)
+            figs["figure4"] = {"files": files, "caption": cap, "dgex_wins": wins}
+            res = figure5(agg, stage)
+            if res:
+                figs["figure5"] = {"files": res[0], "caption": res[1]}
+        skipped = [f"figure{n}" for n in (4, 5) if f"figure{n}" not in figs]
+        if skipped:
+            log.info("no RNA-seq results: skipped %s", ", ".join(skipped))
+        info = {"figures": figs, "skipped": skipped}
+        if gaps:  # every caption says what the aggregate lacks (a complete run's figures.json is unchanged)
+            note = gaps_note(gaps).replace("† marks", "the tables mark")
+            for fig in figs.values():
+                fig["caption"] += " " + note
+            info["incomplete"] = incomplete_info(gaps, note)
+        write_json(stage / "figures.json", info)
     return info

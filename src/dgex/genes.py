@@ -33,19 +33,27 @@ def read_gene_map(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: gene map not found; use 'builtin' or a path to a map_lm.txt-style file")
+    if not path.is_file():
+        raise InputError(f"{path}: is a folder, not a gene map; use 'builtin' or a path to a map_lm.txt-style file")
+    try:
+        with open(path, encoding="utf-8") as fh:  # universal newlines, as any text editor writes them
+            lines = fh.read().split("\n")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{path}: not a text gene map (byte {exc.start} is not UTF-8 text); pass a tab-separated "
+            f"map_lm.txt-style file (symbol, Ensembl id, comma-separated probes) or 'builtin'"
+        ) from None
     rows = []
-    with open(path) as fh:
-        for n, line in enumerate(fh, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            if len(parts) != 3 or not parts[2]:
-                raise InputError(
-                    f"{path}:{n}: expected 3 tab-separated fields (symbol, Ensembl id, comma-separated probes), "
-                    f"got {len(parts)}; fix the gene map"
-                )
-            rows.append((parts[0], parts[1], tuple(p for p in parts[2].split(",") if p)))
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 3 or not parts[2]:
+            raise InputError(
+                f"{path}:{n}: expected 3 tab-separated fields (symbol, Ensembl id, comma-separated probes), "
+                f"got {len(parts)}; fix the gene map"
+            )
+        rows.append((parts[0], parts[1], tuple(p for p in parts[2].split(",") if p)))
     df = pd.DataFrame(rows, columns=["symbol", "ensembl", "probes"])
     if df.empty:
         raise InputError(f"{path}: gene map is empty")

@@ -54,6 +54,7 @@ from .io import (
     check_scale,
     flat_samples,
     open_matrix,
+    refuse_overwriting_inputs,
 )
 
 log = logging.getLogger(__name__)
@@ -520,10 +521,9 @@ def infer(
     output, input = Path(output), Path(input)
     fmt = _output_format(output, output_format)
     check_output_path(output)
+    refuse_overwriting_inputs([output], {"--input": input, "--model": model})
     if output.exists() and not overwrite:
         raise InputError(f"{output} exists; pass --overwrite to replace it or choose another --output")
-    if output.exists() and input.exists() and output.resolve() == input.resolve():
-        raise InputError(f"{output} is the input file; choose another --output")
 
     t0 = time.time()
     dev = pick_device(device)

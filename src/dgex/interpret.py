@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import textwrap
 from pathlib import Path
 
@@ -41,9 +42,9 @@ import torch
 
 from .dataset import SPLITS, ProcessedDataset
 from .errors import ConfigError, InputError
-from .io import atomic_path, ensure_dir, write_json
+from .io import atomic_path, staged_files, write_json
 from .plotting import pyplot, save_figure
-from .runs import load_runs
+from .runs import check_dataset, load_runs
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +225,7 @@ def interpret_s2(
                 f"pick one of those (the paper uses geo-tr)"
             )
         genes = ds.genes()
+        fingerprint = ds.fingerprint()
         n_total = ds.n_samples(split)
         idx = None
         if max_samples is not None and max_samples < n_total:
@@ -271,6 +273,7 @@ def interpret_s2(
             frames.append(frame)
             del model, stats
         n_parts = genes.n_parts
+    check_dataset({str(r["dir"]): r["info"].get("dataset_fingerprint") for r in run_list}, fingerprint, dataset)
 
     table = pd.concat(frames, ignore_index=True)
     n_predictors = {rep: X.shape[1] if rep == "input" else units for rep in reps}
@@ -306,55 +309,55 @@ def interpret_s2(
         summary_rows.append(row)
     summary = pd.DataFrame(summary_rows)
 
-    ensure_dir(out)
-    _write_csv(table, out / "s2_adjusted_r2.csv")
-    _write_csv(summary, out / "s2_summary.csv")
-    name = _arch_name((layers, units, dropout))
-    files = ["s2_adjusted_r2.csv", "s2_summary.csv"] + _figure_s2(table, reps, name, split, out, status, reason)
-    frac = float(summary.loc[summary["representation"] == last, "frac_above_input"].iloc[0])
-    if status == "not computed":
-        caption = f"Supplementary Figure S2 of {name} on {split}: not computed: {reason}"
-    else:
-        caption = (
-            f"Supplementary Figure S2. Adjusted R² of a linear regression of each of {len(table):,} target genes "
-            f"on {split} (n = {n:,} profiles), fitted and evaluated on the same profiles, from the "
-            f"{X.shape[1]:,} raw landmark inputs and from the activations of each hidden layer "
-            f"({units:,} units) of {name} (model selected by {selection}). Left: distribution per "
-            f"representation. Right: gene-wise comparison of the raw inputs with the last hidden layer; "
-            + (
-                f"{frac:.2%} of the genes lie above the diagonal (paper: 99.99% for D-GEX-10%-9000x3 on GEO-tr)."
-                if status == "computed"
-                else f"not computed: {reason}"
+    with staged_files(out) as stage:  # all outputs or none
+        _write_csv(table, stage / "s2_adjusted_r2.csv")
+        _write_csv(summary, stage / "s2_summary.csv")
+        name = _arch_name((layers, units, dropout))
+        files = ["s2_adjusted_r2.csv", "s2_summary.csv"] + _figure_s2(table, reps, name, split, stage, status, reason)
+        frac = float(summary.loc[summary["representation"] == last, "frac_above_input"].iloc[0])
+        if status == "not computed":
+            caption = f"Supplementary Figure S2 of {name} on {split}: not computed: {reason}"
+        else:
+            caption = (
+                f"Supplementary Figure S2. Adjusted R² of a linear regression of each of {len(table):,} target genes "
+                f"on {split} (n = {n:,} profiles), fitted and evaluated on the same profiles, from the "
+                f"{X.shape[1]:,} raw landmark inputs and from the activations of each hidden layer "
+                f"({units:,} units) of {name} (model selected by {selection}). Left: distribution per "
+                f"representation. Right: gene-wise comparison of the raw inputs with the last hidden layer; "
+                + (
+                    f"{frac:.2%} of the genes lie above the diagonal (paper: 99.99% for D-GEX-10%-9000x3 on GEO-tr)."
+                    if status == "computed"
+                    else f"not computed: {reason}"
+                )
             )
-        )
-    info = {
-        "analysis": "S2",
-        "status": status,
-        "reason": reason,
-        "network": _network_info(run_list, selection),
-        "dataset": str(dataset),
-        "split": split,
-        "n_samples": n,
-        "n_samples_split": n_total,
-        "max_samples": max_samples,
-        "seed": seed,
-        "device": str(dev),
-        "targets_covered": len(table),
-        "all_parts_covered": run_list[0]["part"] is None or len(run_list) == n_parts,
-        "adjusted_r2": "1 - (1 - R2) (n - 1) / (n - p - 1), p = number of predictors; fit and R2 on the same split",
-        "fits": fits,
-        "notes": [f"part {f['part']} {f['representation']}: {f['note']}" for f in fits if f["note"]],
-        "summary": json.loads(summary.to_json(orient="records")),
-        "files": files + ["s2.json"],
-        "captions": {
-            "figure_s2": caption,
-            "s2_adjusted_r2": "Adjusted R² per target gene (rows) and representation (columns: raw landmark "
-            "inputs, hidden layers 1..N); overlap marks targets that are also landmarks.",
-            "s2_summary": "Mean, median and quartiles of the adjusted R² per representation; "
-            "frac_above_input = fraction of genes whose adjusted R² exceeds the raw inputs'.",
-        },
-    }
-    write_json(out / "s2.json", info)
+        info = {
+            "analysis": "S2",
+            "status": status,
+            "reason": reason,
+            "network": _network_info(run_list, selection),
+            "dataset": str(dataset),
+            "split": split,
+            "n_samples": n,
+            "n_samples_split": n_total,
+            "max_samples": max_samples,
+            "seed": seed,
+            "device": str(dev),
+            "targets_covered": len(table),
+            "all_parts_covered": run_list[0]["part"] is None or len(run_list) == n_parts,
+            "adjusted_r2": "1 - (1 - R2) (n - 1) / (n - p - 1), p = number of predictors; fit and R2 on the same split",
+            "fits": fits,
+            "notes": [f"part {f['part']} {f['representation']}: {f['note']}" for f in fits if f["note"]],
+            "summary": json.loads(summary.to_json(orient="records")),
+            "files": files + ["s2.json"],
+            "captions": {
+                "figure_s2": caption,
+                "s2_adjusted_r2": "Adjusted R² per target gene (rows) and representation (columns: raw landmark "
+                "inputs, hidden layers 1..N); overlap marks targets that are also landmarks.",
+                "s2_summary": "Mean, median and quartiles of the adjusted R² per representation; "
+                "frac_above_input = fraction of genes whose adjusted R² exceeds the raw inputs'.",
+            },
+        }
+        write_json(stage / "s2.json", info)
     if status != "computed":
         return info
     log.info(
@@ -561,8 +564,8 @@ def interpret_s3(
 
     sigmas = [float(k) for k in sigmas]
     map_sigmas = [float(k) for k in map_sigmas]
-    if not sigmas or any(not k > 0 for k in sigmas) or len(map_sigmas) != 2 or any(not k > 0 for k in map_sigmas):
-        raise ConfigError(f"--sigmas and --map-sigmas (IN OUT) must be positive numbers (got {sigmas}, {map_sigmas})")
+    if not sigmas or len(map_sigmas) != 2 or not all(0 < k < math.inf for k in [*sigmas, *map_sigmas]):
+        raise ConfigError(f"--sigmas and --map-sigmas (IN OUT) must be finite numbers > 0 (got {sigmas}, {map_sigmas})")
     if scope not in SCOPES:
         raise ConfigError(f"--scope must be one of {', '.join(SCOPES)} (got {scope!r})")
     if map_size < 1:
@@ -575,10 +578,11 @@ def interpret_s3(
             f"S3 analyses a network with one hidden layer (the paper's 3000x1), but "
             f"{run_list[0]['dir']} has {layers} hidden layers; pass the part runs of a 1-layer network"
         )
-    genes = None
+    genes = fingerprint = None
     if dataset is not None:
         with ProcessedDataset(dataset) as ds:
             genes = ds.genes()
+            fingerprint = ds.fingerprint()
 
     hid_in_rows, tg_rows, lm_rows, hid_out_rows, counts, nets = [], [], [], [], [], []
     for run in tqdm(run_list, desc="S3", unit="run", disable=not progress, leave=False):
@@ -629,65 +633,67 @@ def interpret_s3(
             }
         )
         nets.append({"part": part_label, "w_in": w_in, "w_out": w_out, "d": d_map, "lm": lm_sym, "tg": tg_sym})
+    if fingerprint is not None:
+        check_dataset({str(r["dir"]): r["info"].get("dataset_fingerprint") for r in run_list}, fingerprint, dataset)
 
     out = Path(output_dir)
-    ensure_dir(out)
-    tables = {
-        "s3_hidden_in_degree.csv": hid_in_rows,
-        "s3_target_in_degree.csv": tg_rows,
-        "s3_landmark_out_degree.csv": lm_rows,
-        "s3_hidden_out_degree.csv": hid_out_rows,
-    }
-    for fname, rows in tables.items():
-        _write_csv(pd.concat(rows, ignore_index=True), out / fname)
-    name = _arch_name((layers, units, dropout))
-    scope_text = (
-        "per input unit (a landmark's weights to all hidden units) and per output unit (a target's weights "
-        "from all hidden units)"
-        if scope == "unit"
-        else "over each whole weight matrix"
-    )
-    files = list(tables) + _figure_s3(tables, nets[0], sigmas, map_sigmas, map_size, name, out)
-    caption = (
-        f"Supplementary Figure S3. Major weights of {name} (model selected by {selection}): weights more "
-        f"than k standard deviations from the mean, with mean and standard deviation taken {scope_text}. "
-        f"Top rows: for each k in {', '.join(f'{k:g}' for k in sigmas)}, the number of major connections "
-        f"per hidden unit (from landmarks / to targets), per landmark and per target gene"
-        f"{' (all target parts pooled)' if len(nets) > 1 else ''}. Bottom: map of the major connections "
-        f"(red positive, blue negative; input k = {map_sigmas[0]:g}, output k = {map_sigmas[1]:g} as in the "
-        f"paper) for the {min(map_size, units)} hidden units with the most major connections of target "
-        f"part {nets[0]['part']}."
-    )
-    shown = next(c for c in counts if c.get("map") and c["part"] == nets[0]["part"])
-    empty = [
-        f"no major {side} connections at k = {k:g}"
-        for side, k, n in (
-            ("input", map_sigmas[0], shown["input_connections"]),
-            ("output", map_sigmas[1], shown["output_connections"]),
+    with staged_files(out) as stage:  # all outputs or none
+        tables = {
+            "s3_hidden_in_degree.csv": hid_in_rows,
+            "s3_target_in_degree.csv": tg_rows,
+            "s3_landmark_out_degree.csv": lm_rows,
+            "s3_hidden_out_degree.csv": hid_out_rows,
+        }
+        for fname, rows in tables.items():
+            _write_csv(pd.concat(rows, ignore_index=True), stage / fname)
+        name = _arch_name((layers, units, dropout))
+        scope_text = (
+            "per input unit (a landmark's weights to all hidden units) and per output unit (a target's weights "
+            "from all hidden units)"
+            if scope == "unit"
+            else "over each whole weight matrix"
         )
-        if n == 0
-    ]
-    if empty:  # an empty map is a result (no weight beyond k standard deviations), not a drawing error
-        caption += f" Part {nets[0]['part']} has {' and '.join(empty)}, so the map is empty there."
-    info = {
-        "analysis": "S3",
-        "network": _network_info(run_list, selection),
-        "sigmas": sigmas,
-        "map_sigmas": {"input": map_sigmas[0], "output": map_sigmas[1]},
-        "scope": scope,
-        "threshold": "|w - mean| > k * std, " + scope_text,
-        "counts": counts,
-        "files": files + ["s3.json"],
-        "captions": {
-            "figure_s3": caption,
-            "s3_hidden_in_degree": "Major input connections (from landmarks) per hidden unit, by part and k.",
-            "s3_hidden_out_degree": "Major output connections (to targets) per hidden unit, by part and k; "
-            "units with many are the paper's 'hub units'.",
-            "s3_landmark_out_degree": "Major connections per landmark gene (to hidden units), by part and k.",
-            "s3_target_in_degree": "Major connections per target gene (from hidden units), by part and k.",
-        },
-    }
-    write_json(out / "s3.json", info)
+        files = list(tables) + _figure_s3(tables, nets[0], sigmas, map_sigmas, map_size, name, stage)
+        caption = (
+            f"Supplementary Figure S3. Major weights of {name} (model selected by {selection}): weights more "
+            f"than k standard deviations from the mean, with mean and standard deviation taken {scope_text}. "
+            f"Top rows: for each k in {', '.join(f'{k:g}' for k in sigmas)}, the number of major connections "
+            f"per hidden unit (from landmarks / to targets), per landmark and per target gene"
+            f"{' (all target parts pooled)' if len(nets) > 1 else ''}. Bottom: map of the major connections "
+            f"(red positive, blue negative; input k = {map_sigmas[0]:g}, output k = {map_sigmas[1]:g} as in the "
+            f"paper) for the {min(map_size, units)} hidden units with the most major connections of target "
+            f"part {nets[0]['part']}."
+        )
+        shown = next(c for c in counts if c.get("map") and c["part"] == nets[0]["part"])
+        empty = [
+            f"no major {side} connections at k = {k:g}"
+            for side, k, n in (
+                ("input", map_sigmas[0], shown["input_connections"]),
+                ("output", map_sigmas[1], shown["output_connections"]),
+            )
+            if n == 0
+        ]
+        if empty:  # an empty map is a result (no weight beyond k standard deviations), not a drawing error
+            caption += f" Part {nets[0]['part']} has {' and '.join(empty)}, so the map is empty there."
+        info = {
+            "analysis": "S3",
+            "network": _network_info(run_list, selection),
+            "sigmas": sigmas,
+            "map_sigmas": {"input": map_sigmas[0], "output": map_sigmas[1]},
+            "scope": scope,
+            "threshold": "|w - mean| > k * std, " + scope_text,
+            "counts": counts,
+            "files": files + ["s3.json"],
+            "captions": {
+                "figure_s3": caption,
+                "s3_hidden_in_degree": "Major input connections (from landmarks) per hidden unit, by part and k.",
+                "s3_hidden_out_degree": "Major output connections (to targets) per hidden unit, by part and k; "
+                "units with many are the paper's 'hub units'.",
+                "s3_landmark_out_degree": "Major connections per landmark gene (to hidden units), by part and k.",
+                "s3_target_in_degree": "Major connections per target gene (from hidden units), by part and k.",
+            },
+        }
+        write_json(stage / "s3.json", info)
     m = next(c for c in counts if c.get("map"))
     log.info(
         "S3 %s part %s (k=%g/%g): %d/%d hidden units with major input, %d with major output, "

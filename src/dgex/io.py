@@ -240,6 +240,33 @@ def check_output_path(path: str | os.PathLike) -> None:
         raise storage_error(OSError(code, os.strerror(code)), path)
 
 
+def _overwrites(out: Path, inp: Path) -> bool:
+    """Whether writing ``out`` (a file, or a folder replaced as a whole) would overwrite or delete ``inp``."""
+    with contextlib.suppress(OSError):
+        if os.path.samefile(out, inp):  # also hard links and other spellings of one file
+            return True
+    o, i = out.resolve(), inp.resolve()
+    return i == o or o in i.parents
+
+
+def refuse_overwriting_inputs(outputs, inputs: dict, option: str = "--output") -> None:
+    """Refuse a command whose output would overwrite or delete one of its own inputs, before any work.
+
+    ``outputs``: the paths the command writes (files, or folders it replaces as a
+    whole); ``inputs``: ``{option: path or list of paths}`` of what it reads.
+    """
+    for out in map(Path, outputs):
+        for label, paths in inputs.items():
+            for inp in [paths] if isinstance(paths, (str, os.PathLike)) else (paths or []):
+                if inp is None or str(inp) == "":
+                    continue
+                if _overwrites(out, Path(inp)):
+                    raise InputError(
+                        f"{out}: is (or holds) the input {label} {inp}; writing it would destroy that input; "
+                        f"choose another {option}"
+                    )
+
+
 def _begin_temp(path: Path, kind: str, is_dir: bool = False) -> Path:
     """Prepare writing ``path`` under a temporary name: parent folder, leftovers swept, name registered."""
     ensure_dir(path.parent)
@@ -298,6 +325,37 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         raise
     finally:
         _ACTIVE.discard(str(tmp))
+
+
+@contextlib.contextmanager
+def staged_files(folder: str | os.PathLike) -> Iterator[Path]:
+    """Write a set of output files into ``folder`` all or nothing: yield a hidden staging folder inside it.
+
+    The caller writes its files into the yielded folder; on success each is
+    renamed into ``folder`` (same file system: the staging folder lives inside
+    it, which may be a mount point), on any error the staging folder and what
+    it holds are removed, so a failed command (disk full halfway) leaves none
+    of its outputs.  Errors name the final file, not the staging copy; other
+    files in ``folder`` are left alone.
+    """
+    folder = ensure_dir(folder)
+    stage = _begin_temp(folder / folder.name, "tmp", is_dir=True)  # .<name>~<host>~<pid>.tmp, swept if stale
+    try:
+        try:
+            _remove(stage)
+            stage.mkdir()
+            yield stage
+            for f in sorted(stage.iterdir()):  # sorted: a run folder's run.json comes after its other files
+                os.replace(f, folder / f.name)
+        except OSError as exc:
+            if exc.errno is None:
+                raise
+            raise storage_error(exc, folder / Path(exc.filename).name if exc.filename else folder) from None
+        except StorageError as exc:  # raised by an atomic write inside the staging folder
+            raise StorageError(str(exc).replace(str(stage), str(folder))) from None
+    finally:
+        _remove(stage)
+        _ACTIVE.discard(str(stage))
 
 
 def _replace_dir(tmp: Path, output: Path, overwrite: bool) -> None:
@@ -516,6 +574,31 @@ def scratch_h5(path: str | os.PathLike, kind: str = "work.h5") -> Iterator[h5py.
         _ACTIVE.discard(str(tmp))
 
 
+class _TorchSink:
+    """The file ``torch.save`` writes to: it never sees a failed write, the first ``OSError`` is kept.
+
+    torch's zip writer turns an exception of a Python file's ``write`` into an opaque
+    ``RuntimeError`` ("unexpected pos ..."); so writes after a failure are dropped and
+    :func:`save_torch` raises the recorded error itself.
+    """
+
+    def __init__(self, fh):
+        self.fh, self.error = fh, None
+
+    def write(self, b) -> int:
+        view = memoryview(b).cast("B")
+        if self.error is None:
+            try:
+                while view.nbytes:  # an unbuffered file writes less than asked when the disk is nearly full
+                    view = view[self.fh.write(view) :]
+            except OSError as exc:
+                self.error = exc
+        return memoryview(b).nbytes
+
+    def flush(self) -> None:
+        pass  # unbuffered
+
+
 def save_torch(obj, path: str | os.PathLike, atomic: bool = True) -> None:
     """``torch.save(obj)`` to ``path`` (atomically unless ``atomic`` is false).
 
@@ -526,12 +609,22 @@ def save_torch(obj, path: str | os.PathLike, atomic: bool = True) -> None:
     """
     import torch  # only the stages that save networks pay for the import
 
+    def save(target: Path) -> None:
+        with open(target, "wb", buffering=0) as fh:
+            sink = _TorchSink(fh)
+            try:
+                torch.save(obj, sink)
+            except RuntimeError:
+                if sink.error is None:
+                    raise
+            if sink.error is not None:
+                raise sink.error
+
     if not atomic:
-        with open(path, "wb") as fh:
-            torch.save(obj, fh)
+        save(Path(path))
         return
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        torch.save(obj, fh)
+    with atomic_path(path) as tmp:
+        save(tmp)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import resource
 import time
 from contextlib import ExitStack
@@ -39,6 +40,7 @@ from .genes import ALL_PROBES, aggregation_matrix, assign_parts, load_gene_map, 
 from .io import (
     CONSTANT_GENE_STD,
     FLAT_SAMPLE_STD,
+    MAX_LOG2_VALUE,
     Matrix,
     atomic_h5,
     check_finite,
@@ -47,6 +49,7 @@ from .io import (
     check_written,
     flat_samples,
     open_matrix,
+    refuse_overwriting_inputs,
     scratch_h5,
     write_json,
 )
@@ -217,6 +220,40 @@ def rnaseq_gene_matrix(matrix: Matrix, genes: pd.DataFrame, id_type: str) -> np.
 # --------------------------------------------------------------------------- #
 # the stage
 # --------------------------------------------------------------------------- #
+def check_not_log2(block: np.ndarray, path) -> None:
+    """With ``--geo-log2``: the raw values (first chunk, ``(n_samples, n_probes)``) must be linear-scale.
+
+    Linear-scale arrays reach thousands; values all below :data:`MAX_LOG2_VALUE` are log2 already, and a
+    second log2 would squeeze them into ~1.5-4 without any other sign of the mistake.
+    """
+    top = float(np.nanmax(block)) if block.size else 0.0
+    if top <= MAX_LOG2_VALUE:
+        raise InputError(
+            f"{path}: values reach only {top:.4g}, so they are log2 expression already, but --geo-log2 "
+            f"(log2: true for this input in the config) would take log2 again; drop that flag"
+        )
+
+
+def _check_settings(p: dict) -> None:
+    """The numeric settings of :func:`preprocess` (the CLI's types check them too; the Python API gets the same)."""
+    problems = []
+    if not 0 <= p["dedup_threshold"] < math.inf:
+        problems.append(f"--dedup-threshold must be a finite number >= 0 (got {p['dedup_threshold']})")
+    if not 0 < p["epsilon"] < math.inf:
+        problems.append(f"--epsilon must be a finite number > 0 (got {p['epsilon']})")
+    for key in ("va_fraction", "te_fraction"):
+        if not 0 <= p[key] < 1:
+            problems.append(f"--{key.replace('_', '-')} must be in [0, 1) (got {p[key]})")
+    for key in ("target_seed", "part_seed", "split_seed", "seed"):
+        if not 0 <= p[key] < 2**32:
+            problems.append(f"--{key.replace('_', '-')} must be an integer in 0..{2**32 - 1} (got {p[key]})")
+    for key in ("target_parts", "dedup_clusters", "chunk_size", "memory_mb"):
+        if p[key] < 1:
+            problems.append(f"--{key.replace('_', '-')} must be >= 1 (got {p[key]})")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def preprocess(
     *,
     geo,
@@ -275,8 +312,19 @@ def preprocess(
         raise ConfigError(f"{summary_path}: the preprocess summary is JSON; name it .json")
     check_output_path(output)
     check_output_path(summary_path)
+    refuse_overwriting_inputs(
+        [output, summary_path],
+        {
+            "--geo": geo,
+            "--g1000": g1000,
+            "--gtex": gtex,
+            "--landmarks": None if str(landmarks) == "builtin" else landmarks,
+            "--targets": None if str(targets) in ("builtin", ALL_PROBES) else targets,
+        },
+    )
     if standardize not in ("transductive", "inductive"):
         raise InputError(f"standardize must be 'transductive' or 'inductive', got {standardize!r}")
+    _check_settings(locals())
 
     lm, tg = load_genes(landmarks, targets, max_targets, target_seed, target_parts, part_seed)
     genes = pd.concat([lm, tg], ignore_index=True)
@@ -300,6 +348,8 @@ def preprocess(
         def raw_chunks(desc):
             for start, stop, block in _progress(matrix.iter_samples(chunk_size), n_chunks, desc, progress):
                 if geo_log2:
+                    if start == 0:
+                        check_not_log2(block, geo)
                     block = np.log2(np.maximum(block, 0) + 1.0)
                 check_finite(block, matrix.col_ids[start:stop], geo)
                 yield start, stop, block

@@ -25,7 +25,7 @@ import pandas as pd
 
 from .aggregate import describe_gap, load_aggregate
 from .errors import InputError
-from .io import atomic_path, ensure_dir, write_json, write_text
+from .io import atomic_path, staged_files, write_json, write_text
 from .metrics import bootstrap_ci, compare
 
 log = logging.getLogger(__name__)
@@ -476,25 +476,27 @@ def make_tables(*, aggregate, output_dir, paper_reference: bool = False, n_boot:
     incomplete = frozenset((g["layers"], g["units"], float(g["dropout"])) for g in gaps if "left_out" not in g)
     note = gaps_note(gaps)
     out = Path(output_dir)
-    ensure_dir(out)
-    written, chosen = {}, {}
-    for task, t in TASKS.items():
-        table, md = main_table(summary, task, paper_reference, incomplete)
-        if table.empty:
-            md += f"\nNo results on {t['title']}" + (" (no RNA-seq inputs in this run)." if task == "cross" else ".")
-        written[t["table"]] = _write(out, t["table"], table, md, note)
-        chosen[task] = choose(summary, task)
-    for name in SUPPLEMENT:
-        written[name] = _write(out, name, *supplementary(summary, name, incomplete), note)
-    written["table_stats"] = _write(out, "table_stats", *stats_table(per_gene, summary, n_boot), note)
-    info = {
-        "tables": written,
-        "chosen": chosen,
-        "paper_reference": paper_reference,
-        "rnaseq": bool(agg["info"].get("rnaseq")),
-    }
-    if gaps:  # only then, so that a complete run's tables.json is what it always was
-        info["incomplete"] = incomplete_info(gaps, note)
-    write_json(out / "tables.json", info)
+    with staged_files(out) as stage:  # all outputs or none
+        written, chosen = {}, {}
+        for task, t in TASKS.items():
+            table, md = main_table(summary, task, paper_reference, incomplete)
+            if table.empty:
+                md += f"\nNo results on {t['title']}" + (
+                    " (no RNA-seq inputs in this run)." if task == "cross" else "."
+                )
+            written[t["table"]] = _write(stage, t["table"], table, md, note)
+            chosen[task] = choose(summary, task)
+        for name in SUPPLEMENT:
+            written[name] = _write(stage, name, *supplementary(summary, name, incomplete), note)
+        written["table_stats"] = _write(stage, "table_stats", *stats_table(per_gene, summary, n_boot), note)
+        info = {
+            "tables": written,
+            "chosen": chosen,
+            "paper_reference": paper_reference,
+            "rnaseq": bool(agg["info"].get("rnaseq")),
+        }
+        if gaps:  # only then, so that a complete run's tables.json is what it always was
+            info["incomplete"] = incomplete_info(gaps, note)
+        write_json(stage / "tables.json", info)
     log.info("wrote %d tables into %s", len(written), out)
     return info

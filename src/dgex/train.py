@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,9 +41,10 @@ from . import __version__
 from .dataset import EVAL_SPLITS, SELECTIONS, ProcessedDataset, fingerprint_differences
 from .devices import lease_gpu, pick_device
 from .errors import ConfigError, DgexError, InputError
-from .io import atomic_path, save_torch, sweep_stale, write_json
+from .io import atomic_path, refuse_overwriting_inputs, save_torch, sweep_stale, write_json
 from .metrics import per_gene_frame, write_per_gene
 from .models import DGEX, default_learning_rate
+from .runs import lock_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +98,22 @@ class TrainConfig:
             problems.append(f"--part must be >= 0 or 'all' (got {self.part})")
         if self.epochs < 1 or self.batch_size < 1 or self.monitor_size < 1:
             problems.append("--epochs, --batch-size and --monitor-size must be >= 1")
-        if self.lr is not None and not self.lr > 0:
-            problems.append(f"--lr must be > 0 (got {self.lr})")
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            problems.append(f"--lr must be a finite number > 0 (got {self.lr})")
         if not 0.0 <= self.momentum < 1.0:
             problems.append(f"--momentum must be in [0, 1) (got {self.momentum})")
         if not 0.0 < self.lr_decay <= 1.0:
             problems.append(f"--lr-decay must be in (0, 1] (got {self.lr_decay})")
+        if not 0 < self.lr_min < math.inf:
+            problems.append(f"--lr-min must be a finite number > 0 (got {self.lr_min})")
+        if not 0 <= self.weight_decay < math.inf:
+            problems.append(f"--weight-decay must be a finite number >= 0 (got {self.weight_decay})")
+        if not 0 <= self.checkpoint_interval < math.inf:
+            problems.append(
+                f"--checkpoint-interval must be a finite number of seconds >= 0 (got {self.checkpoint_interval})"
+            )
+        if not 0 <= self.seed < 2**32:
+            problems.append(f"--seed must be an integer in 0..{2**32 - 1} (got {self.seed})")
         if self.precision not in PRECISIONS:
             problems.append(f"--precision must be one of {', '.join(PRECISIONS)} (got {self.precision})")
         if self.optimizer not in OPTIMIZERS:
@@ -384,6 +396,27 @@ def _save_weights(
     )
 
 
+#: A best validation MAE this many times that of predicting the training mean means training failed.
+TRIVIAL_FACTOR = 10.0
+
+
+def worse_than_trivial(best_mae: float, y_tr: np.ndarray, y_va: np.ndarray, lr: float) -> str | None:
+    """Why a run's best geo-va MAE shows a failed training (far worse than the trivial predictor), or None.
+
+    The trivial predictor answers every profile with the training mean of each gene; ``y_tr`` and
+    ``y_va`` are ``(n_samples, n_targets)``.  A loss can stay finite while the weights run away
+    (a learning rate far too high): the result is then a real but meaningless measurement.
+    """
+    trivial = float(np.abs(y_va - y_tr.mean(axis=0, dtype=np.float64)).mean())
+    if not math.isfinite(best_mae) or best_mae > TRIVIAL_FACTOR * max(trivial, 1e-12):
+        return (
+            f"training diverged: the best geo-va MAE {best_mae:.4g} is more than {TRIVIAL_FACTOR:g} times that of "
+            f"predicting the training mean ({trivial:.4g}), so the model is worse than the trivial predictor; "
+            f"lower --lr (now {lr:.3g}) and retrain"
+        )
+    return None
+
+
 def _write_history(path: Path, history: list[dict]) -> None:
     keys = list(dict.fromkeys(k for row in history for k in row))
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
@@ -404,9 +437,24 @@ def load_weights(
     path = Path(path)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise InputError(f"{path}: cannot read checkpoint ({exc}); retrain the run") from None
-    shape_in, shape_out, layers, units = blob["shape"]
+    except FileNotFoundError:
+        raise InputError(f"{path}: checkpoint not found; retrain the run") from None
+    except Exception as exc:  # unpickling damaged bytes can raise almost any type
+        reason = (str(exc).splitlines() or [""])[0][:120]
+        raise InputError(
+            f"{path}: truncated or corrupt checkpoint ({type(exc).__name__}: {reason}); retrain the run"
+        ) from None
+    shape = blob.get("shape") if isinstance(blob, dict) else None
+    if (
+        not isinstance(shape, (list, tuple))
+        or len(shape) != 4
+        or not all(isinstance(v, int) and v >= 1 for v in shape)
+        or not isinstance(blob.get("state_dict"), dict)
+        or not isinstance(blob.get("config"), dict)
+        or not isinstance(blob["config"].get("dropout"), (int, float))
+    ):
+        raise InputError(f"{path}: not a dgex weights file (best_*.pt written by `dgex train`); retrain the run")
+    shape_in, shape_out, layers, units = shape
     if (n_in is not None and n_in != shape_in) or (n_out is not None and n_out != shape_out):
         raise InputError(
             f"{path}: network maps {shape_in} -> {shape_out} genes but the dataset has {n_in} landmarks -> "
@@ -427,7 +475,11 @@ def load_weights(
                     f"use the dataset the model was trained on"
                 )
     model = DGEX(shape_in, shape_out, layers, units, blob["config"]["dropout"])
-    model.load_state_dict(blob["state_dict"])
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except (RuntimeError, TypeError, ValueError) as exc:
+        reason = (str(exc).splitlines() or [""])[0][:120]
+        raise InputError(f"{path}: weights do not fit the network they describe ({reason}); retrain the run") from None
     model.eval()
     return model, blob
 
@@ -586,14 +638,16 @@ def train(
         raise ConfigError("--restart-incompatible only applies together with --resume")
     run_dir = Path(output_dir)
     last = run_dir / "last.ckpt"
-    remove_dead_temps(run_dir)
-    if threads:
-        torch.set_num_threads(int(threads))
+    refuse_overwriting_inputs([run_dir / name for name in RUN_FILES], {"--dataset": dataset}, "--output-dir")
+    run_lock = lock_run_dir(run_dir)  # before anything in the folder is removed; None: no folder yet
     lease = None
-    if device in ("auto", "cuda"):  # a specific cuda:N was chosen by the user: no lease
-        # sets CUDA_VISIBLE_DEVICES before CUDA starts and logs the GPU (or SLURM's); held until train returns
-        lease = lease_gpu(gpu_lock_dir)
     try:
+        remove_dead_temps(run_dir)
+        if threads:
+            torch.set_num_threads(int(threads))
+        if device in ("auto", "cuda"):  # a specific cuda:N was chosen by the user: no lease
+            # sets CUDA_VISIBLE_DEVICES before CUDA starts and logs the GPU (or SLURM's); held until train returns
+            lease = lease_gpu(gpu_lock_dir)
         dev = pick_device(device)
         if precision == "tf32":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -630,6 +684,8 @@ def train(
         if continue_from is None:  # nothing of an earlier run may survive into this one
             _clear_run(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        if run_lock is None:
+            run_lock = lock_run_dir(run_dir)
 
         pl = _lightning()
         pl.seed_everything(seed, workers=True, verbose=False)
@@ -654,6 +710,8 @@ def train(
         wall = time.time() - t0
         if not task.history:
             raise DgexError(f"training of {run_dir} ran no epoch")
+        # a resume whose every epoch was already done runs none: the history comes from the checkpoint
+        _write_history(run_dir / "history.csv", task.history)
 
         # evaluate the selected models on every evaluation split
         frames = []
@@ -706,6 +764,10 @@ def train(
             "profiles_per_second": n_tr * len(task.history) / max(train_seconds, 1e-9),
             "train_flops_per_sample": 3 * model.flops_per_sample(),
         }
+        warning = worse_than_trivial(task.best["geo-va"]["mae"], data["geo-tr"][1], data["geo-va"][1], cfg.base_lr)
+        if warning:
+            log.warning("%s: %s", run_dir, warning)
+            summary["warning"] = warning  # only then: a normal run's run.json is unchanged
         write_json(run_dir / "run.json", summary)
         if not keep_last:
             last.unlink(missing_ok=True)
@@ -722,4 +784,6 @@ def train(
     finally:
         if lease is not None:  # a failed run must not keep the GPU from the next job
             lease.release()
+        if run_lock is not None:
+            os.close(run_lock)
     return summary

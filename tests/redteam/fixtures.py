@@ -205,6 +205,90 @@ class _suppress:
         return exc[0] is not None and issubclass(exc[0], (ProcessLookupError, PermissionError))
 
 
+#: Runs ``dgex`` (argv after ``-c SCRIPT``) and pauses it at a chosen point so that a kill lands there for sure:
+#: ``DGEX_SWEEP_PAUSE=<where>:<n>:<marker>`` -- at the n-th HDF5 dataset write (``h5write``) or just before the
+#: n-th rename of a finished temporary file or folder (``before-rename``) or at the n-th call of a function
+#: (``call=module.name``), create ``marker`` and sleep.  ``call=`` pauses in the calling thread: a SIGTERM must
+#: find the main thread there (dgex defers it while the main thread waits on its writer thread or in HDF5).
+#: A test hook of the sweep only (monkey-patched from outside); nothing of it ships with dgex.
+PAUSE_SCRIPT = r"""
+import os, sys, time
+where, n, marker = os.environ["DGEX_SWEEP_PAUSE"].split(":", 2)
+n, seen = int(n), [0]
+
+
+def hit():
+    seen[0] += 1
+    if seen[0] == n:
+        open(marker, "w").close()
+        time.sleep(120)  # the sweep kills the process here
+
+
+if where == "h5write":
+    import h5py
+
+    setitem = h5py.Dataset.__setitem__
+
+    def counted(self, key, value):
+        hit()
+        return setitem(self, key, value)
+
+    h5py.Dataset.__setitem__ = counted
+elif where == "before-rename":
+    replace = os.replace
+
+    def counted(src, dst):
+        hit()
+        return replace(src, dst)
+
+    os.replace = counted
+elif where.startswith("call="):
+    import importlib
+
+    module, name = where[len("call=") :].rsplit(".", 1)
+    module = importlib.import_module(module)
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        hit()
+        return original(*args, **kwargs)
+
+    setattr(module, name, counted)
+else:
+    raise SystemExit(f"unknown pause point {where}")
+from dgex.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_paused(args, cwd, point: str, sig=signal.SIGKILL, timeout=120, while_paused=None) -> Result:
+    """Run ``dgex *args`` paused at ``point`` (see :data:`PAUSE_SCRIPT`), send it ``sig`` there, wait for it.
+
+    ``while_paused()``, if given, is called once the pause is reached, before the signal (e.g. to run a
+    second command while the first is alive at a known point).  Raises RuntimeError when the point was
+    never reached (the command ended by itself): the case would test nothing.
+    """
+    marker = Path(cwd) / ".sweep-paused"
+    marker.unlink(missing_ok=True)
+
+    def trigger():
+        if not marker.exists():
+            return False
+        if while_paused is not None:
+            while_paused()
+        return True
+
+    argv = [PY, "-c", PAUSE_SCRIPT, *map(str, args)]
+    try:
+        res = run_killed(argv, cwd, trigger, sig=sig, env={"DGEX_SWEEP_PAUSE": f"{point}:{marker}"}, timeout=timeout)
+    finally:
+        marker.unlink(missing_ok=True)
+    if res.timed_out:
+        raise RuntimeError(f"pause point {point} never reached (exit {res.rc}): {res.stderr[-800:]}")
+    return res
+
+
 def glob_exists(folder: Path, pattern: str):
     """A trigger: true once a file matching ``pattern`` exists anywhere under ``folder``."""
     return lambda: any(True for _ in Path(folder).rglob(pattern))

@@ -92,7 +92,7 @@ class Ctx:
         return self.fx.p(*parts)
 
     def copy(self, fixture: str, dst: str | None = None) -> Path:
-        src, out = self.f(fixture), self.p(dst or Path(fixture).name)
+        src, out = self.f(*Path(fixture).parts), self.p(dst or Path(fixture).name)  # parts: builds it if needed
         out.parent.mkdir(parents=True, exist_ok=True)
         if src.is_dir():
             shutil.copytree(src, out, symlinks=True)

@@ -3,6 +3,8 @@
 
 rule aggregate:
     input:
+        # the dataset says which target parts each grid point needs; runs are checked against its content
+        dataset=out("data", "dataset.h5"),
         dgex=dgex_runs(),
         baselines=baseline_runs(),
     output:
@@ -26,8 +28,8 @@ rule aggregate:
         baselines=lambda wc, input: run_dirs(input.baselines),
         outdir=lambda wc, output: os.path.dirname(output.info),
     shell:
-        "python -m dgex aggregate --dgex-runs {params.dgex} --baseline-runs {params.baselines} "
-        "--output-dir {params.outdir:q} > {log} 2>&1"
+        "python -m dgex aggregate --dataset {input.dataset:q} --dgex-runs {params.dgex} "
+        "--baseline-runs {params.baselines} --output-dir {params.outdir:q} > {log} 2>&1"
 
 
 rule tables:

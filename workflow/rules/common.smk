@@ -1,4 +1,5 @@
 # Shared helpers and input functions: everything the rule files compute from config.
+import math
 import os
 import shlex
 import sys
@@ -73,6 +74,63 @@ def used_sources():
 # Config values that name output files are checked at start, before any job is planned.
 for _source in used_sources():
     input_path(_source)
+
+
+def _non_finite(node, key=""):
+    """Config keys holding NaN or Inf (YAML's .nan/.inf pass the schema's minimum/maximum)."""
+    if isinstance(node, dict):
+        return [k for name, v in node.items() for k in _non_finite(v, f"{key}.{name}" if key else str(name))]
+    if isinstance(node, list):
+        return [k for i, v in enumerate(node) for k in _non_finite(v, f"{key}[{i}]")]
+    return [key] if isinstance(node, float) and not math.isfinite(node) else []
+
+
+def _n_targets():
+    """Target genes the dataset will have, where the config tells (None for a custom target map)."""
+    g = config["genes"]
+    if g.get("max_targets"):
+        return g["max_targets"]
+    return N_TARGETS_ALL if g["targets"] == "builtin" else None
+
+
+def config_problems():
+    """Combinations of settings the schema cannot express; each names its keys and the fix."""
+    problems = [f"{k} is {config_value(k)}: give a finite number" for k in _non_finite(config)]
+    blocker = next(
+        (p for p in reversed([Path(RESULTS), *Path(RESULTS).parents]) if os.path.lexists(p) and not p.is_dir()),
+        None,
+    )
+    if blocker is not None:
+        problems.append(
+            f"results_dir/name: {blocker} is a file, not a folder, but results go to {RESULTS}/; "
+            f"move the file away or set results_dir (or name) to another folder"
+        )
+    n = _n_targets()
+    if n is not None and not config["grid"]["joint"] and config["genes"]["parts"] > n:
+        problems.append(
+            f"genes.parts is {config['genes']['parts']} but there are only {n} target genes "
+            f"(genes.max_targets/genes.targets): use 1..{n} parts"
+        )
+    missing = {"1000g-va": "g1000", "gtex-te": "gtex"}
+    if config["export"]["enabled"] and config["export"]["selection"] == "1000g-va" and not input_cfg("g1000"):
+        problems.append(
+            "export.selection is 1000g-va but inputs.g1000 is not given, so there is no 1000G-va split to "
+            "select by; set export.selection: geo-va or give inputs.g1000"
+        )
+    split = config["interpret"]["s2_split"]
+    if config["interpret"]["s2"] and split in missing and not input_cfg(missing[split]):
+        problems.append(
+            f"interpret.s2_split is {split} but inputs.{missing[split]} is not given, so the dataset has no "
+            f"{split} split; choose geo-tr, geo-va or geo-te, or give inputs.{missing[split]}"
+        )
+    return problems
+
+
+def config_value(key):
+    node = config
+    for part in key.replace("[", ".[").split("."):
+        node = node[int(part[1:-1])] if part.startswith("[") else node[part]
+    return node
 
 
 def preprocess_inputs(wildcards):
@@ -337,3 +395,9 @@ def all_outputs():
     if config["export"]["enabled"]:
         targets.append(out("model", "bundle.json"))
     return targets + interpret_outputs()
+
+
+# Checked at start, before any job is planned (after every helper above is defined).
+_problems = config_problems()
+if _problems:
+    raise ValueError("invalid config: " + "; ".join(_problems))
