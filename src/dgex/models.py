@@ -1,4 +1,4 @@
-"""The D-GEX network as a plain ``nn.Module`` (training lives in :mod:`dgex.train`).
+"""The D-GEX network as a plain ``nn.Module`` (how it is trained: :mod:`dgex.training.plan`).
 
 Architecture (RECIPE.md, from the authors' code): landmark input -> 1..n fully
 connected tanh hidden layers of equal width -> linear output (one target part).
@@ -17,8 +17,6 @@ from torch import nn
 
 #: Output-layer weights are initialised in U[-OUTPUT_INIT, OUTPUT_INIT].
 OUTPUT_INIT = 1e-4
-#: Hidden layers 2.. and the output layer's weights learn this many times faster.
-DEEP_LR_MULTIPLIER = 3.0
 
 
 class DGEX(nn.Module):
@@ -57,24 +55,6 @@ class DGEX(nn.Module):
         y = self.output(self.drop(h))
         return (y, acts) if return_hidden else y
 
-    def param_groups(self, base_lr: float) -> list[dict]:
-        """Optimizer groups: base rate for layer 1 and all biases, 3x for the weights of later layers.
-
-        Each group carries ``lr_scale`` so a learning-rate schedule can keep the ratio.
-        """
-        deep_weights = [layer.weight for layer in self.hidden[1:]] + [self.output.weight]
-        deep_ids = {id(p) for p in deep_weights}
-        base = [p for p in self.parameters() if id(p) not in deep_ids]
-        return [
-            {"params": base, "lr": base_lr, "lr_scale": 1.0, "name": "base"},
-            {
-                "params": deep_weights,
-                "lr": base_lr * DEEP_LR_MULTIPLIER,
-                "lr_scale": DEEP_LR_MULTIPLIER,
-                "name": "deep_weights",
-            },
-        ]
-
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -82,8 +62,3 @@ class DGEX(nn.Module):
         """Multiply-adds x 2 of one forward pass; training (fwd + bwd) is ~3x this."""
         widths = [self.n_in] + [self.n_units] * self.n_layers + [self.n_out]
         return 2 * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
-
-
-def default_learning_rate(n_layers: int) -> float:
-    """The paper's base learning rate: 5e-4 for one hidden layer, 3e-4 for deeper networks."""
-    return 5e-4 if n_layers == 1 else 3e-4

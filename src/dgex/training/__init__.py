@@ -7,7 +7,7 @@
 * :mod:`.data` -- the device-backed data module (one gather per batch);
 * :mod:`.logger` -- the Lightning logger that writes ``history.csv``.
 
-Importing this package imports Lightning, with its import-time notices silenced.
+Importing this package imports Lightning (as ``pl``), with its import-time notices silenced.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import logging
 import warnings
 
 warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
-import pytorch_lightning  # noqa: F401  (after the filter: it warns on import)
+import pytorch_lightning as pl  # noqa: E402  (after the filter: it warns on import)
 
 # Lightning's INFO banners (GPU/TPU available, tips) are noise in per-run logs
 for _name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
     logging.getLogger(_name).setLevel(logging.WARNING)
+
+__all__ = ["pl"]

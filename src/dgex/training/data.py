@@ -110,7 +110,9 @@ class DeviceData(pl.LightningDataModule):
         self.train_xy = side_by_side(x_tr, y_tr, self.device)
         monitor = torch.as_tensor(self.monitor_rows, device=self.device)
         picked = self.train_xy.index_select(0, monitor)
-        self.eval_sets = [(picked[:, : self.n_in].contiguous(), picked[:, self.n_in : self.n_in + self.n_out].contiguous())]
+        self.eval_sets = [
+            (picked[:, : self.n_in].contiguous(), picked[:, self.n_in : self.n_in + self.n_out].contiguous())
+        ]
         for name in self.eval_names[1:]:
             x, y = self.splits[name]
             self.eval_sets.append((torch.as_tensor(x, device=self.device), torch.as_tensor(y, device=self.device)))
@@ -134,7 +136,7 @@ class DeviceData(pl.LightningDataModule):
 
 
 def side_by_side(x: np.ndarray, y: np.ndarray, device: torch.device) -> torch.Tensor:
-    """``[x | y | padding]`` as one ``(n, row)`` float32 tensor on ``device``, ``row`` a multiple of :data:`ROW_ALIGN`."""
+    """``[x | y | padding]``: one ``(n, row)`` float32 tensor on ``device``, ``row`` a multiple of :data:`ROW_ALIGN`."""
     n, n_in = x.shape
     row = -(-(n_in + y.shape[1]) // ROW_ALIGN) * ROW_ALIGN
     xy = torch.zeros((n, row), dtype=torch.float32, device=device)
