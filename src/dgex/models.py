@@ -44,13 +44,23 @@ class DGEX(nn.Module):
             self.output.weight.uniform_(-OUTPUT_INIT, OUTPUT_INIT)
             self.output.bias.zero_()
 
-    def forward(self, x: torch.Tensor, return_hidden: bool = False):
-        """Predictions ``(batch, n_out)``; with ``return_hidden`` also each hidden layer's activations."""
+    def forward(self, x: torch.Tensor, return_hidden: bool = False, buffers: list[torch.Tensor] | None = None):
+        """Predictions ``(batch, n_out)`` from landmarks ``x`` ``(batch, n_in)``.
+
+        ``return_hidden``: also return each hidden layer's activations ``(batch, n_units)``.
+        ``buffers``: one preallocated ``(batch, n_units)`` tensor per hidden layer that receives its
+        activations (inference only: ``out=`` does not record gradients); inference reuses them
+        because fresh allocations page-fault on every batch.
+        """
         acts = []
-        h = torch.tanh(self.hidden[0](x))  # no dropout on the landmark input
-        acts.append(h)
-        for layer in self.hidden[1:]:
-            h = torch.tanh(layer(self.drop(h)))
+        h = x
+        for k, layer in enumerate(self.hidden):
+            if k:  # no dropout on the landmark input
+                h = self.drop(h)
+            if buffers is None:
+                h = torch.tanh(layer(h))
+            else:
+                h = torch.addmm(layer.bias, h, layer.weight.t(), out=buffers[k]).tanh_()
             acts.append(h)
         y = self.output(self.drop(h))
         return (y, acts) if return_hidden else y
