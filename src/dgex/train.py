@@ -1,6 +1,6 @@
 """Stage ``train``: one D-GEX network (one grid point x one target part) with Lightning.
 
-This module only wires the training layer together (see "Code layout" in the README):
+This module only wires the training layer together (README: "The training layer"):
 
 * the network -- :class:`dgex.models.DGEX` (architecture, initialisation, forward);
 * the training plan -- :class:`dgex.training.plan.TrainingPlan` (loss, parameter
