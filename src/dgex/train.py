@@ -45,12 +45,11 @@ from .training import pl
 from .training.callbacks import AtomicCheckpointIO, BestWeights, PaperLRDecay, ResumableCheckpoint
 from .training.data import DeviceData
 from .training.logger import HistoryLogger
-from .training.plan import TrainingDiverged, TrainingPlan, default_learning_rate
+from .training.plan import OPTIMIZERS, TrainingDiverged, TrainingPlan, default_learning_rate
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("32", "tf32", "bf16-mixed")
-OPTIMIZERS = ("sgd", "adamw")
 
 __all__ = ["CannotResume", "TrainConfig", "TrainingDiverged", "train"]
 
