@@ -16,11 +16,21 @@ Measured in one process, on one device, on synthetic data shaped like D-GEX
    memory, each batch copied to the device, the same network, loss and
    ``torch.optim.SGD`` step.
 
+With ``--overhead`` it instead measures the training loop's overhead: one
+epoch of `dgex train` -- Lightning, the callbacks, the history logger and the
+per-epoch evaluations (monitored training subset + evaluation splits) -- against
+a bare PyTorch loop doing the same work (the same seeded batches gathered from
+device tensors, the same network, loss and classical-momentum SGD, the same
+evaluations), for a tiny 1x2 and a 3x300 network on >= 100,000 profiles.  The
+dgex epoch is ``(wall(3 epochs) - wall(1 epoch)) / 2`` of ``trainer.fit``, so it
+includes everything Lightning does per epoch (goal: <= 1.15x the bare loop).
+
 With ``--project-grid`` it also projects the wall time of the paper's full
 grid (54 runs: 1-3 layers x 3000/6000/9000 units x 3 dropouts x 2 halves,
 200 epochs of 88,807 profiles) from the achieved FLOP/s, per architecture.
 
     python bench/train_throughput.py                                   # CPU-sized default (~1 min)
+    python bench/train_throughput.py --overhead                        # loop overhead on CPU (~5 min)
     python bench/train_throughput.py --device cuda --layers 3 --units 9000 --n-train 88807 \\
         --precision bf16-mixed --project-grid                            # the paper-scale GPU run
 """
@@ -43,7 +53,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers_dataset import write_dataset_arrays  # noqa: E402
 
 from dgex.models import DGEX  # noqa: E402
-from dgex.train import batch_loss, train  # noqa: E402
+from dgex.train import train  # noqa: E402
+from dgex.training.data import monitor_rows  # noqa: E402
+from dgex.training.plan import ClassicalMomentumSGD, batch_loss, default_learning_rate, parameter_groups  # noqa: E402
 
 PAPER = {
     "layers": (1, 2, 3),
@@ -149,6 +161,101 @@ def dgex_loop(x, y, layers, units, batch, device, precision, epochs, workdir: Pa
     return len(x) / float(hist["seconds"].iloc[1:].mean()), summary
 
 
+def bare_epoch_seconds(
+    data: dict, layers: int, units: int, batch: int, monitor_size: int, eval_batch: int, epochs: int
+) -> float:
+    """Seconds per epoch of a bare PyTorch loop doing `dgex train`'s work on the CPU, after one warm-up epoch.
+
+    ``data``: ``{split: (X (n, n_in), Y (n, n_out))}`` with ``geo-tr``.  Per epoch: the seeded permutation,
+    one gather of inputs and one of targets per batch, forward, loss, backward, the classical-momentum step;
+    then the MAE of the monitored training subset and of every other split, in eval mode, in chunks.
+    """
+    torch.manual_seed(0)
+    x_tr, y_tr = (torch.as_tensor(a) for a in data["geo-tr"])
+    net = DGEX(x_tr.shape[1], y_tr.shape[1], layers, units, 0.1)
+    opt = ClassicalMomentumSGD(parameter_groups(net, default_learning_rate(layers)), lr=1e-4, momentum=0.5)
+    gen = torch.Generator().manual_seed(0)
+    mon = torch.as_tensor(monitor_rows(len(x_tr), monitor_size, 0))
+    evals = [(x_tr.index_select(0, mon), y_tr.index_select(0, mon))]
+    evals += [tuple(torch.as_tensor(a) for a in xy) for s, xy in data.items() if s != "geo-tr"]
+    times = []
+    for _ in range(epochs + 1):  # +1: warm-up
+        t0 = time.perf_counter()
+        net.train()
+        loss_sum = torch.zeros(())
+        for idx in torch.randperm(len(x_tr), generator=gen).split(batch):
+            xb, yb = x_tr.index_select(0, idx), y_tr.index_select(0, idx)
+            loss = batch_loss(net(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach() * len(idx)
+        net.eval()
+        with torch.no_grad():
+            maes = [
+                torch.cat(
+                    [(net(x[s : s + eval_batch]) - y[s : s + eval_batch]).abs() for s in range(0, len(x), eval_batch)]
+                )
+                .mean()
+                .item()
+                for x, y in evals
+            ]
+        float(loss_sum), maes  # noqa: B018  (what dgex reads back per epoch)
+        times.append(time.perf_counter() - t0)
+    return float(np.mean(times[1:]))
+
+
+def dgex_epoch_seconds(data: dict, layers: int, units: int, batch: int, monitor_size: int, workdir: Path) -> float:
+    """Seconds of one `dgex train` epoch, everything per epoch included: ``(fit(3 epochs) - fit(1 epoch)) / 2``."""
+    ds = write_dataset_arrays(workdir / "overhead.h5", data)
+    walls = {}
+    for epochs in (1, 3):
+        summary = train(
+            dataset=ds,
+            output_dir=workdir / f"run{epochs}",
+            layers=layers,
+            units=units,
+            dropout=0.1,
+            part=None,
+            epochs=epochs,
+            batch_size=batch,
+            monitor_size=monitor_size,
+            device="cpu",
+            progress=False,
+        )
+        walls[epochs] = summary["wall_seconds"]
+    return (walls[3] - walls[1]) / 2
+
+
+def overhead(args) -> int:
+    """Print `dgex train`'s epoch time against the bare loop's, for the 1x2 and 3x300 networks."""
+    rng = np.random.default_rng(0)
+
+    def split(n):  # timing only: the values do not matter
+        return (
+            rng.normal(size=(n, PAPER["n_landmarks"])).astype(np.float32),
+            rng.normal(size=(n, args.targets)).astype(np.float32),
+        )
+
+    data = {"geo-tr": split(args.n_train)}
+    for name in ("geo-va", "geo-te", "1000g-va", "gtex-te"):
+        data[name] = split(args.eval_size)
+    print(
+        f"overhead of `dgex train` on {torch.get_num_threads()} CPU threads, torch {torch.__version__}: "
+        f"{args.n_train:,} training profiles, {PAPER['n_landmarks']} -> {args.targets} genes, batch "
+        f"{args.batch_size}; per epoch also the MAE of {args.monitor_size:,} monitored training profiles and "
+        f"4 x {args.eval_size:,} evaluation profiles"
+    )
+    print(f"{'network':<10}{'dgex s/epoch':>14}{'bare s/epoch':>14}{'ratio':>8}")
+    for layers, units in ((1, 2), (3, 300)):
+        with tempfile.TemporaryDirectory() as tmp:
+            ours = dgex_epoch_seconds(data, layers, units, args.batch_size, args.monitor_size, Path(tmp))
+        bare = bare_epoch_seconds(data, layers, units, args.batch_size, args.monitor_size, 8192, 2)
+        print(f"{layers}x{units:<8}{ours:>14.2f}{bare:>14.2f}{ours / bare:>7.2f}x", flush=True)
+    print("goal: ratio <= 1.15")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=2)
@@ -161,7 +268,14 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", choices=("32", "tf32", "bf16-mixed"), default="32")
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--project-grid", action="store_true", help="project the paper's 54-run grid time")
+    ap.add_argument("--overhead", action="store_true", help="the loop's overhead against a bare PyTorch loop (CPU)")
+    ap.add_argument("--monitor-size", type=int, default=5000, help="--overhead: monitored training profiles")
+    ap.add_argument("--eval-size", type=int, default=2000, help="--overhead: profiles per evaluation split")
     args = ap.parse_args(argv)
+    if args.overhead:
+        if "--n-train" not in " ".join(argv if argv is not None else sys.argv):
+            args.n_train = 100_000
+        return overhead(args)
 
     device = torch.device(args.device)
     _set_precision(args.precision)

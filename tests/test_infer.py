@@ -24,11 +24,12 @@ from conftest import assert_one_line_error, run_dgex  # noqa: E402
 from helpers_dataset import write_toy_dataset  # noqa: E402
 
 from dgex.bundle import BUNDLE_FORMAT, export_bundle, load_bundle  # noqa: E402
+from dgex.checkpoints import load_weights  # noqa: E402
 from dgex.dataset import ProcessedDataset  # noqa: E402
 from dgex.errors import ConfigError, InputError  # noqa: E402
 from dgex.infer import infer, predict  # noqa: E402
 from dgex.io import GCTXReader, write_gct, write_gctx  # noqa: E402
-from dgex.train import load_weights, train  # noqa: E402
+from dgex.train import train  # noqa: E402
 
 L1000_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "l1000_lincs_n377x978.gctx"
 

@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
-from dgex.models import DGEX, default_learning_rate
-from dgex.train import ClassicalMomentumSGD, TrainConfig, batch_loss, decayed_lr
 from dgex.errors import ConfigError
+from dgex.models import DGEX
+from dgex.train import TrainConfig
+from dgex.training.callbacks import decayed_lr
+from dgex.training.plan import ClassicalMomentumSGD, batch_loss, default_learning_rate, parameter_groups
 
 
 def test_shapes_and_parameter_count():
@@ -72,7 +74,7 @@ def test_inverted_dropout_keeps_the_expectation():
 
 def test_learning_rate_groups_three_times_for_deep_weights():
     net = DGEX(10, 4, n_layers=3, n_units=6)
-    base, deep = net.param_groups(3e-4)
+    base, deep = parameter_groups(net, 3e-4)
     assert base["lr"] == 3e-4 and deep["lr"] == pytest.approx(9e-4)
     deep_ids = {id(p) for p in deep["params"]}
     assert deep_ids == {id(net.hidden[1].weight), id(net.hidden[2].weight), id(net.output.weight)}

@@ -69,7 +69,7 @@ ZYGOTE = r"""
 import contextlib, json, os, signal, sys, traceback
 from pathlib import Path
 import torch, pytorch_lightning
-import dgex.cli, dgex.io, dgex.metrics, dgex.train
+import dgex.cli, dgex.io, dgex.metrics, dgex.train, dgex.training.plan
 
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
@@ -77,13 +77,13 @@ def die():
 def arm(point):
     kind = point["kind"]
     if kind == "step":  # before the n-th optimizer step of this process
-        step, count = dgex.train.ClassicalMomentumSGD.step, [0]
+        step, count = dgex.training.plan.ClassicalMomentumSGD.step, [0]
         def killing_step(self, closure=None):
             count[0] += 1
             if count[0] == point["n"]:
                 die()
             return step(self, closure)
-        dgex.train.ClassicalMomentumSGD.step = killing_step
+        dgex.training.plan.ClassicalMomentumSGD.step = killing_step
     elif kind in ("writing", "written"):  # the n-th atomic write of a file: before / after its rename
         real, count = dgex.io.atomic_path, [0]
         @contextlib.contextmanager
@@ -98,7 +98,7 @@ def arm(point):
                     die()
             if hit and kind == "written":
                 die()
-        for module in (dgex.io, dgex.metrics, dgex.train):
+        for module in (dgex.io, dgex.metrics):
             module.atomic_path = killing_atomic_path
     elif kind == "call":  # on entering a function that dgex.train calls
         setattr(dgex.train, point["name"], lambda *a, **k: die())
@@ -399,20 +399,20 @@ def test_resume_after_a_decay_restores_both_rates_and_the_result(toy, tmp_path, 
     first_decayed = next(e for e, r in enumerate(rates) if r < 0.1)  # 0-based epoch that ran at a decayed rate
     crash_after = first_decayed + 1  # epochs checkpointed before the crash; the next one runs at a decayed rate
 
-    import dgex.train as train_module
+    from dgex.training.logger import HistoryLogger
 
-    write_history = train_module._write_history
+    write_history = HistoryLogger.write
 
-    def crashing_write_history(path, history):
-        if len(history) == crash_after + 1:  # the end of the next epoch, before its checkpoint
+    def crashing_write_history(self):
+        if len(self.rows) == crash_after + 1:  # the end of the next epoch, before its checkpoint
             raise SimulatedCrash
-        write_history(path, history)
+        write_history(self)
 
     run = tmp_path / "run"
-    monkeypatch.setattr(train_module, "_write_history", crashing_write_history)
+    monkeypatch.setattr(HistoryLogger, "write", crashing_write_history)
     with pytest.raises(SimulatedCrash):
         train(dataset=toy["path"], output_dir=run, checkpoint_interval=0, resume=True, **kw)
-    monkeypatch.setattr(train_module, "_write_history", write_history)
+    monkeypatch.setattr(HistoryLogger, "write", write_history)
     assert not (run / "run.json").exists()
     ckpt = torch.load(run / "last.ckpt", weights_only=False)
     assert len(ckpt["dgex"]["history"]) == crash_after

@@ -40,6 +40,7 @@ are on the GEO log2-expression scale.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import re
@@ -262,7 +263,7 @@ def export_bundle(
     Give either ``runs`` (the part run folders) or ``grid_aggregate`` (an
     aggregate folder: its validation-chosen grid point is exported).
     """
-    from .train import load_weights
+    from .checkpoints import load_weights
 
     if bool(runs) == bool(grid_aggregate):
         raise InputError("pass either --runs (the part run folders of one grid point) or --grid-aggregate, not both")
@@ -498,13 +499,17 @@ class Bundle:
         self._tg_mean = as_t(self.stats["target_mean"])
         tg_mean = np.asarray(self.stats["target_mean"], dtype=np.float64)
         tg_scale = np.asarray(self.stats["target_std"], dtype=np.float64) + eps
-        # the inverse target standardisation folded into each output layer (y = (W s) h + (b s + m)):
-        # one pass over the output instead of three
-        self._out_layers = []
+        # the inverse target standardisation folded into a copy of each network's output layer
+        # (y = (W s) h + (b s + m)): one pass over the output instead of three
+        self._predictors = []
         for net, sl in zip(self.networks, self.part_slices):
             w = net.output.weight.detach().double().cpu().numpy() * tg_scale[sl, None]
             b = net.output.bias.detach().double().cpu().numpy() * tg_scale[sl] + tg_mean[sl]
-            self._out_layers.append((as_t(w), as_t(b)))
+            folded = copy.deepcopy(net).eval()
+            with torch.no_grad():
+                folded.output.weight.copy_(as_t(w))
+                folded.output.bias.copy_(as_t(b))
+            self._predictors.append(folded)
         self._workspace: dict = {}
         return self
 
@@ -533,7 +538,7 @@ class Bundle:
         ``x`` is ``(n, L)``, or ``(n, k)`` with ``present`` the ``(k,)`` landmark
         indices it holds; absent landmarks get the GEO mean (0 after
         standardisation).  ``out``: an ``(n, T)`` float32 tensor to fill.
-        The networks run in eval mode (no dropout), layer by layer into reused buffers.
+        The networks' own forward runs in eval mode (no dropout), its hidden activations into reused buffers.
         """
         n = x.shape[0]
         ws = self._buffers(n)
@@ -545,17 +550,8 @@ class Bundle:
             z[:, present] = (x - self._lm_mean[present]) / self._lm_scale[present]
         if out is None:
             out = torch.empty((n, self.n_targets), dtype=torch.float32, device=self.device)
-        for net, sl, (w_out, b_out) in zip(self.networks, self.part_slices, self._out_layers):
-            h = z
-            for k, layer in enumerate(net.hidden):
-                buf = ws["h"][k] if ws["h"] is not None else None
-                h = (
-                    torch.addmm(layer.bias, h, layer.weight.t(), out=buf)
-                    if buf is not None
-                    else torch.addmm(layer.bias, h, layer.weight.t())
-                )
-                h.tanh_()
-            torch.addmm(b_out, h, w_out.t(), out=out[:, sl])
+        for net, sl in zip(self._predictors, self.part_slices):
+            out[:, sl] = net(z, buffers=ws["h"])
         return out
 
     def predict(self, x, quantile_normalize: bool = False, batch_size: int = 4096) -> np.ndarray:

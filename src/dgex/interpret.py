@@ -205,8 +205,8 @@ def interpret_s2(
     """
     from tqdm.auto import tqdm
 
+    from .checkpoints import load_weights
     from .devices import pick_device
-    from .train import load_weights
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1 (got {batch_size})")
@@ -560,7 +560,7 @@ def interpret_s3(
     """
     from tqdm.auto import tqdm
 
-    from .train import load_weights
+    from .checkpoints import load_weights
 
     sigmas = [float(k) for k in sigmas]
     map_sigmas = [float(k) for k in map_sigmas]

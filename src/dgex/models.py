@@ -1,4 +1,4 @@
-"""The D-GEX network as a plain ``nn.Module`` (training lives in :mod:`dgex.train`).
+"""The D-GEX network as a plain ``nn.Module`` (how it is trained: :mod:`dgex.training.plan`).
 
 Architecture (RECIPE.md, from the authors' code): landmark input -> 1..n fully
 connected tanh hidden layers of equal width -> linear output (one target part).
@@ -17,8 +17,6 @@ from torch import nn
 
 #: Output-layer weights are initialised in U[-OUTPUT_INIT, OUTPUT_INIT].
 OUTPUT_INIT = 1e-4
-#: Hidden layers 2.. and the output layer's weights learn this many times faster.
-DEEP_LR_MULTIPLIER = 3.0
 
 
 class DGEX(nn.Module):
@@ -46,34 +44,26 @@ class DGEX(nn.Module):
             self.output.weight.uniform_(-OUTPUT_INIT, OUTPUT_INIT)
             self.output.bias.zero_()
 
-    def forward(self, x: torch.Tensor, return_hidden: bool = False):
-        """Predictions ``(batch, n_out)``; with ``return_hidden`` also each hidden layer's activations."""
+    def forward(self, x: torch.Tensor, return_hidden: bool = False, buffers: list[torch.Tensor] | None = None):
+        """Predictions ``(batch, n_out)`` from landmarks ``x`` ``(batch, n_in)``.
+
+        ``return_hidden``: also return each hidden layer's activations ``(batch, n_units)``.
+        ``buffers``: one preallocated ``(batch, n_units)`` tensor per hidden layer that receives its
+        activations (inference only: ``out=`` does not record gradients); inference reuses them
+        because fresh allocations page-fault on every batch.
+        """
         acts = []
-        h = torch.tanh(self.hidden[0](x))  # no dropout on the landmark input
-        acts.append(h)
-        for layer in self.hidden[1:]:
-            h = torch.tanh(layer(self.drop(h)))
+        h = x
+        for k, layer in enumerate(self.hidden):
+            if k:  # no dropout on the landmark input
+                h = self.drop(h)
+            if buffers is None:
+                h = torch.tanh(layer(h))
+            else:
+                h = torch.addmm(layer.bias, h, layer.weight.t(), out=buffers[k]).tanh_()
             acts.append(h)
         y = self.output(self.drop(h))
         return (y, acts) if return_hidden else y
-
-    def param_groups(self, base_lr: float) -> list[dict]:
-        """Optimizer groups: base rate for layer 1 and all biases, 3x for the weights of later layers.
-
-        Each group carries ``lr_scale`` so a learning-rate schedule can keep the ratio.
-        """
-        deep_weights = [layer.weight for layer in self.hidden[1:]] + [self.output.weight]
-        deep_ids = {id(p) for p in deep_weights}
-        base = [p for p in self.parameters() if id(p) not in deep_ids]
-        return [
-            {"params": base, "lr": base_lr, "lr_scale": 1.0, "name": "base"},
-            {
-                "params": deep_weights,
-                "lr": base_lr * DEEP_LR_MULTIPLIER,
-                "lr_scale": DEEP_LR_MULTIPLIER,
-                "name": "deep_weights",
-            },
-        ]
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -82,8 +72,3 @@ class DGEX(nn.Module):
         """Multiply-adds x 2 of one forward pass; training (fwd + bwd) is ~3x this."""
         widths = [self.n_in] + [self.n_units] * self.n_layers + [self.n_out]
         return 2 * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
-
-
-def default_learning_rate(n_layers: int) -> float:
-    """The paper's base learning rate: 5e-4 for one hidden layer, 3e-4 for deeper networks."""
-    return 5e-4 if n_layers == 1 else 3e-4

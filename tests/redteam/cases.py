@@ -902,7 +902,7 @@ def _tr_concurrent(c):
     first = run_paused(
         train_argv(c.f("ds.h5"), "out"),
         c.dir,
-        "call=dgex.train.build_task:1",
+        "call=dgex.train.DGEX:1",
         while_paused=lambda: second.append(tr(c)),
     )
     if first.rc != -signal.SIGKILL or not second:
@@ -926,9 +926,10 @@ def _tr_killed(sig):
     def body(c):
         ref = c.fx.reference_train()
         args = train_argv(c.f("ds.h5"), "out", epochs=6, extra=("--checkpoint-interval", "0"))
-        # paused as epoch 3 ends (its history not yet written; last.ckpt of epoch 2 in place): a tiny
-        # training is over in a fraction of a second, so a kill on a trigger could come too late
-        first = run_paused(args, c.dir, "call=dgex.train._write_history:3", sig=sig)
+        # paused at epoch 3's first history write (two per epoch: after validation, after the training
+        # epoch; last.ckpt of epoch 2 in place): a tiny training is over in a fraction of a second, so a
+        # kill on a trigger could come too late
+        first = run_paused(args, c.dir, "call=dgex.training.logger.HistoryLogger.write:5", sig=sig)
         want = -signal.SIGKILL if sig == signal.SIGKILL else 128 + signal.SIGTERM
         if first.rc != want:
             raise RuntimeError(

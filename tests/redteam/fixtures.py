@@ -245,8 +245,17 @@ elif where == "before-rename":
 elif where.startswith("call="):
     import importlib
 
-    module, name = where[len("call=") :].rsplit(".", 1)
-    module = importlib.import_module(module)
+    # module.function or module.Class.method: import the longest importable prefix, then walk attributes
+    parts = where[len("call=") :].split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            module = importlib.import_module(".".join(parts[:cut]))
+            break
+        except ImportError:
+            continue
+    for attr in parts[cut:-1]:
+        module = getattr(module, attr)
+    name = parts[-1]
     original = getattr(module, name)
 
     def counted(*args, **kwargs):
