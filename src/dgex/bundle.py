@@ -60,6 +60,7 @@ from .errors import ConfigError, InputError
 from .io import atomic_dir, save_torch, write_json
 from .models import DGEX
 from .runs import load_runs
+from .settings import ExportSettings
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +263,7 @@ def export_bundle(
     Give either ``runs`` (the part run folders) or ``grid_aggregate`` (an
     aggregate folder: its validation-chosen grid point is exported).
     """
+    ExportSettings.check(locals())
     from .train import load_weights
 
     if bool(runs) == bool(grid_aggregate):

@@ -44,6 +44,7 @@ from .errors import ConfigError, InputError
 from .io import atomic_path, ensure_dir, write_json
 from .plotting import pyplot, save_figure
 from .runs import load_runs
+from .settings import S2Settings, S3Settings
 
 log = logging.getLogger(__name__)
 
@@ -202,15 +203,12 @@ def interpret_s2(
     ``s2.json`` (settings, per-fit rank/notes, summary, captions).  Returns the
     ``s2.json`` content.
     """
+    S2Settings.check(locals())
     from tqdm.auto import tqdm
 
     from .devices import pick_device
     from .train import load_weights
 
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1 (got {batch_size})")
-    if max_samples is not None and max_samples < 2:
-        raise ConfigError(f"--max-samples must be >= 2 (got {max_samples})")
     run_list = load_runs(runs, selection)
     layers, units, dropout = run_list[0]["arch"]
     dev = pick_device(device)
@@ -555,6 +553,7 @@ def interpret_s3(
     part and sigma, captions).  ``map_sigmas`` = (input k, output k) of the
     connectivity map (the paper: 4 and 5).  Returns the ``s3.json`` content.
     """
+    S3Settings.check(locals())
     from tqdm.auto import tqdm
 
     from .train import load_weights

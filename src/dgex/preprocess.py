@@ -50,6 +50,7 @@ from .io import (
     scratch_h5,
     write_json,
 )
+from .settings import PreprocessSettings
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +250,7 @@ def preprocess(
 ) -> dict:
     """Build the processed dataset ``output`` (HDF5, see :mod:`dgex.dataset`) and its JSON ``summary``."""
     params = {k: v for k, v in locals().items() if k not in ("progress",)}
+    PreprocessSettings.check(params)
     t0 = time.time()
     timings: dict[str, float] = {}
     tick = [t0]
