@@ -156,8 +156,10 @@ class Setting:
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             return f"must be a list of values, got {_show(value)}"
         n = self.spec.nargs
-        if (n == "+" and not value) or (isinstance(n, int) and len(value) != n):
-            return f"must be {'one or more values' if n == '+' else f'{n} values'}, got {len(value)}"
+        if n == "+" and not value:
+            return "must be one or more values, got an empty list"
+        if isinstance(n, int) and len(value) != n:
+            return f"must be {n} values, got {len(value)}"
         return next((p for p in (self.item_problem(v, choices=choices) for v in value) if p), None)
 
     def item_problem(self, v: Any, *, choices: bool = True) -> str | None:
