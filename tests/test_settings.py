@@ -370,6 +370,22 @@ def test_config_args_leave_out_what_the_config_does_not_set():
     ]
 
 
+@pytest.mark.parametrize(
+    "command, config, key",
+    [
+        ("train", {"train": {"momentum": 1.5}}, "train.momentum"),
+        ("train", {"train": {"epochs": "many"}}, "train.epochs"),
+        ("preprocess", {"preprocess": {"epsilon": math.nan}}, "preprocess.epsilon"),
+        ("acquire", {"inputs": {"gtex": {"sha256": "abc"}}}, "inputs.gtex.sha256"),
+        ("interpret s3", {"interpret": {"sigmas": []}}, "interpret.sigmas"),
+    ],
+)
+def test_config_args_refuse_a_value_the_setting_refuses(command, config, key):
+    """The workflow's flags go through the same checks as the command line: a bad value names its config key."""
+    with pytest.raises(ConfigError, match=re.escape(f"config key {key} must be")):
+        config_args(command, config, source="gtex")
+
+
 def test_the_parser_and_the_settings_need_only_the_standard_library():
     """`dgex --help` stays fast and the Snakefile imports dgex.settings: neither pulls in the scientific stack."""
     code = (

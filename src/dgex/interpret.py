@@ -558,15 +558,8 @@ def interpret_s3(
 
     from .train import load_weights
 
-    sigmas = [float(k) for k in sigmas]
+    sigmas = sorted({float(k) for k in sigmas})
     map_sigmas = [float(k) for k in map_sigmas]
-    if not sigmas or any(not k > 0 for k in sigmas) or len(map_sigmas) != 2 or any(not k > 0 for k in map_sigmas):
-        raise ConfigError(f"--sigmas and --map-sigmas (IN OUT) must be positive numbers (got {sigmas}, {map_sigmas})")
-    if scope not in SCOPES:
-        raise ConfigError(f"--scope must be one of {', '.join(SCOPES)} (got {scope!r})")
-    if map_size < 1:
-        raise ConfigError(f"--map-size must be >= 1 (got {map_size})")
-    sigmas = sorted(set(sigmas))
     run_list = load_runs(runs, selection)
     layers, units, dropout = run_list[0]["arch"]
     if layers != 1:

@@ -277,8 +277,6 @@ def preprocess(
         raise ConfigError(f"{summary_path}: the preprocess summary is JSON; name it .json")
     check_output_path(output)
     check_output_path(summary_path)
-    if standardize not in ("transductive", "inductive"):
-        raise InputError(f"standardize must be 'transductive' or 'inductive', got {standardize!r}")
 
     lm, tg = load_genes(landmarks, targets, max_targets, target_seed, target_parts, part_seed)
     genes = pd.concat([lm, tg], ignore_index=True)

@@ -608,7 +608,8 @@ def config_args(
     In field order.  No flag for a setting whose config section is absent or null (an input not
     used), whose value is null (the stage's own default), that ``passes`` leaves out, or a bool at its
     default; a key the config leaves out gives the setting's default.  ``only``/``skip``: field names;
-    ``keys`` fill placeholders such as ``{source}`` in the config keys.
+    ``keys`` fill placeholders such as ``{source}`` in the config keys.  A value the setting refuses
+    raises :class:`~dgex.errors.ConfigError` naming the config key.
     """
     args: list[str] = []
     for s in settings_of(STAGES[command]):
@@ -621,6 +622,9 @@ def config_args(
             value = None if s.required else s.default
         if value is None or (s.spec.passes is not None and value not in s.spec.passes):
             continue
+        problem = s.problem(value)
+        if problem:  # the schema refuses it first; this guards configs that skipped validation
+            raise ConfigError(f"config key {s.key.format(**keys)} {problem}; it sets `dgex {command} {s.flag}`")
         if s.base is bool:
             if bool(value) != s.default:
                 args.append(s.flag)
