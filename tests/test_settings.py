@@ -386,6 +386,31 @@ def test_config_args_refuse_a_value_the_setting_refuses(command, config, key):
         config_args(command, config, source="gtex")
 
 
+def test_settings_that_are_valid_alone_are_checked_together(tmp_path):
+    """GEO validation + test fractions leave profiles to train on: the stage, the CLI and the workflow refuse the same."""
+    from dgex.preprocess import preprocess
+
+    out = tmp_path / "d.h5"
+    with pytest.raises(ConfigError, match="--va-fraction and --te-fraction must add up to less than 1"):
+        preprocess(geo="nope.gctx", output=out, va_fraction=0.6, te_fraction=0.4)
+    settings.PreprocessSettings(va_fraction=0.6, te_fraction=0.39)  # just below: accepted
+    res = run_dgex("preprocess", "--geo", "g.gctx", "--output", out, "--va-fraction", "0.5", "--te-fraction", "0.5")
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("dgex: error: --va-fraction and")
+    assert not out.exists()
+    with pytest.raises(ConfigError, match=re.escape("config preprocess.va_fraction and preprocess.te_fraction must")):
+        settings.check_config({"preprocess": {"va_fraction": 0.9}})  # te_fraction's default 0.1 makes 1.0
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "config").glob("*.yaml")))
+def test_the_shipped_configs_pass_check_config(name):
+    settings.check_config(yaml.safe_load((REPO / "config" / name).read_text()))
+
+
+def test_check_config_names_a_bad_key_of_any_input():
+    with pytest.raises(ConfigError, match=re.escape("config key inputs.g1000.id_type must be one of")):
+        settings.check_config({"inputs": {"geo": {}, "g1000": {"id_type": "refseq"}}})
+
+
 def test_the_parser_and_the_settings_need_only_the_standard_library():
     """`dgex --help` stays fast and the Snakefile imports dgex.settings: neither pulls in the scientific stack."""
     code = (

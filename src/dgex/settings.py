@@ -42,6 +42,7 @@ from .errors import ConfigError
 ID_TYPES = ("ensembl", "entrez", "symbol", "probe")  # dgex.infer.ID_TYPES
 SPLITS = ("geo-tr", "geo-va", "geo-te", "1000g-va", "gtex-te")  # dgex.dataset.SPLITS
 SELECTIONS = ("geo-va", "1000g-va")  # dgex.dataset.SELECTIONS
+SOURCES = ("geo", "g1000", "gtex")  # the workflow's inputs (config key inputs.<source>)
 PRECISIONS = ("32", "tf32", "bf16-mixed")  # dgex.train.PRECISIONS
 OPTIMIZERS = ("sgd", "adamw")  # dgex.train.OPTIMIZERS
 SCOPES = ("unit", "matrix")  # dgex.interpret.SCOPES
@@ -240,11 +241,22 @@ class Settings:
     command: ClassVar[str]
 
     def __post_init__(self) -> None:
-        problems = [
-            f"{s.flag} {p}" for s in settings_of(type(self)) if (p := s.problem(getattr(self, s.name))) is not None
-        ]
+        fields = settings_of(type(self))
+        problems = [f"{s.flag} {p}" for s in fields if (p := s.problem(getattr(self, s.name))) is not None]
+        if not problems:  # values that are fine alone, checked together
+            flags = {s.name: s.flag for s in fields}
+            problems = [f"{' and '.join(flags[n] for n in names)} {p}" for names, p in self.together(vars(self))]
         if problems:
             raise ConfigError("; ".join(problems))
+
+    @classmethod
+    def together(cls, values: Mapping[str, Any]) -> list[tuple[tuple[str, ...], str]]:
+        """Rules between settings: (the field names involved, what is wrong) for each broken one.
+
+        ``values`` holds every field.  The command line, the stage functions and the workflow's
+        :func:`config_args` all apply these (each naming the values its own way).
+        """
+        return []
 
     @classmethod
     def check(cls, values: Mapping[str, Any]):
@@ -389,6 +401,18 @@ class PreprocessSettings(Settings):
     g1000_id_type: str = setting("ensembl", "gene ids of --g1000 rows", choices=ID_TYPES, config="inputs.g1000.id_type")
     gtex_id_type: str = setting("ensembl", "gene ids of --gtex rows", choices=ID_TYPES, config="inputs.gtex.id_type")
     progress: bool = setting(True, "no progress bars")
+
+    @classmethod
+    def together(cls, values):
+        va, te = values["va_fraction"], values["te_fraction"]
+        if va + te >= 1:
+            return [
+                (
+                    ("va_fraction", "te_fraction"),
+                    f"must add up to less than 1 (training needs profiles), got {va} + {te}",
+                )
+            ]
+        return []
 
 
 @_settings("train")
@@ -611,9 +635,10 @@ def config_args(
     ``keys`` fill placeholders such as ``{source}`` in the config keys.  A value the setting refuses
     raises :class:`~dgex.errors.ConfigError` naming the config key.
     """
-    args: list[str] = []
-    for s in settings_of(STAGES[command]):
-        if s.key is None or s.name in skip or (only is not None and s.name not in only):
+    cls = STAGES[command]
+    given: dict[str, Any] = {}  # every config-set value, checked; then only the selected ones become flags
+    for s in settings_of(cls):
+        if s.key is None:
             continue
         section, value = _lookup(config, s.key.format(**keys))
         if section is None:
@@ -625,6 +650,18 @@ def config_args(
         problem = s.problem(value)
         if problem:  # the schema refuses it first; this guards configs that skipped validation
             raise ConfigError(f"config key {s.key.format(**keys)} {problem}; it sets `dgex {command} {s.flag}`")
+        given[s.name] = value
+    fields = {s.name: s for s in settings_of(cls)}
+    defaults = {s.name: None if s.required else s.default for s in fields.values()}
+    for names, problem in cls.together({**defaults, **given}):
+        if any(n in given for n in names):
+            where = " and ".join(fields[n].key.format(**keys) if n in given else fields[n].flag for n in names)
+            raise ConfigError(f"config {where} {problem}; fix the config")
+    args: list[str] = []
+    for s in settings_of(cls):
+        if s.name not in given or s.name in skip or (only is not None and s.name not in only):
+            continue
+        value = given[s.name]
         if s.base is bool:
             if bool(value) != s.default:
                 args.append(s.flag)
@@ -633,6 +670,18 @@ def config_args(
         else:
             args += [s.flag, str(value)]
     return args
+
+
+def check_config(config: Mapping) -> None:
+    """Every value the workflow ``config`` passes to a ``dgex`` command, checked as that command checks it.
+
+    The workflow calls this at start, after the schema: it adds the rules between settings
+    (:meth:`Settings.together`).  Raises :class:`~dgex.errors.ConfigError` naming the config key.
+    """
+    for command, cls in STAGES.items():
+        per_input = any("{source}" in (s.key or "") for s in settings_of(cls))
+        for keys in [{"source": source} for source in SOURCES] if per_input else [{}]:
+            config_args(command, config, **keys)
 
 
 def config_settings() -> dict[str, list[Setting]]:

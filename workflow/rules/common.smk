@@ -20,7 +20,9 @@ def _uses_conda():
 SRC = str(Path(workflow.basedir) / "src")
 # The checkout's own dgex (not whichever is installed) says which config key feeds which flag of a job.
 sys.path.insert(0, SRC)
-from dgex.settings import config_args
+from dgex.settings import check_config, config_args
+
+check_config(config)  # after the schema: the rules between settings, as each `dgex` command applies them
 
 _prefix = f"export PYTHONPATH={shlex.quote(SRC)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "  # braces doubled twice: f-string, then Snakemake
 if not _uses_conda():
