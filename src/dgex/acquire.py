@@ -38,6 +38,7 @@ from tqdm import tqdm
 from . import __version__
 from .errors import ConfigError, DownloadError
 from .io import ensure_dir, storage_error, write_json, write_text
+from .settings import AcquireSettings
 
 log = logging.getLogger(__name__)
 
@@ -125,14 +126,12 @@ def download(
     DownloadError
         The source cannot be reached or read, or the file does not verify.
     ConfigError
-        ``sha256`` is not a 64-digit hex string, or ``size`` is negative.
+        ``sha256`` is not a 64-digit hex string, or another setting is out of range
+        (:class:`~dgex.settings.AcquireSettings`).
     """
     output = Path(output)
-    expected = _check_sha256(sha256)
-    if size is not None and size < 0:
-        raise ConfigError(f"size must be >= 0 bytes, got {size}")
-    if retries < 0:
-        raise ConfigError(f"retries must be >= 0, got {retries}")
+    expected = _check_sha256(sha256)  # blank: no check; case and surrounding spaces do not matter
+    AcquireSettings.check({**locals(), "sha256": expected})
     if output.is_dir():
         raise DownloadError(f"{output}: is a directory; give a file name as the download output")
     if output.exists():

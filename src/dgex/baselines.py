@@ -65,6 +65,7 @@ from .dataset import EVAL_SPLITS, SELECTIONS, ProcessedDataset
 from .errors import ConfigError, InputError
 from .io import refuse_overwriting_inputs, staged_files, write_json
 from .metrics import overall, per_gene_frame, per_gene_mae, write_per_gene
+from .settings import BaselineSettings
 
 log = logging.getLogger(__name__)
 
@@ -440,13 +441,14 @@ def _num(value) -> float | None:
 # the stage
 # --------------------------------------------------------------------------- #
 def run_baseline(
-    method: str, dataset, output_dir, *, lambdas=None, ks=None, n_jobs: int = 1, progress: bool = True
+    method: str, dataset, output_dir, *, lambdas=None, ks=None, n_jobs: int = -1, progress: bool = True
 ) -> dict:
     """Fit, tune and score one baseline; write ``per_gene.csv``, ``metrics.json`` and ``run.json``.
 
     ``lambdas`` (ridge, lasso) or ``ks`` (knn) replace the default grid.
     Returns the ``run.json`` content with the overall metrics under ``"metrics"``.
     """
+    BaselineSettings.check(locals())
     t0 = time.time()
     check_method(method)
     name = METHODS[method]

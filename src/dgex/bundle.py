@@ -61,6 +61,7 @@ from .errors import ConfigError, InputError
 from .io import atomic_dir, refuse_overwriting_inputs, save_torch, write_json
 from .models import DGEX
 from .runs import check_dataset, load_runs
+from .settings import ExportSettings
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +264,7 @@ def export_bundle(
     Give either ``runs`` (the part run folders) or ``grid_aggregate`` (an
     aggregate folder: its validation-chosen grid point is exported).
     """
+    ExportSettings.check(locals())
     from .checkpoints import load_weights
 
     if bool(runs) == bool(grid_aggregate):

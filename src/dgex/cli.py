@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import os
 import queue
 import signal
@@ -20,74 +19,42 @@ import weakref
 
 from . import __version__
 from .errors import DgexError
+from .settings import ID_TYPES, SELECTIONS, STAGES, Setting, settings_of  # noqa: F401 (ID_TYPES, SELECTIONS: API)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+def _value_type(s: Setting):
+    """argparse ``type`` of a setting: the text converted, then checked by the setting's own rule."""
+    convert = s.spec.parse or s.base
+
+    def value(text: str):
+        result = convert(text)
+        problem = s.item_problem(result, choices=False) if result is not None else None
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return result
+
+    value.__name__ = convert.__name__  # argparse's "invalid int value: 'x'"
     return value
 
 
-def _nonneg_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _finite_float(text: str) -> float:
-    """A float option: NaN and +-Inf are never a meaningful setting (every float option uses this or a narrower type)."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-#: Seeds are numpy/torch seeds: integers in [0, 2**32).
-MAX_SEED = 2**32 - 1
-
-
-def _seed(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be an integer in 0..{MAX_SEED}, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = _finite_float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _finite_float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    value = _finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-ID_TYPES = ("ensembl", "entrez", "symbol", "probe")
-SELECTIONS = ("geo-va", "1000g-va")  # as dgex.dataset.SELECTIONS; not imported, so that --help stays fast
-
-
-def _add_no_progress(p: argparse.ArgumentParser, bars: str = "bar") -> None:
-    p.add_argument("--no-progress", dest="progress", action="store_false", help=f"no progress {bars}")
-
-
-def _add_selection(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument(
-        "--selection", choices=SELECTIONS, default="geo-va", help=f"{what}: best_<selection>.pt (default geo-va)"
-    )
+def _add_settings(p: argparse.ArgumentParser, command: str) -> None:
+    """The options of ``dgex <command>``, one per field of its settings class (:mod:`dgex.settings`)."""
+    for s in settings_of(STAGES[command]):
+        kwargs: dict = {"dest": s.name, "help": s.help_text()}
+        if s.base is bool:
+            kwargs["action"] = "store_false" if s.default is True else "store_true"
+        else:
+            kwargs["type"] = _value_type(s)
+            if s.required:
+                kwargs["required"] = True
+            else:
+                kwargs["default"] = list(s.default) if isinstance(s.default, tuple) else s.default
+            if s.spec.choices and not s.spec.open_choices:
+                kwargs["choices"] = s.spec.choices
+            for key in ("nargs", "metavar"):
+                if getattr(s.spec, key) is not None:
+                    kwargs[key] = getattr(s.spec, key)
+        p.add_argument(s.flag, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,34 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         "gene-level GCTX (gtex.gctx), plus demo.json describing them.",
     )
     p.add_argument("--output-dir", required=True, help="folder to write the files into")
-    p.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
-    p.add_argument("--n-geo", type=_positive_int, default=2000, help="distinct GEO-like profiles (default 2000)")
-    p.add_argument(
-        "--n-duplicates",
-        type=_nonneg_int,
-        default=100,
-        help="planted near-duplicate GEO profiles for de-duplication to find (default 100)",
-    )
-    p.add_argument("--n-1000g", type=_positive_int, default=150, help="1000G-like RNA-seq samples (default 150)")
-    p.add_argument("--n-gtex", type=_positive_int, default=300, help="GTEx-like RNA-seq samples (default 300)")
-    p.add_argument("--n-latent", type=_positive_int, default=12, help="shared latent factors (default 12)")
-    p.add_argument(
-        "--noise", type=_positive_float, default=0.25, help="gene-level noise s.d. in log2 units (default 0.25)"
-    )
-    p.add_argument(
-        "--max-targets",
-        type=_positive_int,
-        default=None,
-        help="use a seeded subset of this many target genes (default: all 9,520)",
-    )
-    p.add_argument("--target-seed", type=_seed, default=0, help="seed of the target-gene subset (default 0)")
-    p.add_argument(
-        "--targets",
-        choices=("builtin", "u133a-probes"),
-        default="builtin",
-        help="target set the data must cover: builtin (map_tg.txt) or u133a-probes (every HG-U133A probe, "
-        "for the genome-wide model of config/l1000.yaml)",
-    )
+    _add_settings(p, "demo-data")
 
     # ---------------------------------------------------------------- acquire
     p = sub.add_parser(
@@ -146,11 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--url", required=True, help="http(s) or file:// URL")
     p.add_argument("--output", required=True, help="destination file")
-    p.add_argument("--sha256", default=None, help="expected SHA-256 hex digest (recommended)")
-    p.add_argument("--size", type=_nonneg_int, default=None, help="expected size in bytes")
-    p.add_argument("--timeout", type=_positive_float, default=60.0, help="network timeout in seconds (default 60)")
-    p.add_argument("--retries", type=_nonneg_int, default=5, help="retries after a broken connection (default 5)")
-    _add_no_progress(p)
+    _add_settings(p, "acquire")
 
     # ---------------------------------------------------------------- preprocess
     p = sub.add_parser(
@@ -162,59 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--geo", required=True, help="GEO probe-level HG-U133A matrix (.gctx, .gct, .tsv)")
     p.add_argument(
-        "--geo-quantile-normalize",
-        action="store_true",
-        help="quantile normalise GEO samples first (for inputs that are not yet normalised)",
-    )
-    p.add_argument("--geo-log2", action="store_true", help="log2(x+1)-transform GEO values first (linear-scale input)")
-    p.add_argument(
         "--g1000", default=None, help="1000G RNA-seq gene-level matrix (cross-platform validation); optional"
     )
-    p.add_argument(
-        "--g1000-id-type", choices=ID_TYPES, default="ensembl", help="gene ids of --g1000 rows (default ensembl)"
-    )
     p.add_argument("--gtex", default=None, help="GTEx RNA-seq gene-level matrix (cross-platform test); optional")
-    p.add_argument(
-        "--gtex-id-type", choices=ID_TYPES, default="ensembl", help="gene ids of --gtex rows (default ensembl)"
-    )
-    p.add_argument("--landmarks", default="builtin", help="landmark gene map (default: builtin map_lm.txt)")
-    p.add_argument("--targets", default="builtin", help="target gene map (default: builtin map_tg.txt)")
-    p.add_argument(
-        "--max-targets", type=_positive_int, default=None, help="seeded subset of target genes (default all)"
-    )
-    p.add_argument("--target-seed", type=_seed, default=0, help="seed of the target subset (default 0)")
-    p.add_argument(
-        "--target-parts", type=_positive_int, default=2, help="random target parts, one network each (default 2)"
-    )
-    p.add_argument("--part-seed", type=_seed, default=0, help="seed of the target partition (default 0)")
-    p.add_argument("--no-dedup", action="store_true", help="skip duplicate removal")
-    p.add_argument("--dedup-clusters", type=_positive_int, default=100, help="MiniBatchKMeans K (default 100)")
-    p.add_argument(
-        "--dedup-threshold",
-        type=_nonneg_float,
-        default=1.0,
-        help="Euclidean distance below which two profiles are duplicates (default 1.0)",
-    )
-    p.add_argument(
-        "--standardize",
-        choices=("transductive", "inductive"),
-        default="transductive",
-        help="GEO statistics over all profiles (paper) or the training split only",
-    )
-    p.add_argument("--epsilon", type=_positive_float, default=1e-3, help="(x - mean) / (std + epsilon) (default 1e-3)")
-    p.add_argument("--va-fraction", type=_fraction, default=0.1, help="GEO validation fraction (default 0.1)")
-    p.add_argument("--te-fraction", type=_fraction, default=0.1, help="GEO test fraction (default 0.1)")
-    p.add_argument("--split-seed", type=_seed, default=0, help="seed of the GEO split (default 0)")
-    p.add_argument("--seed", type=_seed, default=0, help="seed of MiniBatchKMeans (default 0)")
-    p.add_argument(
-        "--chunk-size", type=_positive_int, default=4096, help="GEO samples per streamed chunk (default 4096)"
-    )
-    p.add_argument(
-        "--memory-mb", type=_positive_int, default=2048, help="memory budget for de-duplication blocks (default 2048)"
-    )
     p.add_argument("--output", required=True, help="processed dataset (.h5)")
     p.add_argument("--summary", default=None, help="JSON summary (default: OUTPUT with .json)")
-    _add_no_progress(p, "bars")
+    _add_settings(p, "preprocess")
+
     # ---------------------------------------------------------------- train
     p = sub.add_parser(
         "train",
@@ -226,66 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dataset", required=True, help="processed dataset from `dgex preprocess`")
     p.add_argument("--output-dir", required=True, help="run folder")
-    p.add_argument("--layers", type=_positive_int, required=True, help="hidden layers (paper: 1, 2, 3)")
-    p.add_argument(
-        "--units", type=_positive_int, required=True, help="units per hidden layer (paper: 3000, 6000, 9000)"
-    )
-    p.add_argument("--dropout", type=_fraction, required=True, help="dropout rate in [0, 1) (paper: 0, 0.1, 0.25)")
-    p.add_argument(
-        "--part", type=_part, required=True, help="target part (half) 0, 1, ... or 'all' for one joint network"
-    )
-    p.add_argument("--epochs", type=_positive_int, default=200, help="epochs (default 200)")
-    p.add_argument("--batch-size", type=_positive_int, default=200, help="mini-batch size (default 200)")
-    p.add_argument(
-        "--lr", type=_positive_float, default=None, help="base learning rate (default 5e-4 for 1 layer, 3e-4 deeper)"
-    )
-    p.add_argument("--momentum", type=_fraction, default=0.5, help="classical momentum (default 0.5)")
-    p.add_argument(
-        "--lr-decay", type=_positive_float, default=0.9, help="factor when the monitored MAE rises (default 0.9)"
-    )
-    p.add_argument("--lr-min", type=_positive_float, default=1e-5, help="learning-rate floor (default 1e-5)")
-    p.add_argument(
-        "--monitor-size",
-        type=_positive_int,
-        default=5000,
-        help="training profiles monitored for the decay rule (default 5000)",
-    )
-    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="sgd (paper) or adamw")
-    p.add_argument("--weight-decay", type=_nonneg_float, default=0.0, help="AdamW weight decay (default 0)")
-    p.add_argument(
-        "--precision", choices=("32", "tf32", "bf16-mixed"), default="32", help="numeric precision (default 32)"
-    )
-    p.add_argument("--seed", type=_seed, default=0, help="seed of initialisation, shuffling and dropout (default 0)")
-    p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
-    p.add_argument(
-        "--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)"
-    )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from OUTPUT_DIR/last.ckpt if present, to the same result as an uninterrupted run; a "
-        "checkpoint that cannot be continued (it or its best_*.pt truncated, corrupt or missing; written for "
-        "another dataset or other hyper-parameters; more epochs done than --epochs) is an error",
-    )
-    p.add_argument(
-        "--restart-incompatible",
-        action="store_true",
-        help="with --resume: instead of that error, log why and train from scratch (the workflow passes this)",
-    )
-    p.add_argument("--keep-last", action="store_true", help="keep last.ckpt after success (default: delete it)")
-    p.add_argument(
-        "--gpu-lock-dir",
-        default=None,
-        help="folder of the GPU lease files shared by concurrent jobs (default: $DGEX_GPU_LOCK_DIR or "
-        "<tmp>/dgex-gpu-locks-<uid>)",
-    )
-    p.add_argument(
-        "--checkpoint-interval",
-        type=_nonneg_float,
-        default=60.0,
-        help="seconds between resumable checkpoints (last.ckpt + best weights; default 60, 0 = every epoch)",
-    )
-    _add_no_progress(p)
+    _add_settings(p, "train")
 
     # ---------------------------------------------------------------- baseline
     p = sub.add_parser(
@@ -304,31 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dataset", required=True, help="processed dataset from `dgex preprocess`")
     p.add_argument("--output-dir", required=True, help="run folder")
-    p.add_argument(
-        "--lambdas",
-        type=_finite_float,
-        nargs="+",
-        default=None,
-        metavar="L",
-        help="penalty grid for ridge/lasso, per-sample scale: ridge (1/n)RSS + L|w|^2 "
-        "(sklearn alpha = n_train*L), lasso (1/2n)RSS + L|w|_1 (sklearn alpha = L). "
-        "Default ridge: logspace(-4, 2, 13); lasso: sqrt(2 ln(landmarks)/n_train) * 2^-(0.5..4.5)",
-    )
-    p.add_argument(
-        "--ks",
-        type=int,
-        nargs="+",
-        default=None,
-        metavar="K",
-        help="k grid for knn (default 1 2 3 5 10 15 20 30 50 100)",
-    )
-    p.add_argument(
-        "--n-jobs",
-        type=int,
-        default=-1,
-        help="threads for the per-gene lasso fits (default -1: all cores); other methods ignore it",
-    )
-    _add_no_progress(p)
+    _add_settings(p, "baseline")
+
     # ---------------------------------------------------------------- aggregate
     p = sub.add_parser(
         "aggregate",
@@ -347,12 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="processed dataset the runs were trained on: its target parts are what every grid point must have "
         "(default: the dataset named in the runs' run.json)",
     )
-    p.add_argument(
-        "--allow-incomplete",
-        action="store_true",
-        help="aggregate grid points that lack target parts (and leave out unfinished run folders) instead of "
-        "refusing; aggregate.json lists them and the tables and figures state them",
-    )
+    _add_settings(p, "aggregate")
 
     # ---------------------------------------------------------------- tables
     p = sub.add_parser(
@@ -364,14 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--aggregate", required=True, help="folder written by `dgex aggregate`")
     p.add_argument("--output-dir", required=True, help="tables folder")
-    p.add_argument("--paper-reference", action="store_true", help="print the paper's published numbers beside ours")
-    p.add_argument(
-        "--bootstrap",
-        type=_positive_int,
-        default=2000,
-        dest="n_boot",
-        help="bootstrap resamples for the confidence intervals (default 2000)",
-    )
+    _add_settings(p, "tables")
 
     # ---------------------------------------------------------------- figures
     p = sub.add_parser(
@@ -410,23 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="the part run folders of one network (written by `dgex train`)",
     )
-    _add_selection(q, "which checkpoint to load")
-    q.add_argument(
-        "--split",
-        default="geo-tr",
-        help="profiles to fit and score on (default geo-tr, as in the paper; adjusted R² is in-sample)",
-    )
-    q.add_argument(
-        "--max-samples",
-        type=_positive_int,
-        default=None,
-        help="use a seeded random subset of this many profiles (default: all)",
-    )
-    q.add_argument("--seed", type=_seed, default=0, help="seed of the --max-samples subset (default 0)")
-    q.add_argument("--batch-size", type=_positive_int, default=4096, help="profiles per streamed chunk (default 4096)")
-    q.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N (default auto)")
     q.add_argument("--output-dir", required=True, help="folder for the S2 outputs")
-    _add_no_progress(q)
+    _add_settings(q, "interpret s2")
     q = isub.add_parser(
         "s3",
         help="major-weight connectivity of a 1-hidden-layer network (Figure S3)",
@@ -443,40 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="the part run folders of one 1-hidden-layer network (paper: 3000x1)",
     )
-    _add_selection(q, "which checkpoint to load")
-    q.add_argument(
-        "--sigmas",
-        type=_positive_float,
-        nargs="+",
-        default=[4.0, 5.0],
-        metavar="K",
-        help="thresholds k (in standard deviations) applied to both weight matrices (default 4 5)",
-    )
-    q.add_argument(
-        "--scope",
-        choices=("unit", "matrix"),
-        default="unit",
-        help="mean/std per landmark and per target (unit, the paper) or per whole matrix",
-    )
-    q.add_argument(
-        "--map-sigmas",
-        type=_positive_float,
-        nargs=2,
-        default=[4.0, 5.0],
-        metavar=("K_IN", "K_OUT"),
-        help="thresholds of the connectivity map for input and output weights (default 4 5, the paper)",
-    )
-    q.add_argument(
-        "--map-size",
-        type=_positive_int,
-        default=60,
-        help="hidden units / genes shown in the connectivity map (default 60)",
-    )
     q.add_argument(
         "--dataset", default=None, help="processed dataset (optional): checks the genes and adds gene symbols"
     )
     q.add_argument("--output-dir", required=True, help="folder for the S3 outputs")
-    _add_no_progress(q)
+    _add_settings(q, "interpret s3")
 
     # ---------------------------------------------------------------- export
     p = sub.add_parser(
@@ -501,10 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="an aggregate folder (`dgex aggregate`): export its grid point chosen on validation "
         "(GEO-va for --selection geo-va, 1000G-va for 1000g-va), as Table 1/2 do",
     )
-    _add_selection(p, "which best epoch to export")
     p.add_argument("--output", required=True, help="bundle folder to create")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
-    _add_no_progress(p)
+    _add_settings(p, "export")
 
     # ---------------------------------------------------------------- infer
     p = sub.add_parser(
@@ -524,47 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output", required=True, help="predictions: .gctx (any size), .csv/.tsv (small inputs; .gz to compress)"
     )
-    p.add_argument(
-        "--id-type",
-        choices=("auto",) + ID_TYPES,
-        default="auto",
-        help="row ids of the input: ensembl, entrez, symbol or probe (L1000/HG-U133A, e.g. 200814_at); "
-        "auto (default) picks the type that matches the most landmarks",
-    )
-    p.add_argument(
-        "--format",
-        dest="output_format",
-        choices=("gctx", "csv", "tsv"),
-        default=None,
-        help="output format (default: from the --output extension, which must agree with it: "
-        ".gctx/.h5, .csv[.gz], .tsv/.txt[.gz])",
-    )
-    p.add_argument("--chunk-size", type=_positive_int, default=4096, help="input samples read per chunk (default 4096)")
-    p.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=None,
-        help="samples predicted and written per batch; bounds memory (default: about 64 MB of "
-        "output per batch, 256..8192 samples)",
-    )
-    p.add_argument(
-        "--impute-missing",
-        choices=("none", "mean"),
-        default="none",
-        help="landmarks absent from the input: none (default) = error listing them; mean = fill with "
-        "the GEO training mean and warn (at least 50%% must be present)",
-    )
-    p.add_argument(
-        "--quantile-normalize",
-        action="store_true",
-        help="rank-map each sample onto the GEO landmark reference first; use for inputs whose value "
-        "distribution differs from GEO's quantile-normalised log2 arrays (other platforms or "
-        "normalisations), not for inputs already on the GEO scale",
-    )
-    p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N (default auto)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--force", action="store_true", help="allow csv/tsv output above 20,000 samples")
-    _add_no_progress(p)
+    _add_settings(p, "infer")
 
     # ---------------------------------------------------------------- gpus
     p = sub.add_parser(
@@ -576,15 +286,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lock-dir", default=None, help="lease folder (default as for `dgex train`)")
 
     return parser
-
-
-def _part(text: str):
-    if text == "all":
-        return None
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a part number >= 0 or 'all', got {value}")
-    return value
 
 
 class Terminated(BaseException):
@@ -723,7 +424,6 @@ def _dispatch(args: argparse.Namespace) -> int | None:
     elif args.command == "preprocess":
         from .preprocess import preprocess
 
-        kwargs["dedup"] = not kwargs.pop("no_dedup")
         preprocess(**kwargs)
     elif args.command == "train":
         from .train import train

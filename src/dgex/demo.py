@@ -85,6 +85,7 @@ from . import __version__
 from .errors import ConfigError
 from .genes import ALL_PROBES, data_path, probe_annotation, read_gene_map, select_targets
 from .io import ensure_dir, write_gctx, write_json, write_tsv
+from .settings import DemoSettings
 
 log = logging.getLogger(__name__)
 
@@ -136,38 +137,13 @@ RNASEQ_ZERO_PROB = 0.5
 CHROMOSOMES = np.array([str(i) for i in range(1, 23)] + ["X"], dtype=object)
 
 
-def _check_args(
-    output_dir, seed, n_geo, n_duplicates, n_1000g, n_gtex, n_latent, noise, max_targets, target_seed
-) -> None:
-    def is_int(v):
-        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-    for name, value, low in (
-        ("n_geo", n_geo, 2),
-        ("n_duplicates", n_duplicates, 0),
-        ("n_1000g", n_1000g, 1),
-        ("n_gtex", n_gtex, 1),
-        ("n_latent", n_latent, 1),
-    ):
-        if not is_int(value) or value < low:
-            raise ConfigError(f"demo: {name} must be an integer >= {low}, got {value!r}")
-    for name, value in (("seed", seed), ("target_seed", target_seed)):
-        if not is_int(value) or value < 0:
-            raise ConfigError(f"demo: {name} must be a non-negative integer, got {value!r}")
+def _check_args(output_dir, n_geo, n_duplicates) -> None:
+    """What :class:`~dgex.settings.DemoSettings` cannot check alone: the values together, the output folder."""
     if n_duplicates > n_geo:
         raise ConfigError(
             f"demo: n_duplicates ({n_duplicates}) must not exceed n_geo ({n_geo}); "
             f"each planted duplicate copies a different profile"
         )
-    if max_targets is not None and (not is_int(max_targets) or max_targets < 1):
-        raise ConfigError(f"demo: max_targets must be a positive integer or None (all targets), got {max_targets!r}")
-    if (
-        not isinstance(noise, (int, float, np.floating))
-        or isinstance(noise, bool)
-        or not math.isfinite(noise)
-        or noise < 0
-    ):
-        raise ConfigError(f"demo: noise must be a finite number >= 0 (gene-level s.d., log2 units), got {noise!r}")
     if output_dir is None or str(output_dir) == "":
         raise ConfigError("demo: output_dir is required")
     if Path(output_dir).exists() and not Path(output_dir).is_dir():
@@ -347,9 +323,8 @@ def generate(
     (the genome-wide L1000 model's target set) writes every HG-U133A probe: the
     unused ones all become filler probes, so any probe subset preprocessing picks is there.
     """
-    if targets not in ("builtin", ALL_PROBES):
-        raise ConfigError(f"demo: targets must be 'builtin' or '{ALL_PROBES}', got {targets!r}")
-    _check_args(output_dir, seed, n_geo, n_duplicates, n_1000g, n_gtex, n_latent, noise, max_targets, target_seed)
+    DemoSettings.check(locals())
+    _check_args(output_dir, n_geo, n_duplicates)
     params = {
         "seed": seed,
         "n_geo": n_geo,

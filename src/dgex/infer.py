@@ -56,6 +56,7 @@ from .io import (
     open_matrix,
     refuse_overwriting_inputs,
 )
+from .settings import InferSettings
 
 log = logging.getLogger(__name__)
 
@@ -514,12 +515,9 @@ def infer(
     """
     from tqdm.auto import tqdm
 
-    if impute_missing not in ("none", "mean"):
-        raise ConfigError(f"--impute-missing must be none or mean (got {impute_missing!r})")
-    if chunk_size < 1 or (batch_size is not None and batch_size < 1):
-        raise ConfigError("--chunk-size and --batch-size must be >= 1")
+    fmt = _output_format(Path(output), output_format)  # first: it explains what a wrong format means
+    InferSettings.check(locals())
     output, input = Path(output), Path(input)
-    fmt = _output_format(output, output_format)
     check_output_path(output)
     refuse_overwriting_inputs([output], {"--input": input, "--model": model})
     if output.exists() and not overwrite:

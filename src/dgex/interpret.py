@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import textwrap
 from pathlib import Path
 
@@ -45,6 +44,7 @@ from .errors import ConfigError, InputError
 from .io import atomic_path, staged_files, write_json
 from .plotting import pyplot, save_figure
 from .runs import check_dataset, load_runs
+from .settings import S2Settings, S3Settings
 
 log = logging.getLogger(__name__)
 
@@ -203,15 +203,12 @@ def interpret_s2(
     ``s2.json`` (settings, per-fit rank/notes, summary, captions).  Returns the
     ``s2.json`` content.
     """
+    S2Settings.check(locals())
     from tqdm.auto import tqdm
 
     from .checkpoints import load_weights
     from .devices import pick_device
 
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1 (got {batch_size})")
-    if max_samples is not None and max_samples < 2:
-        raise ConfigError(f"--max-samples must be >= 2 (got {max_samples})")
     run_list = load_runs(runs, selection)
     layers, units, dropout = run_list[0]["arch"]
     dev = pick_device(device)
@@ -558,19 +555,13 @@ def interpret_s3(
     part and sigma, captions).  ``map_sigmas`` = (input k, output k) of the
     connectivity map (the paper: 4 and 5).  Returns the ``s3.json`` content.
     """
+    S3Settings.check(locals())
     from tqdm.auto import tqdm
 
     from .checkpoints import load_weights
 
-    sigmas = [float(k) for k in sigmas]
+    sigmas = sorted({float(k) for k in sigmas})
     map_sigmas = [float(k) for k in map_sigmas]
-    if not sigmas or len(map_sigmas) != 2 or not all(0 < k < math.inf for k in [*sigmas, *map_sigmas]):
-        raise ConfigError(f"--sigmas and --map-sigmas (IN OUT) must be finite numbers > 0 (got {sigmas}, {map_sigmas})")
-    if scope not in SCOPES:
-        raise ConfigError(f"--scope must be one of {', '.join(SCOPES)} (got {scope!r})")
-    if map_size < 1:
-        raise ConfigError(f"--map-size must be >= 1 (got {map_size})")
-    sigmas = sorted(set(sigmas))
     run_list = load_runs(runs, selection)
     layers, units, dropout = run_list[0]["arch"]
     if layers != 1:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import resource
 import time
 from contextlib import ExitStack
@@ -53,6 +52,7 @@ from .io import (
     scratch_h5,
     write_json,
 )
+from .settings import PreprocessSettings
 
 log = logging.getLogger(__name__)
 
@@ -234,26 +234,6 @@ def check_not_log2(block: np.ndarray, path) -> None:
         )
 
 
-def _check_settings(p: dict) -> None:
-    """The numeric settings of :func:`preprocess` (the CLI's types check them too; the Python API gets the same)."""
-    problems = []
-    if not 0 <= p["dedup_threshold"] < math.inf:
-        problems.append(f"--dedup-threshold must be a finite number >= 0 (got {p['dedup_threshold']})")
-    if not 0 < p["epsilon"] < math.inf:
-        problems.append(f"--epsilon must be a finite number > 0 (got {p['epsilon']})")
-    for key in ("va_fraction", "te_fraction"):
-        if not 0 <= p[key] < 1:
-            problems.append(f"--{key.replace('_', '-')} must be in [0, 1) (got {p[key]})")
-    for key in ("target_seed", "part_seed", "split_seed", "seed"):
-        if not 0 <= p[key] < 2**32:
-            problems.append(f"--{key.replace('_', '-')} must be an integer in 0..{2**32 - 1} (got {p[key]})")
-    for key in ("target_parts", "dedup_clusters", "chunk_size", "memory_mb"):
-        if p[key] < 1:
-            problems.append(f"--{key.replace('_', '-')} must be >= 1 (got {p[key]})")
-    if problems:
-        raise ConfigError("; ".join(problems))
-
-
 def preprocess(
     *,
     geo,
@@ -286,6 +266,7 @@ def preprocess(
 ) -> dict:
     """Build the processed dataset ``output`` (HDF5, see :mod:`dgex.dataset`) and its JSON ``summary``."""
     params = {k: v for k, v in locals().items() if k not in ("progress",)}
+    PreprocessSettings.check(params)
     t0 = time.time()
     timings: dict[str, float] = {}
     tick = [t0]
@@ -322,9 +303,6 @@ def preprocess(
             "--targets": None if str(targets) in ("builtin", ALL_PROBES) else targets,
         },
     )
-    if standardize not in ("transductive", "inductive"):
-        raise InputError(f"standardize must be 'transductive' or 'inductive', got {standardize!r}")
-    _check_settings(locals())
 
     lm, tg = load_genes(landmarks, targets, max_targets, target_seed, target_parts, part_seed)
     genes = pd.concat([lm, tg], ignore_index=True)

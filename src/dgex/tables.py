@@ -27,6 +27,7 @@ from .aggregate import describe_gap, load_aggregate
 from .errors import InputError
 from .io import atomic_path, staged_files, write_json, write_text
 from .metrics import bootstrap_ci, compare
+from .settings import TablesSettings
 
 log = logging.getLogger(__name__)
 
@@ -470,6 +471,7 @@ def _write(out: Path, name: str, table: pd.DataFrame, markdown: str, note: str =
 
 def make_tables(*, aggregate, output_dir, paper_reference: bool = False, n_boot: int = 2000) -> dict:
     """Write every table into ``output_dir``; returns the content of ``tables.json``."""
+    TablesSettings.check(locals())
     agg = load_aggregate(aggregate)
     summary, per_gene = agg["summary"], agg["per_gene"]
     gaps = incomplete_points(agg, aggregate)

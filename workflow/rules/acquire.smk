@@ -18,10 +18,7 @@ rule acquire:
         runtime=600,
     params:
         url=lambda wc: input_cfg(wc.source)["url"],
-        verify=lambda wc: " ".join(
-            ([f"--sha256 {input_cfg(wc.source)['sha256']}"] if input_cfg(wc.source).get("sha256") else [])
-            + ([f"--size {input_cfg(wc.source)['size']}"] if input_cfg(wc.source).get("size") else [])
-        ),
+        verify=lambda wc: settings_args("acquire", source=wc.source),
     shell:
         "python -m dgex acquire --url {params.url:q} --output {output:q} {params.verify} --no-progress > {log} 2>&1"
 

@@ -50,9 +50,9 @@ rule tables:
     params:
         aggregate=lambda wc, input: os.path.dirname(input[0]),
         outdir=lambda wc, output: os.path.dirname(output.info),
-        paper="--paper-reference" if config["report"]["paper_reference"] else "",
+        args=lambda wc: settings_args("tables"),
     shell:
-        "python -m dgex tables --aggregate {params.aggregate:q} --output-dir {params.outdir:q} {params.paper} "
+        "python -m dgex tables --aggregate {params.aggregate:q} --output-dir {params.outdir:q} {params.args} "
         "> {log} 2>&1"
 
 

@@ -19,6 +19,12 @@ def _uses_conda():
 # no activated environment. Under --software-deployment-method conda the rule's
 # env provides python instead.
 SRC = str(Path(workflow.basedir) / "src")
+# The checkout's own dgex (not whichever is installed) says which config key feeds which flag of a job.
+sys.path.insert(0, SRC)
+from dgex.settings import check_config, config_args
+
+check_config(config)  # after the schema: the rules between settings, as each `dgex` command applies them
+
 _prefix = f"export PYTHONPATH={shlex.quote(SRC)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "  # braces doubled twice: f-string, then Snakemake
 if not _uses_conda():
     _prefix += f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH; "
@@ -137,54 +143,19 @@ def preprocess_inputs(wildcards):
     return {s: input_path(s) for s in used_sources()}
 
 
+def settings_args(command, only=None, skip=(), **keys):
+    """Flags of `dgex <command>` for the settings the config sets, quoted: dgex.settings maps keys to flags."""
+    return shell_args(config_args(command, config, only=only, skip=skip, **keys))
+
+
 def preprocess_args():
-    """Command-line flags of `dgex preprocess` from the genes/preprocess/inputs config."""
-    g, p = config["genes"], config["preprocess"]
-    geo = input_cfg("geo")
-    args = [
-        "--landmarks",
-        g["landmarks"],
-        "--targets",
-        g["targets"],
-        "--target-seed",
-        g["target_seed"],
-        "--target-parts",
-        g["parts"],
-        "--part-seed",
-        g["part_seed"],
-        "--dedup-clusters",
-        p["dedup_clusters"],
-        "--dedup-threshold",
-        p["dedup_threshold"],
-        "--standardize",
-        p["standardize"],
-        "--epsilon",
-        p["epsilon"],
-        "--va-fraction",
-        p["va_fraction"],
-        "--te-fraction",
-        p["te_fraction"],
-        "--split-seed",
-        p["split_seed"],
-        "--seed",
-        p["seed"],
-        "--chunk-size",
-        p["chunk_size"],
-        "--memory-mb",
-        p["memory_mb"],
-    ]
-    if g.get("max_targets"):
-        args += ["--max-targets", g["max_targets"]]
-    if not p["dedup"]:
-        args.append("--no-dedup")
-    if geo.get("quantile_normalize"):
-        args.append("--geo-quantile-normalize")
-    if geo.get("log2"):
-        args.append("--geo-log2")
+    """Flags of `dgex preprocess`: its settings, and each RNA-seq input's path before its id type."""
+    ids = ("g1000_id_type", "gtex_id_type")
+    args = [settings_args("preprocess", skip=ids)]
     for s in ("g1000", "gtex"):
         if input_cfg(s):
-            args += [f"--{s}", input_path(s), f"--{s}-id-type", input_cfg(s).get("id_type", "ensembl")]
-    return shell_args(args)
+            args += [shell_args([f"--{s}", input_path(s)]), settings_args("preprocess", only=(f"{s}_id_type",))]
+    return " ".join(args)
 
 
 def shell_args(args):
@@ -235,38 +206,6 @@ def dgex_runs():
 
 def baseline_runs():
     return [out("runs", "baselines", m, "run.json") for m in config["baselines"]["methods"]]
-
-
-def train_args(wc):
-    """`dgex train` flags from the train config (the grid point comes from the wildcards)."""
-    t = config["train"]
-    args = [
-        "--epochs",
-        t["epochs"],
-        "--batch-size",
-        t["batch_size"],
-        "--momentum",
-        t["momentum"],
-        "--lr-decay",
-        t["lr_decay"],
-        "--lr-min",
-        t["lr_min"],
-        "--monitor-size",
-        t["monitor_size"],
-        "--optimizer",
-        t["optimizer"],
-        "--weight-decay",
-        t["weight_decay"],
-        "--precision",
-        t["precision"],
-        "--seed",
-        t["seed"],
-        "--device",
-        t["device"],
-    ]
-    if t.get("lr"):
-        args += ["--lr", t["lr"]]
-    return shell_args(args)
 
 
 def _n_targets_per_part():

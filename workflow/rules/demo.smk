@@ -18,20 +18,7 @@ rule demo_data:
         mem_mb=2000,
         runtime=10,
     params:
-        args=lambda wc: " ".join(
-            [
-                f"--seed {config['demo']['seed']}",
-                f"--n-geo {config['demo']['n_geo']}",
-                f"--n-duplicates {config['demo']['n_duplicates']}",
-                f"--n-1000g {config['demo']['n_1000g']}",
-                f"--n-gtex {config['demo']['n_gtex']}",
-                f"--n-latent {config['demo']['n_latent']}",
-                f"--noise {config['demo']['noise']}",
-                f"--target-seed {config['genes']['target_seed']}",
-            ]
-            + ([f"--max-targets {config['genes']['max_targets']}"] if config["genes"].get("max_targets") else [])
-            + (["--targets u133a-probes"] if config["genes"]["targets"] == "u133a-probes" else [])
-        ),
+        args=lambda wc: settings_args("demo-data"),
         outdir=lambda wc, output: os.path.dirname(output.geo),
     shell:
         "python -m dgex demo-data --output-dir {params.outdir} {params.args} > {log} 2>&1"

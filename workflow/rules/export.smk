@@ -21,7 +21,7 @@ rule export:
     params:
         aggregate=lambda wc, input: os.path.dirname(input.aggregate),
         outdir=lambda wc, output: os.path.dirname(output.bundle),
-        selection=config["export"]["selection"],
+        args=lambda wc: settings_args("export"),
     shell:
         "python -m dgex export --dataset {input.dataset:q} --grid-aggregate {params.aggregate:q} "
-        "--selection {params.selection} --output {params.outdir:q} --overwrite --no-progress > {log} 2>&1"
+        "{params.args} --output {params.outdir:q} --overwrite --no-progress > {log} 2>&1"

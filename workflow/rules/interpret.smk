@@ -28,16 +28,10 @@ rule interpret_s2:
     params:
         runs=lambda wc, input: run_dirs(input.runs),
         outdir=lambda wc, output: os.path.dirname(output.info),
-        split=config["interpret"]["s2_split"],
-        max_samples=(
-            f"--max-samples {config['interpret']['s2_max_samples']}"
-            if config["interpret"].get("s2_max_samples")
-            else ""
-        ),
-        device=config["train"]["device"],
+        args=lambda wc: settings_args("interpret s2"),
     shell:
-        "python -m dgex interpret s2 --dataset {input.dataset:q} --runs {params.runs} --split {params.split} "
-        "{params.max_samples} --device {params.device} --output-dir {params.outdir:q} --no-progress > {log} 2>&1"
+        "python -m dgex interpret s2 --dataset {input.dataset:q} --runs {params.runs} {params.args} "
+        "--output-dir {params.outdir:q} --no-progress > {log} 2>&1"
 
 
 rule interpret_s3:
@@ -63,7 +57,7 @@ rule interpret_s3:
     params:
         runs=lambda wc, input: run_dirs(input.runs),
         outdir=lambda wc, output: os.path.dirname(output.info),
-        sigmas=" ".join(str(k) for k in config["interpret"]["sigmas"]),
+        args=lambda wc: settings_args("interpret s3"),
     shell:
-        "python -m dgex interpret s3 --dataset {input.dataset:q} --runs {params.runs} --sigmas {params.sigmas} "
+        "python -m dgex interpret s3 --dataset {input.dataset:q} --runs {params.runs} {params.args} "
         "--output-dir {params.outdir:q} --no-progress > {log} 2>&1"

@@ -31,7 +31,7 @@ rule train:
         runtime=lambda wc: train_runtime(wc),
         gpu=1 if config["train"]["gpu"] else 0,
     params:
-        args=lambda wc: train_args(wc),
+        args=lambda wc: settings_args("train"),
         outdir=lambda wc, output: os.path.dirname(output.run),
     shell:
         "python -m dgex train --dataset {input.dataset:q} --output-dir {params.outdir:q} "
