@@ -205,6 +205,8 @@ def train_args(wc):
         t["seed"],
         "--device",
         t["device"],
+        "--checkpoint-interval",
+        t["checkpoint_interval"],
     ]
     if t.get("lr"):
         args += ["--lr", t["lr"]]
