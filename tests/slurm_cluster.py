@@ -74,7 +74,7 @@ def parse_records(text: str) -> list[dict]:
     records = []
     for line in text.splitlines():
         rec, key = {}, None
-        for token in line.split(" "):
+        for token in line.split():  # runs of spaces (and the line's trailing one) are one separator
             if "=" in token and token.split("=", 1)[0].isidentifier():
                 key, value = token.split("=", 1)
                 rec[key] = value

@@ -326,3 +326,12 @@ def test_readme_commands_are_the_tests():
             cmd[cmd.index("--cores") + 1] = local_argv(configs)[2]
     assert slurm_argv(configs) in cmds, cmds
     assert local_argv(configs) in cmds, cmds
+
+
+def test_parse_records_reads_scontrol_and_jobcomp_lines():
+    """Values with spaces are kept whole; runs of spaces and the trailing one are not part of a value."""
+    line = "JobId=7 JobName=a b Comment=rule_train_wildcards_1_8_0_0  ExitCode=0:0 \n\nJobId=8 Reason=None"
+    assert parse_records(line) == [
+        {"JobId": "7", "JobName": "a b", "Comment": "rule_train_wildcards_1_8_0_0", "ExitCode": "0:0"},
+        {"JobId": "8", "Reason": "None"},
+    ]
