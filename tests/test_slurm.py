@@ -21,17 +21,22 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
 from conftest import REPO
 from slurm_cluster import PrivateSlurm, SlurmUnavailable, parse_records
+
+from dgex.train import read_checkpoint_state
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -95,12 +100,13 @@ def _wildcards(run_dir: Path) -> str:
 class Watcher(threading.Thread):
     """Samples the cluster's training jobs; cancels one of them once it has a checkpoint."""
 
-    def __init__(self, cluster: PrivateSlurm, results: Path):
+    def __init__(self, cluster: PrivateSlurm, results: Path, snapshot: Path):
         super().__init__(daemon=True)
-        self.cluster, self.results = cluster, results
+        self.cluster, self.results, self.snapshot = cluster, results, snapshot
         self.stop = threading.Event()
         self.max_training, self.samples = 0, 0
         self.victim: dict | None = None  # job id, run folder
+        self.snapshot_taken = False  # the victim's last.ckpt, copied once the cancelled job has ended
         self.gpu_index: dict[str, str] = {}  # training job id -> the GPU SLURM allocated (gone once it ends)
         self.errors: list[str] = []
 
@@ -125,6 +131,10 @@ class Watcher(threading.Thread):
                     self._record_gpu(job[0])
             if self.victim is None:
                 self._maybe_cancel({j[2]: j[0] for j in training if j[1] == "RUNNING"})
+            elif not self.snapshot_taken and {j[0]: j[1] for j in jobs}.get(self.victim["job"]) == "CANCELLED":
+                # ended (not COMPLETING): nothing writes last.ckpt until the retry starts, seconds later
+                shutil.copy(self.victim["run_dir"] / "last.ckpt", self.snapshot)
+                self.snapshot_taken = True
             time.sleep(0.1)
 
     def _record_gpu(self, job: str) -> None:
@@ -190,7 +200,7 @@ def grid(cluster, tmp_path_factory):
     results = tmp / "slurm" / "results"
     env = cluster.env
     env["PATH"] = f"{cluster.bin}:{Path(sys.executable).parent}:{env['PATH']}"
-    watcher = Watcher(cluster, results)
+    watcher = Watcher(cluster, results, tmp / "cancelled.ckpt")
     watcher.start()
     t0 = time.monotonic()
     try:
@@ -215,6 +225,7 @@ def grid(cluster, tmp_path_factory):
         "output": smk.stdout + smk.stderr,
         "jobs": jobs,
         "watcher": watcher,
+        "snapshot": tmp / "cancelled.ckpt",
     }
 
 
@@ -280,9 +291,15 @@ def test_cancelled_training_is_retried_and_resumes_to_the_same_result(grid):
     attempts = sorted((j for j in grid["jobs"] if j["Comment"] == comment), key=lambda j: int(j["JobId"]))
     assert [j["JobState"] for j in attempts] == ["CANCELLED", "COMPLETED"], attempts
     assert attempts[0]["JobId"] == victim["job"]
-    # the retry continued from the checkpoint instead of starting again
+    # the retry continued from the checkpoint the cancelled job left instead of starting again: the epochs
+    # before it are that job's (their measured durations are in the checkpoint), the rest were trained again
+    assert grid["watcher"].snapshot_taken
+    done = read_checkpoint_state(grid["snapshot"])["history"]
+    history = pd.read_csv(run_dir / "history.csv")
+    assert 1 <= len(done) < OVERLAY["train"]["epochs"] == len(history)
+    assert np.allclose(history["seconds"][: len(done)], [e["seconds"] for e in done], rtol=1e-9, atol=0)
     log = (grid["slurm"] / "logs" / "train" / f"{run_dir.parent.name}_{run_dir.name}.log").read_text()
-    assert "Restoring states from the checkpoint" in log and "starting from scratch" not in log, log
+    assert "starting from scratch" not in log and "cannot resume" not in log, log
     local = grid["local"] / "runs" / "dgex" / run_dir.parent.name / run_dir.name
     assert (run_dir / "per_gene.csv").read_bytes() == (local / "per_gene.csv").read_bytes()
 
