@@ -465,7 +465,10 @@ class TrainSettings(Settings):
         shown_default="$DGEX_GPU_LOCK_DIR or <tmp>/dgex-gpu-locks-<uid>",
     )
     checkpoint_interval: float = setting(
-        60.0, "seconds between resumable checkpoints (last.ckpt + best weights; 0 = every epoch)", min=0
+        60.0,
+        "seconds between resumable checkpoints (last.ckpt + best weights; 0 = every epoch)",
+        min=0,
+        config="train.checkpoint_interval",
     )
     progress: bool = setting(True, _PROGRESS)
 
