@@ -193,7 +193,7 @@ def figure5(agg, out):
         st = SERIES[i % len(SERIES)]
         # markers at shifted epochs, so coinciding curves still show all their markers
         every = (i * max(1, n_epochs // 30), max(1, n_epochs // 10))
-        kw = dict(color=st["color"], ls=st["ls"], marker=st["marker"], markersize=4, markevery=every)
+        kw = {"color": st["color"], "ls": st["ls"], "marker": st["marker"], "markersize": 4, "markevery": every}
         ax.plot(g["epoch"], g["gtex-te"], label=pct(float(d)), **kw)
         late = g[g["epoch"] >= first]
         zoom.plot(late["epoch"], late["gtex-te"], **{**kw, "markevery": (every[0], max(1, every[1] // 2))})
