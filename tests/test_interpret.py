@@ -302,7 +302,7 @@ def test_bad_inputs_raise(toy, tmp_path):
 
 
 def test_s3_caption_says_when_the_map_is_empty(toy, tmp_path):
-    """No weight beyond k standard deviations (small networks, large k): the caption says the map is empty."""
+    """No weight beyond k standard deviations (small networks, large k): the caption says the map marks none."""
     runs = [toy["runs"][(1, 0)], toy["runs"][(1, 1)]]
     info = interpret_s3(runs=runs, output_dir=tmp_path / "a", map_sigmas=(50, 50), progress=False)
     assert (
@@ -314,4 +314,4 @@ def test_s3_caption_says_when_the_map_is_empty(toy, tmp_path):
     w_in = model.hidden[0].weight.detach().double().numpy()
     assert major_weights(w_in, 0.5, axis=0).any()
     info = interpret_s3(runs=runs, output_dir=tmp_path / "b", map_sigmas=(0.5, 0.5), progress=False)
-    assert "map is empty" not in info["captions"]["figure_s3"]
+    assert "map marks none" not in info["captions"]["figure_s3"]

@@ -21,7 +21,7 @@ import pandas as pd
 from .aggregate import load_aggregate
 from .errors import InputError
 from .io import staged_files, write_json
-from .plotting import pyplot, save_figure
+from .plotting import MAE_UNIT, OKABE_ITO, pyplot, save_figure
 from .tables import (
     BASELINES,
     TASKS,
@@ -39,7 +39,27 @@ from .tables import (
 
 log = logging.getLogger(__name__)
 
-COLORS = {"LR": "#d62728", "LR-L1": "#ff7f0e", "LR-L2": "#9467bd", "KNN-GE": "#7f7f7f", "D-GEX": "#1f77b4"}
+# each method keeps its colour and line style in every figure; baselines are dashed in their own patterns
+COLORS = {
+    "LR": OKABE_ITO["vermillion"],
+    "LR-L1": OKABE_ITO["orange"],
+    "LR-L2": OKABE_ITO["sky blue"],
+    "KNN-GE": OKABE_ITO["black"],
+    "D-GEX": OKABE_ITO["blue"],
+}
+DASHES = {"LR": (0, (6, 2)), "LR-L1": (0, (6, 2, 1, 2)), "LR-L2": (0, (2, 1.5)), "KNN-GE": (0, (8, 2, 1, 2, 1, 2))}
+# D-GEX curves of one panel (depths, dropout rates): colour, line style and marker all differ
+SERIES = [
+    {"color": OKABE_ITO["blue"], "ls": "-", "marker": "o"},
+    {"color": OKABE_ITO["bluish green"], "ls": (0, (1, 1.2)), "marker": "s"},
+    {"color": OKABE_ITO["reddish purple"], "ls": (0, (5, 1.5, 1, 1.5)), "marker": "^"},
+    {"color": OKABE_ITO["sky blue"], "ls": (0, (3, 1, 1, 1, 1, 1)), "marker": "D"},
+]
+
+
+def _outside_legend(fig, ax, ncols: int = 4) -> None:
+    """Legend below the axes (needs a constrained-layout figure), never over the data."""
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=ncols, frameon=False)
 
 
 def _genes(per_gene: pd.DataFrame, method: str, selected_by: str, split: str, arch=None) -> pd.Series:
@@ -57,19 +77,27 @@ def figure1(agg, out):
     s = dgex_rows(summary, "geo-va", "geo-te")
     s = s[s["dropout"] == pick["dropout"]]
     base = baseline_rows(summary, "geo-va", "geo-te")
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for layers, g in s.groupby("layers"):
+    fig, ax = plt.subplots(figsize=(6.2, 3.8), layout="constrained")
+    for i, (layers, g) in enumerate(s.groupby("layers")):
         g = g.sort_values("units")
-        ax.plot(g["units"], g["mae_mean"], marker="o", label=f"D-GEX {int(layers)} hidden layer{'s' * (layers > 1)}")
+        st = SERIES[i % len(SERIES)]
+        ax.plot(
+            g["units"],
+            g["mae_mean"],
+            color=st["color"],
+            ls=st["ls"],
+            marker=st["marker"],
+            label=f"D-GEX, {int(layers)} hidden layer{'s' * (layers > 1)}",
+        )
     for m in BASELINES:
         b = base[base["method"] == m]
         if len(b):
-            ax.axhline(b["mae_mean"].iloc[0], ls="--", color=COLORS[m], label=m)
+            ax.axhline(b["mae_mean"].iloc[0], ls=DASHES[m], color=COLORS[m], lw=1.2, label=m)
     ax.set_xlabel("hidden units per layer")
-    ax.set_ylabel("overall MAE on GEO-te")
+    ax.set_ylabel(f"overall error on GEO-te\n(mean per-gene MAE, {MAE_UNIT})")
     ax.set_xticks(sorted(s["units"].unique()))
-    ax.set_title(f"Figure 1. GEO-te error of {pct(pick['dropout'])} by architecture")
-    ax.legend(frameon=False, ncol=2)
+    ax.set_title(f"GEO-te error of {pct(pick['dropout'])} by architecture")
+    _outside_legend(fig, ax, ncols=3)
     caption = (
         f"GEO-te overall error (mean per-gene MAE) of {pct(pick['dropout'])} (the dropout chosen "
         f"on GEO-va) for each depth and width; dashed lines: the baselines."
@@ -91,14 +119,23 @@ def figure2(agg, out):
     lo = min(v.min() for v in series.values())
     hi = max(v.quantile(0.995) for v in series.values())
     grid = np.linspace(lo, hi, 400)
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = plt.subplots(figsize=(6.2, 3.8), layout="constrained")
+    styles = {"LR": DASHES["LR"], "KNN-GE": DASHES["KNN-GE"]}
     for name, v in series.items():
         color = COLORS.get(name, COLORS["D-GEX"])
-        ax.plot(grid, gaussian_kde(v.to_numpy())(grid), color=color, label=f"{name} (mean {v.mean():.4f})")
-    ax.set_xlabel("per-gene MAE on GEO-te")
-    ax.set_ylabel("density of target genes")
-    ax.set_title("Figure 2. Distribution of per-gene errors (GEO-te)")
-    ax.legend(frameon=False)
+        ax.plot(
+            grid,
+            gaussian_kde(v.to_numpy())(grid),
+            color=color,
+            ls=styles.get(name, "-"),
+            lw=1.5 if name in styles else 2.0,
+            label=f"{name}\n(mean {v.mean():.4f})",
+        )
+    ax.set_xlabel(f"per-gene MAE on GEO-te ({MAE_UNIT})")
+    ax.set_ylabel(f"density of target genes\n(1 / {MAE_UNIT[:-1]})")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Distribution of per-gene errors on GEO-te")
+    _outside_legend(fig, ax)
     caption = f"Density of the per-gene GEO-te MAE of LR, KNN-GE and the best D-GEX by GEO-va ({arch_name(arch)})."
     return save_figure(fig, out, "figure2"), caption
 
@@ -108,9 +145,9 @@ def _scatter(agg, out, task: str, number: int):
     t = TASKS[task]
     arch = chosen_arch(agg["summary"], task)
     model = _genes(agg["per_gene"], "D-GEX", t["validation"], t["test"], arch)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(8.4, 4.4), layout="constrained")
     wins = {}
-    for ax, base_name in zip(axes, ("LR", "KNN-GE")):
+    for ax, base_name, letter in zip(axes, ("LR", "KNN-GE"), "ab"):
         base = _genes(agg["per_gene"], base_name, t["validation"], t["test"])
         genes = model.index.intersection(base.index)
         if len(genes) == 0:
@@ -119,17 +156,18 @@ def _scatter(agg, out, task: str, number: int):
         x, y = base.loc[genes].to_numpy(), model.loc[genes].to_numpy()
         win = float(np.mean(y < x))
         wins[base_name] = win
-        ax.scatter(x, y, s=4, alpha=0.4, color=COLORS["D-GEX"], rasterized=True)
-        lim = [min(x.min(), y.min()), max(x.max(), y.max())]
-        ax.plot(lim, lim, color="black", lw=1)
+        ax.scatter(x, y, s=4, alpha=0.4, linewidths=0, color=COLORS["D-GEX"], rasterized=True)
+        pad = 0.02 * (max(x.max(), y.max()) - min(x.min(), y.min()))
+        lim = [min(x.min(), y.min()) - pad, max(x.max(), y.max()) + pad]
+        ax.plot(lim, lim, color="black", lw=0.8)
         ax.set_xlim(lim)
         ax.set_ylim(lim)
         ax.set_aspect("equal")
-        ax.set_xlabel(f"{base_name} per-gene MAE")
-        ax.set_ylabel(f"{arch_name(arch)} per-gene MAE")
-        ax.text(0.04, 0.95, f"D-GEX better on {100 * win:.2f}% of genes", transform=ax.transAxes, va="top")
-        ax.set_title(f"vs {base_name}")
-    fig.suptitle(f"Figure {number}. Per-gene errors on {t['title']} (selected by {t['validation']})")
+        ax.set_xlabel(f"{base_name} per-gene MAE ({MAE_UNIT})")
+        ax.set_ylabel(f"{arch_name(arch)} per-gene MAE ({MAE_UNIT})")
+        # the share of genes goes in the title, off the points
+        ax.set_title(f"({letter}) vs {base_name}: D-GEX lower on {100 * win:.2f}% of genes\n(below the diagonal)")
+    fig.suptitle(f"Per-gene errors on {t['title']} (models selected by {t['validation']})")
     caption = (
         f"Per-gene {t['title']} MAE of the best D-GEX by {t['validation']} ({arch_name(arch)}) against LR and "
         f"KNN-GE; below the diagonal D-GEX is better ("
@@ -147,17 +185,28 @@ def figure5(agg, out):
     layers = 2 if (hist["layers"] == 2).any() else int(hist["layers"].max())
     units = int(hist[hist["layers"] == layers]["units"].max())
     h = hist[(hist["layers"] == layers) & (hist["units"] == units)]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for d, g in h.groupby("dropout"):
-        ax.plot(g["epoch"], g["gtex-te"], label=pct(float(d)))
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(8.4, 3.6), layout="constrained")
+    n_epochs = int(h["epoch"].max())
+    first = max(1, n_epochs // 5)  # (b) leaves out the steep start, where the curves are far above their end
+    for i, (d, g) in enumerate(h.groupby("dropout")):
+        g = g.sort_values("epoch")
+        st = SERIES[i % len(SERIES)]
+        # markers at shifted epochs, so coinciding curves still show all their markers
+        every = (i * max(1, n_epochs // 30), max(1, n_epochs // 10))
+        kw = {"color": st["color"], "ls": st["ls"], "marker": st["marker"], "markersize": 4, "markevery": every}
+        ax.plot(g["epoch"], g["gtex-te"], label=pct(float(d)), **kw)
+        late = g[g["epoch"] >= first]
+        zoom.plot(late["epoch"], late["gtex-te"], **{**kw, "markevery": (every[0], max(1, every[1] // 2))})
     lr = baseline_rows(agg["summary"], "1000g-va", "gtex-te")
     lr = lr[lr["method"] == "LR"]
     if len(lr):
-        ax.axhline(lr["mae_mean"].iloc[0], ls="--", color=COLORS["LR"], label="LR")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("overall MAE on GTEx-te")
-    ax.set_title(f"Figure 5. GTEx-te error during training ({layers}×{units})")
-    ax.legend(frameon=False)
+        ax.axhline(lr["mae_mean"].iloc[0], ls=DASHES["LR"], color=COLORS["LR"], label="LR")
+    for a in (ax, zoom):
+        a.set_xlabel("training epoch")
+        a.set_ylabel(f"overall error on GTEx-te\n(mean per-gene MAE, {MAE_UNIT})")
+    ax.set_title(f"(a) {layers}×{units} network, all epochs")
+    zoom.set_title(f"(b) epochs {first}–{n_epochs} enlarged, without LR")
+    _outside_legend(fig, ax)
     # what the curves do is read off the data, never assumed (the paper saw the error rise late in training)
     trend = []
     for d, g in h.groupby("dropout"):

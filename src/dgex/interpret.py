@@ -644,16 +644,24 @@ def interpret_s3(
             if scope == "unit"
             else "over each whole weight matrix"
         )
-        files = list(tables) + _figure_s3(tables, nets[0], sigmas, map_sigmas, map_size, name, stage)
+        files = list(tables) + _figure_s3(tables, nets[0], sigmas, map_sigmas, map_size, name, stage, scope)
+        n_nets, n_lm = len(nets), nets[0]["w_in"].shape[1]
+        pooled = (
+            f" (the hidden units and target genes of the {n_nets} target parts' networks pooled; each of the "
+            f"{n_lm:,} landmarks counted once, with its major connections summed over the {n_nets} networks)"
+            if n_nets > 1
+            else ""
+        )
         caption = (
             f"Supplementary Figure S3. Major weights of {name} (model selected by {selection}): weights more "
             f"than k standard deviations from the mean, with mean and standard deviation taken {scope_text}. "
-            f"Top rows: for each k in {', '.join(f'{k:g}' for k in sigmas)}, the number of major connections "
-            f"per hidden unit (from landmarks / to targets), per landmark and per target gene"
-            f"{' (all target parts pooled)' if len(nets) > 1 else ''}. Bottom: map of the major connections "
-            f"(red positive, blue negative; input k = {map_sigmas[0]:g}, output k = {map_sigmas[1]:g} as in the "
-            f"paper) for the {min(map_size, units)} hidden units with the most major connections of target "
-            f"part {nets[0]['part']}."
+            f"Top (a-d): for each k in {', '.join(f'{k:g}' for k in sigmas)}, the number of major connections "
+            f"per hidden unit (from landmarks / to targets), per landmark and per target gene{pooled}. "
+            f"Bottom (e, f): map of the standardised weights (weight minus mean, in standard deviations; red "
+            f"positive, blue negative, saturated at ±k) with the major connections marked + (positive) and − "
+            f"(negative); input k = {map_sigmas[0]:g}, output k = {map_sigmas[1]:g} as in the paper; the "
+            f"{min(map_size, units)} hidden units with the most major connections of target part "
+            f"{nets[0]['part']} (hubs first) and the genes most connected to them."
         )
         shown = next(c for c in counts if c.get("map") and c["part"] == nets[0]["part"])
         empty = [
@@ -664,8 +672,8 @@ def interpret_s3(
             )
             if n == 0
         ]
-        if empty:  # an empty map is a result (no weight beyond k standard deviations), not a drawing error
-            caption += f" Part {nets[0]['part']} has {' and '.join(empty)}, so the map is empty there."
+        if empty:  # no mark on the map is a result (no weight beyond k standard deviations), not a drawing error
+            caption += f" Part {nets[0]['part']} has {' and '.join(empty)}, so the map marks none there."
         info = {
             "analysis": "S3",
             "network": _network_info(run_list, selection),
@@ -715,59 +723,120 @@ def _degree_frame(part, k: float, keys: dict, degrees, total_name: str) -> pd.Da
     )
 
 
-def _int_hist(ax, values: np.ndarray, label: str, color: str) -> None:
-    """Bar chart of integer counts (log y, so rare high degrees stay visible)."""
-    counts = np.bincount(values.astype(np.int64), minlength=1)
-    x = np.flatnonzero(counts)
-    top = int(x.max()) if x.size else 0
-    ax.bar(x, counts[x], width=0.9 if top < 40 else top / 60, color=color, alpha=0.8, label=label)
+def _standardised(w: np.ndarray, axis: int | None) -> np.ndarray:
+    """``(w - mean) / std`` with the statistics :func:`major_weights` thresholds (0 where a unit is constant)."""
+    mean = w.mean(axis=axis, keepdims=True)
+    std = w.std(axis=axis, keepdims=True)
+    return (w - mean) / np.where(std > 0, std, 1.0)
+
+
+# one style per k: grey level and hatch differ, so the bars separate in colour and in grey-scale
+K_STYLES = [("#3b3b3b", ""), ("#bdbdbd", "////"), ("#ffffff", "...."), ("#7f7f7f", "xx")]
+
+
+def _degree_hist(ax, by_k: list[tuple[float, np.ndarray]], xlabel: str, ylabel: str, title: str) -> None:
+    """Grouped bars of integer degrees, one bar per k at each count (log y, so rare high degrees show).
+
+    ``by_k`` holds, for each k, the degrees ``(n_units,)``.  Up to 40 distinct counts get one bar each;
+    wider ranges are binned into 40 bins.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    top = max((int(v.max()) for _, v in by_k if v.size), default=0)
+    edges = np.arange(-0.5, top + 1.5) if top < 40 else np.linspace(-0.5, top + 0.5, 41)
+    width = np.diff(edges)
+    bar = 0.85 * width / len(by_k)
+    all_zero = []
+    for i, (k, v) in enumerate(by_k):
+        counts, _ = np.histogram(v, edges)
+        x = edges[:-1] + 0.075 * width + bar * (i + 0.5)
+        keep = counts > 0
+        color, hatch = K_STYLES[i % len(K_STYLES)]
+        ax.bar(
+            x[keep],
+            counts[keep],
+            width=bar[keep],
+            color=color,
+            hatch=hatch,
+            edgecolor="black",
+            linewidth=0.5,
+            label=f"k = {k:g}",
+        )
+        if v.size and not v.any():
+            all_zero.append(f"{k:g}")
     ax.set_yscale("log")
+    ax.set_ylim(bottom=0.5)
+    ax.set_xlim(edges[0] - 0.1, max(edges[-1], 1.5))  # a lone bar at 0 still sits on a readable axis
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if all_zero:  # said in the title, off the bars
+        title += f"\nall 0 at k = {', '.join(all_zero)}"
+    ax.set_title(title)
 
 
 def _figure_s3(
-    tables: dict, net: dict, sigmas: list[float], map_sigmas: list[float], map_size: int, name: str, out: Path
+    tables: dict,
+    net: dict,
+    sigmas: list[float],
+    map_sigmas: list[float],
+    map_size: int,
+    name: str,
+    out: Path,
+    scope: str = "unit",
 ) -> list[str]:
     plt = pyplot()
-    panels = [
-        ("s3_hidden_in_degree.csv", "n_landmarks", "major inputs per hidden unit", "hidden units"),
-        ("s3_landmark_out_degree.csv", "n_hidden", "major outputs per landmark", "landmark genes"),
-        ("s3_hidden_out_degree.csv", "n_targets", "major outputs per hidden unit", "hidden units"),
-        ("s3_target_in_degree.csv", "n_hidden", "major inputs per target gene", "target genes"),
-    ]
     frames = {f: pd.concat(rows, ignore_index=True) for f, rows in tables.items()}
-    n_rows = len(sigmas)
-    fig = plt.figure(figsize=(13, 2.4 * n_rows + 5.2))
-    grid = fig.add_gridspec(n_rows + 2, 4, height_ratios=[1.0] * n_rows + [0.15, 2.2], hspace=0.55, wspace=0.3)
-    for i, k in enumerate(sigmas):
-        for j, (fname, col, xlabel, ylabel) in enumerate(panels):
-            ax = fig.add_subplot(grid[i, j])
-            df = frames[fname]
-            _int_hist(ax, df.loc[df["sigma"] == k, col].to_numpy(), f"k = {k:g}", "#555555")
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel(f"{ylabel} (k = {k:g})")
-    # connectivity map of the units with the most major connections (input at k_in, output at k_out)
+    # landmarks are shared by every part's network: count each once, its connections summed over the networks
+    lm = frames["s3_landmark_out_degree.csv"]
+    n_parts = lm["part"].astype(str).nunique()
+    lm = lm.groupby(["sigma", "ensembl"], sort=False, as_index=False)["n_hidden"].sum()
+    frames["s3_landmark_out_degree.csv"] = lm
+    net_word = f"\n(summed over the {n_parts} parts' networks)" if n_parts > 1 else ""
+    panels = [
+        ("s3_hidden_in_degree.csv", "n_landmarks", "major inputs per hidden unit", "number of hidden units"),
+        ("s3_landmark_out_degree.csv", "n_hidden", "major outputs per landmark" + net_word, "number of landmarks"),
+        ("s3_hidden_out_degree.csv", "n_targets", "major outputs per hidden unit", "number of hidden units"),
+        ("s3_target_in_degree.csv", "n_hidden", "major inputs per target gene", "number of target genes"),
+    ]
+    titles = ["(a) landmarks → hidden unit", "(b) landmark → hidden units", "(c) hidden unit → targets"]
+    titles.append("(d) hidden units → target gene")
+    fig = plt.figure(figsize=(13, 9), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.0, 1.7])  # own layouts: the maps' colour bars stay below
+    for j, (fname, col, xlabel, ylabel) in enumerate(panels):
+        ax = top.add_subplot(1, 4, j + 1)
+        df = frames[fname]
+        by_k = [(k, df.loc[df["sigma"] == k, col].to_numpy()) for k in sigmas]
+        _degree_hist(ax, by_k, xlabel, ylabel, titles[j])
+    # the k legend sits in the title row, above the bars
+    top.legend(*ax.get_legend_handles_labels(), loc="outside upper right", ncols=len(sigmas), frameon=False)
+
+    # map of the units with the most major connections (input at k_in, output at k_out), hubs first
     d = net["d"]
-    score = d["hidden_in"][0] + d["hidden_out"][0]
-    units = np.argsort(-score, kind="stable")[:map_size]
-    units = units[np.argsort(-d["hidden_out"][0][units], kind="stable")]  # hubs first
-    signed_in = (np.sign(net["w_in"]) * d["mask_in"])[units].T  # (L, n_units)
-    signed_out = (np.sign(net["w_out"]) * d["mask_out"])[:, units]  # (T, n_units)
-    lms = np.argsort(-np.abs(signed_in).sum(1), kind="stable")[:map_size]
-    tgs = np.argsort(-np.abs(signed_out).sum(1), kind="stable")[:map_size]
-    cmap = plt.matplotlib.colors.ListedColormap([NEG_COLOR, "white", POS_COLOR])
-    for j, (mat, rows, ylabel, k) in enumerate(
-        [
-            (signed_in, lms, "landmark genes (input layer)", map_sigmas[0]),
-            (signed_out, tgs, "target genes (output layer)", map_sigmas[1]),
-        ]
-    ):
-        ax = fig.add_subplot(grid[n_rows + 1, 2 * j : 2 * j + 2])
-        ax.imshow(mat[rows], aspect="auto", interpolation="nearest", cmap=cmap, vmin=-1.5, vmax=1.5)
-        ax.set_xlabel(f"hidden units ({len(units)} with the most major connections, hubs first)")
-        ax.set_ylabel(f"{ylabel}\n{len(rows)} most connected")
-        ax.set_title(
-            f"major {'input->hidden' if j == 0 else 'hidden->output'} weights, k = {k:g} "
-            f"(red > 0, blue < 0); part {net['part']}"
-        )
-    fig.suptitle(f"Major weights of {name}", y=0.995)
+    z_in = _standardised(net["w_in"], 0 if scope == "unit" else None)  # (H, L)
+    z_out = _standardised(net["w_out"], 1 if scope == "unit" else None)  # (T, H)
+    n_major = d["hidden_in"][0] + d["hidden_out"][0]
+    strength = np.maximum(np.abs(z_in).max(axis=1), np.abs(z_out).max(axis=0))  # orders units without majors
+    units = np.lexsort((-strength, -n_major))[:map_size]
+    units = units[np.argsort(-d["hidden_out"][0][units], kind="stable")]
+    maps = [
+        ("(e) landmarks → hidden units", z_in[units].T, d["mask_in"][units].T, "landmark", map_sigmas[0]),
+        ("(f) hidden units → targets", z_out[:, units], d["mask_out"][:, units], "target", map_sigmas[1]),
+    ]
+    for title, z, mask, gene, k in maps:
+        rows = np.lexsort((-np.abs(z).max(axis=1), -mask.sum(axis=1)))[:map_size]  # (n_rows,) most connected
+        z, mask = z[rows], mask[rows]
+        ax = bottom.add_subplot(1, 2, 1 if gene == "landmark" else 2)
+        im = ax.imshow(np.clip(z, -k, k), aspect="auto", interpolation="nearest", cmap="RdBu_r", vmin=-k, vmax=k)
+        # + / - marks keep the sign of a major weight readable in grey-scale
+        for sign, marker in ((1, "+"), (-1, "_")):
+            yy, xx = np.nonzero(mask & (np.sign(z) == sign))
+            ax.scatter(xx, yy, marker=marker, s=16, linewidths=1.0, color="white")
+        ax.set_xlabel(f"hidden unit (rank of {len(units)}, hubs first)")
+        ax.set_ylabel(f"{gene} genes (rank of the {len(rows)} most connected)")
+        ax.set_title(f"{title}: {int(mask.sum())} major weights shown (k = {k:g}), part {net['part']}")
+        cb = bottom.colorbar(im, ax=ax, shrink=0.9, ticks=np.linspace(-k, k, 5))
+        whose = f"{gene}'s" if scope == "unit" else "matrix"
+        cb.set_label(f"weight − {whose} mean\n(standard deviations)")
+    top.suptitle(f"Major weights of {name}", x=0.02, ha="left")
     return save_figure(fig, out, "figure_s3")
