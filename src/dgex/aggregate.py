@@ -109,6 +109,28 @@ def _baseline_runs(dirs) -> tuple[pd.DataFrame, list[dict]]:
     return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), runs
 
 
+#: Integer columns of runs.csv: baselines leave them empty, which would make pandas write every value as a float.
+RUNS_INT_COLUMNS = [
+    "layers",
+    "units",
+    "part",
+    "n_targets",
+    "best_epoch_geo_va",
+    "best_epoch_1000g_va",
+    "epochs",
+    "parameters",
+]
+
+
+def runs_frame(runs: list[dict]) -> pd.DataFrame:
+    """The rows of ``runs.csv``; integer columns stay integers (nullable: empty for the baselines)."""
+    frame = pd.DataFrame(runs)
+    for col in RUNS_INT_COLUMNS:
+        if col in frame.columns:
+            frame[col] = frame[col].astype("Int64")
+    return frame
+
+
 def check_coverage(per_gene: pd.DataFrame, runs: list[dict]) -> None:
     """Every grid point's parts must cover the same splits and never repeat a gene."""
     dgex = per_gene[per_gene["method"] == "D-GEX"]
@@ -301,7 +323,7 @@ def aggregate(*, dgex_runs, baseline_runs, output_dir, dataset=None, allow_incom
     with atomic_path(out / "history.csv") as tmp:
         weighted_history(histories).to_csv(tmp, index=False, float_format="%.6g")
     with atomic_path(out / "runs.csv") as tmp:
-        pd.DataFrame(runs).to_csv(tmp, index=False)
+        runs_frame(runs).to_csv(tmp, index=False)
     dg = per_gene[per_gene["method"] == "D-GEX"]
     info = {
         "dataset": next(iter(datasets), None),
