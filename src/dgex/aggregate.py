@@ -173,6 +173,28 @@ def _dataset_key(run: dict) -> str | None:
     return f"path {run['dataset']}" if run.get("dataset") else None
 
 
+#: Integer columns of runs.csv: baselines leave them empty, which would make pandas write every value as a float.
+RUNS_INT_COLUMNS = [
+    "layers",
+    "units",
+    "part",
+    "n_targets",
+    "best_epoch_geo_va",
+    "best_epoch_1000g_va",
+    "epochs",
+    "parameters",
+]
+
+
+def runs_frame(runs: list[dict]) -> pd.DataFrame:
+    """The rows of ``runs.csv``; integer columns stay integers (nullable: empty for the baselines)."""
+    frame = pd.DataFrame(runs)
+    for col in RUNS_INT_COLUMNS:
+        if col in frame.columns:
+            frame[col] = frame[col].astype("Int64")
+    return frame
+
+
 def check_coverage(per_gene: pd.DataFrame, runs: list[dict]) -> None:
     """Every grid point's parts must cover the same splits and never repeat a gene."""
     dgex = per_gene[per_gene["method"] == "D-GEX"]
@@ -401,7 +423,7 @@ def aggregate(*, dgex_runs, baseline_runs, output_dir, dataset=None, allow_incom
         with atomic_path(stage / "history.csv") as tmp:
             weighted_history(histories).to_csv(tmp, index=False, float_format="%.6g")
         with atomic_path(stage / "runs.csv") as tmp:
-            pd.DataFrame(runs).to_csv(tmp, index=False)
+            runs_frame(runs).to_csv(tmp, index=False)
         dg = per_gene[per_gene["method"] == "D-GEX"]
         info = {
             "dataset": str(dataset)
