@@ -43,8 +43,8 @@ ID_TYPES = ("ensembl", "entrez", "symbol", "probe")  # dgex.infer.ID_TYPES
 SPLITS = ("geo-tr", "geo-va", "geo-te", "1000g-va", "gtex-te")  # dgex.dataset.SPLITS
 SELECTIONS = ("geo-va", "1000g-va")  # dgex.dataset.SELECTIONS
 SOURCES = ("geo", "g1000", "gtex")  # the workflow's inputs (config key inputs.<source>)
-PRECISIONS = ("32", "tf32", "bf16-mixed")  # dgex.train.PRECISIONS
-OPTIMIZERS = ("sgd", "adamw")  # dgex.train.OPTIMIZERS
+PRECISIONS = ("32", "tf32", "bf16-mixed")  # the one definition (dgex.train uses it)
+OPTIMIZERS = ("sgd", "adamw")  # as dgex.training.plan.OPTIMIZERS (pinned by a test)
 SCOPES = ("unit", "matrix")  # dgex.interpret.SCOPES
 FORMATS = ("gctx", "csv", "tsv")  # dgex.infer.FORMATS
 #: Seeds seed numpy and torch generators: integers in [0, 2**32).

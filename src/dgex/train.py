@@ -44,15 +44,15 @@ from .io import refuse_overwriting_inputs, sweep_stale, write_json
 from .metrics import per_gene_frame, write_per_gene
 from .models import DGEX
 from .runs import lock_run_dir
+from .settings import TrainSettings
 from .training import pl
 from .training.callbacks import AtomicCheckpointIO, BestWeights, PaperLRDecay, ResumableCheckpoint
 from .training.data import DeviceData
 from .training.logger import HistoryLogger
-from .training.plan import OPTIMIZERS, TrainingDiverged, TrainingPlan, default_learning_rate
+from .training.plan import TrainingDiverged, TrainingPlan, default_learning_rate
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("32", "tf32", "bf16-mixed")
 
 __all__ = ["CannotResume", "TrainConfig", "TrainingDiverged", "train"]
 
@@ -80,39 +80,8 @@ class TrainConfig:
     checkpoint_interval: float = 60.0  # seconds between resumable checkpoints
 
     def __post_init__(self):
-        problems = []
-        if self.layers < 1:
-            problems.append(f"--layers must be >= 1 (got {self.layers})")
-        if self.units < 1:
-            problems.append(f"--units must be >= 1 (got {self.units})")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"--dropout must be in [0, 1) (got {self.dropout})")
-        if self.part is not None and self.part < 0:
-            problems.append(f"--part must be >= 0 or 'all' (got {self.part})")
-        if self.epochs < 1 or self.batch_size < 1 or self.monitor_size < 1:
-            problems.append("--epochs, --batch-size and --monitor-size must be >= 1")
-        if self.lr is not None and not 0 < self.lr < math.inf:
-            problems.append(f"--lr must be a finite number > 0 (got {self.lr})")
-        if not 0.0 <= self.momentum < 1.0:
-            problems.append(f"--momentum must be in [0, 1) (got {self.momentum})")
-        if not 0.0 < self.lr_decay <= 1.0:
-            problems.append(f"--lr-decay must be in (0, 1] (got {self.lr_decay})")
-        if not 0 < self.lr_min < math.inf:
-            problems.append(f"--lr-min must be a finite number > 0 (got {self.lr_min})")
-        if not 0 <= self.weight_decay < math.inf:
-            problems.append(f"--weight-decay must be a finite number >= 0 (got {self.weight_decay})")
-        if not 0 <= self.checkpoint_interval < math.inf:
-            problems.append(
-                f"--checkpoint-interval must be a finite number of seconds >= 0 (got {self.checkpoint_interval})"
-            )
-        if not 0 <= self.seed < 2**32:
-            problems.append(f"--seed must be an integer in 0..{2**32 - 1} (got {self.seed})")
-        if self.precision not in PRECISIONS:
-            problems.append(f"--precision must be one of {', '.join(PRECISIONS)} (got {self.precision})")
-        if self.optimizer not in OPTIMIZERS:
-            problems.append(f"--optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer})")
-        if problems:
-            raise ConfigError("; ".join(problems))
+        # the bounds live in one place, the settings of `dgex train` (eval_batch_size is internal)
+        TrainSettings.check(asdict(self))
 
     @property
     def base_lr(self) -> float:
