@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import assert_one_line_error, run_dgex  # noqa: E402
-
 from dgex.bundle import bundle_files, load_bundle, write_bundle  # noqa: E402
 from dgex.errors import InputError  # noqa: E402
+from dgex.infer import predict  # noqa: E402
 from dgex.io import write_gctx  # noqa: E402
 from dgex.models import DGEX  # noqa: E402
 
@@ -95,7 +95,7 @@ def base(tmp_path_factory):
     x = np.random.default_rng(3).normal(8, 1, size=(12, L)).astype(np.float32)
     gctx = root / "in.gctx"
     write_gctx(gctx, x, [f"ENSG{i:011d}" for i in range(L)], [f"S{i}" for i in range(12)])
-    return {"root": root, "bundle": bundle, "x": x, "gctx": gctx, "expected": load_bundle(bundle).predict(x)}
+    return {"root": root, "bundle": bundle, "x": x, "gctx": gctx, "expected": predict(load_bundle(bundle), x)}
 
 
 @pytest.fixture
@@ -151,7 +151,7 @@ def test_valid_bundles_load_and_extra_files_are_ignored(base, bundle, tmp_path, 
     (bundle / "README.txt").write_text("my notes")
     with caplog.at_level(logging.INFO, logger="dgex.bundle"):
         b = load_bundle(bundle)
-    np.testing.assert_array_equal(b.predict(base["x"]), base["expected"])
+    np.testing.assert_array_equal(predict(b, base["x"]), base["expected"])
     # write_bundle lists exactly the format's files (one definition for writer and reader)
     assert sorted(b.info["files"]) == sorted(bundle_files(b.info["parts"]))
     assert sorted(p.name for p in base["bundle"].iterdir()) == sorted([*bundle_files(b.info["parts"]), "bundle.json"])

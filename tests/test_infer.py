@@ -306,7 +306,6 @@ def test_csv_refused_for_large_inputs_unless_forced(toy, tmp_path, monkeypatch):
 def test_predict_api(toy):
     bundle = load_bundle(toy["bundle"])
     np.testing.assert_allclose(predict(bundle, toy["x"]), toy["expected"], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(bundle.predict(toy["x"]), toy["expected"], rtol=1e-5, atol=1e-5)
     # a DataFrame of samples x genes, any id type, any column order -> DataFrame samples x targets
     lm = toy["genes"].landmarks
     df = pd.DataFrame(toy["x"], columns=lm["symbol"], index=toy["ids"]).iloc[:, ::-1]
@@ -489,3 +488,56 @@ def test_real_l1000_file(tmp_path):
     write_gctx(by_entrez, x, entrez, l1000_cols)
     infer(model=tmp_path / "bundle", input=by_entrez, output=tmp_path / "p2.gctx", progress=False)
     np.testing.assert_allclose(_read(tmp_path / "p2.gctx")[0], data, rtol=1e-6, atol=1e-6)
+
+
+def test_imports_flow_one_way():
+    """Layering (README, 'Code layout'): a module imports only its own layer or those below, without cycles,
+    and never a private name of another module."""
+    import ast
+    from pathlib import Path
+
+    import dgex
+
+    layers = {
+        "foundations": {"errors", "io", "settings", "devices", "genes", "dataset", "runs", "metrics", "plotting"},
+        "network": {"models"},
+        "training": {"checkpoints", "training.plan", "training.callbacks", "training.data", "training.logger"},
+        "stages": {"demo", "acquire", "preprocess", "train", "baselines", "aggregate", "tables", "figures"}
+        | {"interpret", "bundle", "infer"},
+        "cli": {"cli", "__main__"},
+    }
+    rank = {m: r for r, mods in enumerate(layers.values()) for m in mods}
+    src = Path(dgex.__file__).parent
+    graph = {}
+    for path in [*src.glob("*.py"), *src.glob("training/*.py")]:
+        name = ".".join(path.relative_to(src).with_suffix("").parts)
+        if name in ("__init__", "training.__init__"):
+            continue
+        package = name.rsplit(".", 1)[0] if "." in name else ""
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.level >= 1):
+                continue
+            base = package.split(".")[: max(0, len(package.split(".")) - (node.level - 1))] if package else []
+            target = ".".join([*base, node.module] if node.module else base)
+            private = [a.name for a in node.names if a.name.startswith("_") and a.name != "__version__"]
+            assert not private, f"{name} imports private {private} from {target or 'dgex'}"
+            for dep in [target] if node.module else [".".join([*base, a.name]) for a in node.names]:
+                if dep in rank:
+                    deps.add(dep)
+        assert name in rank, f"{name} is in no layer: add it to README 'Code layout' and this test"
+        for dep in deps:
+            assert rank[dep] <= rank[name], f"{name} ({rank[name]}) imports {dep} ({rank[dep]}), a layer above"
+        graph[name] = deps
+    seen, done = set(), set()
+
+    def visit(node, stack):
+        assert node not in stack, f"import cycle: {' -> '.join([*stack, node])}"
+        if node in done:
+            return
+        for dep in graph.get(node, ()):
+            visit(dep, [*stack, node])
+        done.add(node)
+
+    for node in graph:
+        visit(node, [])

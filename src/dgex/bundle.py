@@ -2,8 +2,8 @@
 
 ``dgex export`` gathers the part runs of one grid point (one network per
 target part) and the statistics of the processed dataset they were trained
-on into a folder that ``dgex infer`` (or :func:`load_bundle` +
-:meth:`Bundle.predict`) needs nothing else to use.  Layout
+on into a folder that ``dgex infer`` (or :func:`dgex.infer.predict` on
+:func:`load_bundle`) needs nothing else to use.  Layout
 (:data:`BUNDLE_FORMAT` = 1)::
 
     bundle.json          format + version, dgex version, creation time, selection,
@@ -39,7 +39,6 @@ are on the GEO log2-expression scale.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -58,6 +57,7 @@ from . import __version__
 from .acquire import sha256_file
 from .dataset import EVAL_SPLITS, ProcessedDataset
 from .errors import ConfigError, InputError
+from .genes import clean_entrez
 from .io import atomic_dir, refuse_overwriting_inputs, save_torch, write_json
 from .models import DGEX
 from .runs import check_dataset, load_runs
@@ -556,16 +556,6 @@ class Bundle:
             out[:, sl] = net(z, buffers=ws["h"])
         return out
 
-    def predict(self, x, quantile_normalize: bool = False, batch_size: int = 4096) -> np.ndarray:
-        """Predict target expression ``(n_samples, T)`` from landmark expression ``(n_samples, L)``.
-
-        ``x`` is log2 expression on the GEO scale with columns in
-        ``self.landmarks`` order; see :func:`dgex.infer.predict`, which this calls.
-        """
-        from .infer import predict  # infer builds on this module
-
-        return predict(self, x, quantile_normalize=quantile_normalize, batch_size=batch_size)
-
 
 def _corrupt(path: Path, what: str) -> InputError:
     return InputError(f"{path}: corrupt model bundle ({what}); re-export it with `dgex export`")
@@ -786,16 +776,7 @@ def load_bundle(path, device="cpu", verify: bool = True) -> Bundle:
                 raise _corrupt(
                     path, f"{name} does not match its checksum in bundle.json: the file was damaged or modified"
                 )
-    lm["entrez"] = lm["entrez"].map(_clean_entrez)
-    tg["entrez"] = tg["entrez"].map(_clean_entrez)
+    lm["entrez"] = lm["entrez"].map(clean_entrez)
+    tg["entrez"] = tg["entrez"].map(clean_entrez)
     bundle = Bundle(path=path, info=info, landmarks=lm, targets=tg, stats=stats, networks=networks, part_slices=slices)
     return bundle.to(device)
-
-
-def _clean_entrez(v: str) -> str:
-    """'5720.0' -> '5720' (pandas may have written Entrez ids as floats); '' stays ''."""
-    v = str(v).strip()
-    with contextlib.suppress(ValueError):
-        if v and float(v).is_integer():
-            return str(int(float(v)))
-    return v

@@ -9,6 +9,7 @@ symbol, IL9R, occurs twice in the target map).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 from functools import lru_cache
 from importlib import resources
@@ -172,3 +173,12 @@ def required_probes(*gene_tables: pd.DataFrame) -> list[str]:
 def strip_version(ids) -> np.ndarray:
     """Drop Ensembl version suffixes: ``ENSG00000152931.6`` -> ``ENSG00000152931``."""
     return np.array([str(i).split(".")[0] if str(i).startswith("ENS") else str(i) for i in ids], dtype=object)
+
+
+def clean_entrez(v: str) -> str:
+    """'5720.0' -> '5720' (pandas may have written Entrez ids as floats); '' stays ''."""
+    v = str(v).strip()
+    with contextlib.suppress(ValueError):
+        if v and float(v).is_integer():
+            return str(int(float(v)))
+    return v

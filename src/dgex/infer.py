@@ -41,9 +41,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .bundle import Bundle, _clean_entrez, load_bundle
+from .bundle import Bundle, load_bundle
 from .devices import pick_device
 from .errors import ConfigError, InputError
+from .genes import clean_entrez
 from .io import (
     CONSTANT_GENE_STD,
     FLAT_SAMPLE_STD,
@@ -95,7 +96,7 @@ def probe_to_entrez() -> pd.Series:
     u133a = probe_annotation()["entrez"]
     both = pd.concat([l1000, u133a[~u133a.index.isin(l1000.index)]])
     both = both[(both != "-666") & both.notna()]
-    return both.map(_clean_entrez)
+    return both.map(clean_entrez)
 
 
 def _lookup(keys, table) -> np.ndarray:
@@ -115,7 +116,7 @@ def landmark_of(bundle: Bundle, ids, id_type: str) -> np.ndarray:
     if id_type == "ensembl":
         return _lookup([s.upper() for s in strip_version(ids)], lm["ensembl"].str.upper())
     if id_type == "entrez":
-        return _lookup([_clean_entrez(i) for i in ids], lm["entrez"])
+        return _lookup([clean_entrez(i) for i in ids], lm["entrez"])
     if id_type == "symbol":
         return _lookup([s.upper() for s in ids], lm["symbol"].str.upper())
     if id_type == "probe":
