@@ -25,12 +25,14 @@ run: $(STAMP)  ## run the main job: the whole workflow on the embedded demo data
 test: $(STAMP)  ## run the test suite
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: $(STAMP)  ## code style: ruff format, snakefmt, snakemake --lint (CI runs this before the tests)
+lint: $(STAMP)  ## code style: ruff check + format, snakefmt, snakemake --lint (CI runs this before the tests)
+	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/snakefmt --check Snakefile workflow/
 	$(BIN)/snakemake --lint --configfile $(CONFIG)
 
 format: $(STAMP)  ## rewrite the code in the project's style
+	$(BIN)/ruff check --fix src tests bench
 	$(BIN)/ruff format src tests bench
 	$(BIN)/snakefmt Snakefile workflow/
 

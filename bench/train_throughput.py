@@ -50,12 +50,11 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from helpers_dataset import write_dataset_arrays  # noqa: E402
-
 from dgex.models import DGEX  # noqa: E402
 from dgex.train import train  # noqa: E402
 from dgex.training.data import monitor_rows  # noqa: E402
 from dgex.training.plan import ClassicalMomentumSGD, batch_loss, default_learning_rate, parameter_groups  # noqa: E402
+from helpers_dataset import write_dataset_arrays  # noqa: E402
 
 PAPER = {
     "layers": (1, 2, 3),
@@ -138,10 +137,13 @@ def naive_loop(
 def dgex_loop(x, y, layers, units, batch, device, precision, epochs, workdir: Path) -> tuple[float, dict]:
     """Profiles/s of `dgex train` itself, excluding the first (warm-up) epoch."""
     rng = np.random.default_rng(1)
-    small = lambda: (
-        rng.normal(size=(64, x.shape[1])).astype(np.float32),  # noqa: E731
-        rng.normal(size=(64, y.shape[1])).astype(np.float32),
-    )
+
+    def small():
+        return (
+            rng.normal(size=(64, x.shape[1])).astype(np.float32),
+            rng.normal(size=(64, y.shape[1])).astype(np.float32),
+        )
+
     ds = write_dataset_arrays(workdir / "bench.h5", {"geo-tr": (x, y), "geo-va": small()})
     summary = train(
         dataset=ds,

@@ -190,7 +190,7 @@ class PrivateSlurm:
                 w.chmod(0o755)
 
     def _spawn(self, name: str, argv: list[str]) -> None:
-        out = open(self.log / f"{name}.out", "ab")
+        out = open(self.log / f"{name}.out", "ab")  # noqa: SIM115 -- handed to the daemon, closed after Popen
         try:
             self.procs[name] = subprocess.Popen(
                 argv,
@@ -224,7 +224,7 @@ class PrivateSlurm:
             return None
         return res if res.returncode == 0 else None
 
-    def start(self, timeout: float = 60) -> "PrivateSlurm":
+    def start(self, timeout: float = 60) -> PrivateSlurm:
         """Start munged, slurmctld and slurmd; return once the node is idle. SlurmUnavailable otherwise."""
         self.check()
         self._write_files()
@@ -267,7 +267,7 @@ class PrivateSlurm:
         """Cancel every job, wait for them, stop the daemons this object started (by pid). Idempotent."""
         if self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
             with contextlib.suppress(Exception):
-                active = [j for j in self.job_ids()]
+                active = list(self.job_ids())
                 if active:
                     self._run("scancel", *active, timeout=10)
                     deadline = time.monotonic() + timeout

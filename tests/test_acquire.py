@@ -24,7 +24,7 @@ WRONG_SHA = "0" * 64
 class _Handler(http.server.BaseHTTPRequestHandler):
     """Serves ``server.files`` with Range support, plus failure switches set on the server."""
 
-    server: "_Server"
+    server: _Server
 
     def do_GET(self):  # noqa: N802 (http.server naming)
         srv = self.server

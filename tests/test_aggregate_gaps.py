@@ -15,12 +15,11 @@ import pandas as pd
 import pytest
 
 from conftest import assert_one_line_error, run_dgex
-from helpers_dataset import write_dataset_arrays
-from test_tables import DROPOUTS, LAYERS, PART_SIZES, UNITS, make_grid
-
 from dgex.aggregate import aggregate, load_aggregate
 from dgex.errors import InputError
 from dgex.tables import make_tables
+from helpers_dataset import write_dataset_arrays
+from test_tables import DROPOUTS, LAYERS, PART_SIZES, UNITS, make_grid
 
 N_GENES = sum(PART_SIZES)
 

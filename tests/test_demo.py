@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dgex import __version__
-from dgex import demo
+from conftest import assert_one_line_error, run_dgex
+from dgex import __version__, demo
 from dgex.errors import ConfigError
 from dgex.genes import (
     aggregation_matrix,
@@ -22,8 +22,6 @@ from dgex.genes import (
     strip_version,
 )
 from dgex.io import open_matrix
-
-from conftest import assert_one_line_error, run_dgex
 
 SMALL = dict(seed=3, n_geo=300, n_duplicates=12, n_1000g=20, n_gtex=30, n_latent=8, max_targets=200, target_seed=1)
 FILES = ["1000g.tsv.gz", "demo.json", "geo.gctx", "gtex.gctx"]

@@ -11,12 +11,11 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
-from conftest import assert_one_line_error
 
+from conftest import assert_one_line_error
 from dgex.devices import _BEFORE_LEASE, lease_gpu, lease_status, visible_gpus
 from dgex.errors import ConfigError
 
@@ -190,9 +189,8 @@ def test_gpus_command_lists_leases(tmp_path):
 
 
 def test_train_leases_a_gpu_and_gives_it_back(tmp_path, clean_env):
-    from helpers_dataset import write_toy_dataset
-
     from dgex.train import train
+    from helpers_dataset import write_toy_dataset
 
     toy = write_toy_dataset(tmp_path / "toy.h5", n_tr=60, n_landmarks=4, n_targets=4, n_parts=1)
     clean_env.setenv("DGEX_GPUS", "0")

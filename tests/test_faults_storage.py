@@ -36,13 +36,12 @@ import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import assert_one_line_error, make_geo  # noqa: E402
-from helpers_dataset import write_toy_dataset  # noqa: E402
-
 import dgex.io as dio  # noqa: E402
+from conftest import assert_one_line_error, make_geo  # noqa: E402
 from dgex.cli import main  # noqa: E402
 from dgex.errors import ConfigError, InputError  # noqa: E402
 from dgex.io import open_matrix, write_gctx, write_tsv  # noqa: E402
+from helpers_dataset import write_toy_dataset  # noqa: E402
 
 N_LANDMARKS, N_TARGETS = 20, 200
 

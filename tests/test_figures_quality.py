@@ -268,7 +268,7 @@ def test_legends_cover_no_data(drawn, name):
     canvas = FigureCanvasAgg(fig)  # the saved figure is closed; draw it again to measure the layout
     canvas.draw()
     renderer = canvas.get_renderer()
-    legends = [lg for lg in fig.findobj(lambda o: type(o).__name__ == "Legend")]
+    legends = list(fig.findobj(lambda o: type(o).__name__ == "Legend"))
     for ax in _axes(fig):
         pts = _data_points(ax, renderer)
         for lg in legends:

@@ -21,8 +21,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import assert_one_line_error, run_dgex  # noqa: E402
-from helpers_dataset import write_toy_dataset  # noqa: E402
-
 from dgex.bundle import BUNDLE_FORMAT, export_bundle, load_bundle  # noqa: E402
 from dgex.checkpoints import load_weights  # noqa: E402
 from dgex.dataset import ProcessedDataset  # noqa: E402
@@ -30,6 +28,7 @@ from dgex.errors import ConfigError, InputError  # noqa: E402
 from dgex.infer import infer, predict  # noqa: E402
 from dgex.io import GCTXReader, write_gct, write_gctx  # noqa: E402
 from dgex.train import train  # noqa: E402
+from helpers_dataset import write_toy_dataset  # noqa: E402
 
 L1000_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "l1000_lincs_n377x978.gctx"
 
@@ -529,7 +528,7 @@ def test_imports_flow_one_way():
         for dep in deps:
             assert rank[dep] <= rank[name], f"{name} ({rank[name]}) imports {dep} ({rank[dep]}), a layer above"
         graph[name] = deps
-    seen, done = set(), set()
+    done = set()
 
     def visit(node, stack):
         assert node not in stack, f"import cycle: {' -> '.join([*stack, node])}"

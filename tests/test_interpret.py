@@ -12,12 +12,11 @@ import torch
 from sklearn.linear_model import LinearRegression
 
 from conftest import assert_one_line_error, run_dgex
-from helpers_dataset import write_dataset_arrays, write_toy_dataset
-
 from dgex.checkpoints import load_weights
 from dgex.errors import InputError
 from dgex.interpret import GramFit, adjusted_r2, interpret_s2, interpret_s3, major_weights, s3_degrees
 from dgex.train import train
+from helpers_dataset import write_dataset_arrays, write_toy_dataset
 
 TINY = dict(epochs=2, batch_size=100, monitor_size=100, progress=False, device="cpu", checkpoint_interval=1e9)
 

@@ -63,9 +63,8 @@ def test_streaming_writer_matches_one_shot_writer(tmp_path):
 
 def test_streaming_writer_incomplete_leaves_nothing(tmp_path):
     data, rows, cols = _matrix(n_samples=10)
-    with pytest.raises(ValueError, match="only 3 of 10"):
-        with GCTXWriter(tmp_path / "s.gctx", rows, cols) as w:
-            w.write(data[:3])
+    with pytest.raises(ValueError, match="only 3 of 10"), GCTXWriter(tmp_path / "s.gctx", rows, cols) as w:
+        w.write(data[:3])
     assert list(tmp_path.iterdir()) == []
 
 
@@ -141,9 +140,8 @@ def test_truncated_hdf5(tmp_path):
     write_gctx(tmp_path / "m.gctx", data, rows, cols)
     raw = (tmp_path / "m.gctx").read_bytes()
     (tmp_path / "t.gctx").write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(InputError, match="corrupt|truncated|not a GCTX"):
-        with open_matrix(tmp_path / "t.gctx") as m:
-            m.read()
+    with pytest.raises(InputError, match="corrupt|truncated|not a GCTX"), open_matrix(tmp_path / "t.gctx") as m:
+        m.read()
 
 
 def test_hdf5_without_gctx_layout(tmp_path):
@@ -184,10 +182,9 @@ def test_unknown_format_and_missing_file(tmp_path):
 
 def test_atomic_path_removes_temp_on_error(tmp_path):
     target = tmp_path / "out.txt"
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
     with atomic_path(target) as tmp:
         tmp.write_text("whole")

@@ -290,7 +290,7 @@ def test_integer_columns_parse_as_integers(pipeline):
 
 def test_json_keys_are_documented(pipeline):
     res, root = pipeline["res"], pipeline["root"]
-    files = [p for p in res.rglob("*.json")]
+    files = list(res.rglob("*.json"))
     assert len(files) >= 11
     problems = []
     for path in files:

@@ -34,9 +34,8 @@ import pytest
 import yaml
 
 from conftest import REPO
-from slurm_cluster import PrivateSlurm, SlurmUnavailable, parse_records
-
 from dgex.train import read_checkpoint_state
+from slurm_cluster import PrivateSlurm, SlurmUnavailable, parse_records
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

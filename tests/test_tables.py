@@ -16,13 +16,12 @@ import pytest
 from scipy import stats
 
 from conftest import assert_one_line_error, run_dgex
-from helpers_dataset import write_dataset_arrays
-
 from dgex.aggregate import aggregate, load_aggregate
 from dgex.errors import InputError
 from dgex.figures import make_figures
 from dgex.metrics import PER_GENE_COLUMNS
 from dgex.tables import PAPER, fmt, make_tables, pct
+from helpers_dataset import write_dataset_arrays
 
 LAYERS, UNITS, DROPOUTS = (1, 2), (10, 20), (0.0, 0.25)
 PART_SIZES = (12, 8)
@@ -33,7 +32,7 @@ ALL_SPLITS = ("geo-va", "geo-te", "1000g-va", "gtex-te")
 def _genes():
     rows = []
     for part, n in enumerate(PART_SIZES):
-        for i in range(n):
+        for _i in range(n):
             g = len(rows)
             rows.append(
                 {

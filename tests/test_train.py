@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,12 +15,11 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, run_dgex
-from helpers_dataset import write_dataset_arrays, write_toy_dataset
-
 from dgex.checkpoints import load_weights
 from dgex.errors import InputError
 from dgex.train import train
 from dgex.training.plan import ClassicalMomentumSGD
+from helpers_dataset import write_dataset_arrays, write_toy_dataset
 
 SMALL = dict(layers=2, units=16, dropout=0.1, epochs=6, batch_size=50, monitor_size=100, progress=False, threads=1)
 

@@ -31,13 +31,12 @@ import yaml
 
 import dgex.dataset
 from conftest import REPO, assert_one_line_error, make_geo, run_dgex
-from helpers_dataset import write_dataset_arrays, write_toy_dataset
-from test_train import paper_rates, record_step_rates
-
 from dgex.dataset import ProcessedDataset, content_fingerprint, fingerprint_differences
 from dgex.errors import ConfigError, InputError
 from dgex.preprocess import preprocess
 from dgex.train import CannotResume, train
+from helpers_dataset import write_dataset_arrays, write_toy_dataset
+from test_train import paper_rates, record_step_rates
 
 KW = dict(
     layers=2, units=16, dropout=0.1, part=0, batch_size=50, monitor_size=100, progress=False, device="cpu", threads=1

@@ -90,7 +90,8 @@ def test_history_logger_rows_and_columns(tmp_path):
     logger.log_metrics({"lr": 0.1, "train_loss": 1 / 3, "geo-va": 0.1234567891234, "epoch": 0})
     logger.log_metrics({"lr": 0.09, "train_loss": 2 / 3, "geo-va": 0.2, "gtex-te": 0.5, "epoch": 1})
     logger.log_metrics({"seconds": 1.5, "epoch": 1})  # more of the same epoch
-    rows = list(csv.reader(open(path)))
+    with open(path) as fh:
+        rows = list(csv.reader(fh))
     assert rows[0] == ["epoch", "lr", "train_loss", "geo-va", "gtex-te", "seconds"]
     assert rows[1] == ["1", "0.1", repr(1 / 3), "0.1234567891234", "", ""]
     assert rows[2] == ["2", "0.09", repr(2 / 3), "0.2", "0.5", "1.5"]

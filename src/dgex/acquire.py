@@ -27,9 +27,10 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import requests
 import urllib3
@@ -419,7 +420,7 @@ def _fetch_file(
     if have == 0:
         write_json(meta_path, {"url": url, "validator": None})
     try:
-        fh = open(src, "rb")
+        fh = open(src, "rb")  # noqa: SIM115 -- entered below: only the open itself gets this error message
     except OSError as exc:
         raise DownloadError(f"{src}: cannot read the source ({_one_line(exc)}); check the URL in the config") from None
     with fh:

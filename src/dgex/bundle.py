@@ -489,7 +489,7 @@ class Bundle:
     def epsilon(self) -> float:
         return float(self.stats["epsilon"])
 
-    def to(self, device) -> "Bundle":
+    def to(self, device) -> Bundle:
         """Move the networks and statistics tensors to ``device``; returns self."""
         self.device = torch.device(device)
         for net in self.networks:

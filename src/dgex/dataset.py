@@ -230,7 +230,7 @@ class ProcessedDataset:
         for role in ("landmark", "target"):
             cols = GENE_COLUMNS[role]
             lengths = {c: self._node(f"genes/{role}/{c}").shape for c in cols}
-            if len({shape for shape in lengths.values()}) != 1 or len(next(iter(lengths.values()))) != 1:
+            if len(set(lengths.values())) != 1 or len(next(iter(lengths.values()))) != 1:
                 raise self._damaged(f"the /genes/{role} columns have different lengths ({lengths})")
             n = next(iter(lengths.values()))[0]
             if n < 1:

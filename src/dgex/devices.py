@@ -193,10 +193,8 @@ class GpuLease:
             self._fd = None
 
     def __del__(self):  # a dropped lease object must not keep the device locked
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown: the kernel frees the lock anyway
             self.release()
-        except Exception:  # interpreter shutdown: the kernel frees the lock anyway
-            pass
 
     def __enter__(self):
         return self

@@ -72,10 +72,13 @@ EXTENSIONS = {
     "tsv": (".tsv", ".tsv.gz", ".txt", ".txt.gz"),
 }
 #: Extensions that promise some other file type: an output named so is refused even with --format.
-PROMISING_SUFFIXES = set(
-    ".gz .bz2 .xz .zst .zip .tar .tgz .parquet .pq .feather .arrow .json .xlsx .xls .h5ad .hdf5 .hdf .loom "
-    ".npy .npz .pkl .pickle .gct .mtx .rds .rda .csv .tsv .txt".split()
-)
+# fmt: off
+PROMISING_SUFFIXES = {
+    ".gz", ".bz2", ".xz", ".zst", ".zip", ".tar", ".tgz", ".parquet", ".pq", ".feather", ".arrow", ".json",
+    ".xlsx", ".xls", ".h5ad", ".hdf5", ".hdf", ".loom", ".npy", ".npz", ".pkl", ".pickle", ".gct", ".mtx",
+    ".rds", ".rda", ".csv", ".tsv", ".txt",
+}
+# fmt: on
 #: Text outputs are built in memory: refuse more samples than this unless forced.
 MAX_TEXT_SAMPLES = 20_000
 #: Fewer landmarks than this fraction is always an error, imputation or not.
@@ -619,7 +622,7 @@ def infer(
         finally:
             bar.close()
             if sink is not None:  # failed: stop the thread before the temporary file goes
-                try:
+                try:  # noqa: SIM105 -- a plain try: dgex's signal deferral treats contextlib frames specially
                     sink.close()
                 except BaseException:
                     pass

@@ -25,9 +25,9 @@ import re
 import shutil
 import socket
 import time
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -843,7 +843,7 @@ class GCTXReader(Matrix):
 
     def _meta(self, node: str, ids: np.ndarray) -> pd.DataFrame:
         group = self._h5[node]
-        cols = {k: _decode(group[k][()]) for k in group.keys() if k != "id" and group[k].shape == (len(ids),)}
+        cols = {k: _decode(group[k][()]) for k in group if k != "id" and group[k].shape == (len(ids),)}
         return pd.DataFrame(cols, index=pd.Index(ids, name="id"))
 
     def row_meta(self):
@@ -1127,10 +1127,9 @@ def write_gct(path, data: np.ndarray, row_ids, col_ids) -> None:
     data = np.asarray(data)
     df = pd.DataFrame(data.T, index=pd.Index(row_ids, name="Name"), columns=list(col_ids))
     df.insert(0, "Description", list(row_ids))
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as fh:
-            fh.write(f"#1.2\n{data.shape[1]}\t{data.shape[0]}\n")
-            df.to_csv(fh, sep="\t", float_format="%.6g")
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
+        fh.write(f"#1.2\n{data.shape[1]}\t{data.shape[0]}\n")
+        df.to_csv(fh, sep="\t", float_format="%.6g")
 
 
 def write_tsv(path, data: np.ndarray, row_ids, col_ids, row_meta: pd.DataFrame | None = None, id_name="id") -> None:

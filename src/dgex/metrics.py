@@ -173,7 +173,7 @@ def read_per_gene(path: str | os.PathLike) -> pd.DataFrame:
         # gene ids stay strings (symbol "NA", entrez "nan" are ids, not missing values)
         frame = pd.read_csv(
             path,
-            dtype={c: str for c in _STRING_COLUMNS},
+            dtype=dict.fromkeys(_STRING_COLUMNS, str),
             keep_default_na=False,
             na_values={c: ["", "nan", "NaN"] for c in _FLOAT_COLUMNS},
         )

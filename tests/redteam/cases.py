@@ -663,7 +663,10 @@ def _pre_killed(sig):
     return body
 
 
-_PRE_KILL_CHECK = lambda c, r: same_h5(c.p("out/ds.h5"), c.p("ref/ds.h5"))
+def _PRE_KILL_CHECK(c, r):
+    return same_h5(c.p("out/ds.h5"), c.p("ref/ds.h5"))
+
+
 add("preprocess", "sigkill-then-rerun", "kill-rerun", "ok", _pre_killed(signal.SIGKILL), check=_PRE_KILL_CHECK, slow=True)  # fmt: skip
 add("preprocess", "sigterm-then-rerun", "kill-rerun", "ok", _pre_killed(signal.SIGTERM), check=_PRE_KILL_CHECK, slow=True)  # fmt: skip
 
@@ -1790,7 +1793,10 @@ def _in_killed(sig):
     return body
 
 
-_BIG_X = lambda c: np.load(c.fx.p("infer_big", "X.npy"))
+def _BIG_X(c):
+    return np.load(c.fx.p("infer_big", "X.npy"))
+
+
 add("infer", "sigkill-then-rerun", "kill-rerun", "ok", _in_killed(signal.SIGKILL), check=pred_check(X=_BIG_X), slow=True)  # fmt: skip
 add("infer", "sigterm-then-rerun", "kill-rerun", "ok", _in_killed(signal.SIGTERM), check=pred_check(X=_BIG_X), slow=True)  # fmt: skip
 
@@ -2197,6 +2203,6 @@ SMOKE = {
     "train/second-train-on-a-busy-run-folder",  # the run-folder lock (a rerun racing a live job)
 }
 _ids = {c.id for c in CASES}
-assert SMOKE <= _ids, sorted(SMOKE - _ids)
+assert _ids >= SMOKE, sorted(SMOKE - _ids)
 for _c in CASES:
     _c.smoke = _c.id in SMOKE

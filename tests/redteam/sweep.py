@@ -52,6 +52,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import contextlib
+
 from fixtures import REPO, Case, FixtureError, Fixtures, Result, Skip, dgex, run
 
 EXPECTATIONS = ("error", "ok", "warn-ok", "reject", "wf-fail", "wf-ok")
@@ -212,10 +214,8 @@ def _wf_logs(ctx: Ctx) -> dict[str, str]:
     logs = {}
     for d in ctx.logs_dirs:
         for p in Path(d).rglob("*.log"):
-            try:
+            with contextlib.suppress(OSError):
                 logs[str(p)] = p.read_text(errors="replace")
-            except OSError:
-                pass
     return logs
 
 
