@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import logging
 import os
 import queue
@@ -411,60 +412,41 @@ def _run(args: argparse.Namespace) -> int:
         return 128 + signal.SIGTERM
 
 
+#: The stage function behind each verb, as (module, function): imported on use, so that `dgex --help` stays fast.
+STAGE_FUNCTIONS = {
+    "demo-data": ("demo", "generate"),
+    "acquire": ("acquire", "download"),
+    "preprocess": ("preprocess", "preprocess"),
+    "train": ("train", "train"),
+    "baseline": ("baselines", "run_baseline"),
+    "aggregate": ("aggregate", "aggregate"),
+    "tables": ("tables", "make_tables"),
+    "figures": ("figures", "make_figures"),
+    "interpret s2": ("interpret", "interpret_s2"),
+    "interpret s3": ("interpret", "interpret_s3"),
+    "export": ("bundle", "export_bundle"),
+    "infer": ("infer", "infer"),
+}
+
+
+def _print_gpus(lock_dir) -> None:
+    from .devices import lease_status
+
+    rows = lease_status(lock_dir)
+    if not rows:
+        print("no GPU visible: training runs on the CPU")
+    for r in rows:
+        print(f"GPU {r['gpu']}: " + (f"leased by {r['holder']}" if r["leased"] else "free"))
+
+
 def _dispatch(args: argparse.Namespace) -> int | None:
+    if args.command == "gpus":
+        _print_gpus(args.lock_dir)
+        return 0
     kwargs = {k.replace("-", "_"): v for k, v in vars(args).items() if k not in ("command", "verbose")}
-    if args.command == "demo-data":
-        from .demo import generate
-
-        generate(**kwargs)
-    elif args.command == "acquire":
-        from .acquire import download
-
-        download(**kwargs)
-    elif args.command == "preprocess":
-        from .preprocess import preprocess
-
-        preprocess(**kwargs)
-    elif args.command == "train":
-        from .train import train
-
-        train(**kwargs)
-    elif args.command == "aggregate":
-        from .aggregate import aggregate
-
-        aggregate(**kwargs)
-    elif args.command == "tables":
-        from .tables import make_tables
-
-        make_tables(**kwargs)
-    elif args.command == "figures":
-        from .figures import make_figures
-
-        make_figures(**kwargs)
-    elif args.command == "gpus":
-        from .devices import lease_status
-
-        rows = lease_status(args.lock_dir)
-        if not rows:
-            print("no GPU visible: training runs on the CPU")
-        for r in rows:
-            print(f"GPU {r['gpu']}: " + (f"leased by {r['holder']}" if r["leased"] else "free"))
-    elif args.command == "interpret":
-        from .interpret import interpret_s2, interpret_s3
-
-        (interpret_s2 if kwargs.pop("analysis") == "s2" else interpret_s3)(**kwargs)
-    elif args.command == "export":
-        from .bundle import export_bundle
-
-        export_bundle(**kwargs)
-    elif args.command == "infer":
-        from .infer import infer
-
-        infer(**kwargs)
-    elif args.command == "baseline":
-        from .baselines import run_baseline
-
-        run_baseline(**kwargs)
+    verb = f"interpret {kwargs.pop('analysis')}" if args.command == "interpret" else args.command
+    module, function = STAGE_FUNCTIONS[verb]
+    getattr(importlib.import_module(f".{module}", __package__), function)(**kwargs)
     return 0
 
 
