@@ -90,8 +90,9 @@ class Ctx:
         return self.dir.joinpath(*parts)
 
     def f(self, *parts) -> Path:
-        """A fixture path (never modify it: copy first)."""
-        return self.fx.p(*parts)
+        """A fixture path (never modify it: copy first); ``"runs/1x8_d0/part0"`` and ``"runs", "1x8_d0", ...``
+        alike, so that the fixture is built whichever form a case uses."""
+        return self.fx.p(*(q for part in parts for q in Path(part).parts))
 
     def copy(self, fixture: str, dst: str | None = None) -> Path:
         src, out = self.f(*Path(fixture).parts), self.p(dst or Path(fixture).name)  # parts: builds it if needed
