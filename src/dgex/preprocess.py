@@ -234,6 +234,21 @@ def check_not_log2(block: np.ndarray, path) -> None:
         )
 
 
+class _Phases:
+    """Seconds per named step (``timings`` of the summary), logged with the peak memory so far."""
+
+    def __init__(self):
+        self.t0 = self.tick = time.time()
+        self.timings: dict[str, float] = {}
+
+    def done(self, name: str) -> None:
+        now = time.time()
+        self.timings[name] = round(now - self.tick, 3)
+        self.tick = now
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        log.debug("phase %s: %.2f s, peak RSS %.0f MB", name, self.timings[name], peak_mb)
+
+
 def preprocess(
     *,
     geo,
@@ -264,26 +279,118 @@ def preprocess(
     memory_mb=2048,
     progress=True,
 ) -> dict:
-    """Build the processed dataset ``output`` (HDF5, see :mod:`dgex.dataset`) and its JSON ``summary``."""
+    """Build the processed dataset ``output`` (HDF5, see :mod:`dgex.dataset`) and its JSON ``summary``.
+
+    The steps, in the README's order: gene maps; GEO probes -> gene means (optionally quantile-normalised
+    first) with MiniBatchKMeans clusters; de-duplication within clusters; splits; GEO statistics and
+    quantile reference; RNA-seq inputs rank-mapped onto that reference; standardised splits written.
+    """
     params = {k: v for k, v in locals().items() if k not in ("progress",)}
     PreprocessSettings.check(params)
-    t0 = time.time()
-    timings: dict[str, float] = {}
-    tick = [t0]
-
-    def phase(name):
-        now = time.time()
-        timings[name] = round(now - tick[0], 3)
-        tick[0] = now
-        log.debug(
-            "phase %s: %.2f s, peak RSS %.0f MB",
-            name,
-            timings[name],
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        )
-
+    phases = _Phases()
     output = Path(output)
     summary_path = Path(summary) if summary else output.with_suffix(".json")
+    _check_outputs(output, summary_path, geo, g1000, gtex, landmarks, targets)
+
+    lm, tg = load_genes(landmarks, targets, max_targets, target_seed, target_parts, part_seed)
+    genes = pd.concat([lm, tg], ignore_index=True)
+    log.info(
+        "genes: %d landmarks, %d targets (%d also landmarks) in %d parts",
+        len(lm),
+        len(tg),
+        int(tg["overlap"].sum()),
+        target_parts,
+    )
+
+    matrix = open_matrix(geo)
+    with ExitStack() as stack:
+        stack.callback(matrix.close)
+        n_geo = matrix.n_cols
+        if n_geo < 3:
+            raise InputError(f"{geo}: only {n_geo} GEO samples; need at least 3 (train/validation/test)")
+        log.info("GEO input %s: %d probes x %d samples", geo, matrix.n_rows, n_geo)
+        reader = _GeoReader(matrix, geo, geo_log2, chunk_size, progress)
+
+        probe_reference = None
+        if geo_quantile_normalize:
+            probe_reference = _probe_quantile_reference(reader)
+            phases.done("quantile_reference")
+
+        work = stack.enter_context(scratch_h5(output))  # next to the output; removed however this ends
+        gene_ds, flat, kmeans, k = _gene_means_and_clusters(
+            reader, genes, lm, tg, probe_reference, work, dedup, dedup_clusters, seed
+        )
+        phases.done("gene_means_kmeans")
+
+        keep = _deduplicate(gene_ds, flat, kmeans, dedup, dedup_threshold, memory_mb, chunk_size, progress)
+        kept = np.flatnonzero(keep)
+        phases.done("dedup")
+        n_flat, n_removed = int(flat.sum()), int(n_geo - flat.sum() - kept.size)
+        _log_removed(geo, matrix, flat, n_removed, k, dedup_threshold)
+
+        split_rows, split_of = _split_rows(kept, n_geo, va_fraction, te_fraction, split_seed)
+
+        stat_rows = keep if standardize == "transductive" else (split_of == 0)
+        geo_mean, geo_std, gene_reference = _geo_statistics(gene_ds, keep, stat_rows, chunk_size)
+        _warn_constant_genes(geo_std, lm, tg, geo, "the GEO profiles used for the statistics")
+        phases.done("statistics")
+
+        rnaseq = _map_rnaseq(genes, gene_reference, (("1000g", g1000, g1000_id_type), ("gtex", gtex, gtex_id_type)))
+        phases.done("rnaseq")
+
+        with atomic_h5(output) as out:
+            out.attrs["format"] = DATASET_FORMAT
+            out.attrs["dgex_version"] = __version__
+            out.attrs["standardize"] = standardize
+            out.attrs["epsilon"] = epsilon
+            out.attrs["params"] = json.dumps(params, default=str)
+            _write_genes(out, lm, tg)
+            _write_geo_splits(
+                out, gene_ds, matrix.col_ids, split_rows, split_of, geo_mean, geo_std, epsilon, len(lm), reader
+            )
+            _write_stats(out, "geo", geo_mean, geo_std)
+            _write_rnaseq(out, rnaseq, epsilon, len(lm))
+            out["reference/gene_quantiles"] = gene_reference
+            if probe_reference is not None:
+                out["reference/probe_quantiles"] = probe_reference
+                out["reference/probe_ids"] = encode(matrix.row_ids)
+            # read back once (seconds at paper size) so that train checks its checkpoint's dataset for free
+            out.attrs["fingerprint"] = json.dumps(content_fingerprint(out))
+        phases.done("write")
+
+    counts = {name: int(len(rows)) for name, rows in split_rows.items()}
+    counts.update({("1000g-va" if n == "1000g" else "gtex-te"): int(v[0].shape[0]) for n, v in rnaseq.items()})
+    result = {
+        "output": str(output),
+        "dgex_version": __version__,
+        "format": DATASET_FORMAT,
+        "inputs": {"geo": str(geo), "1000g": g1000 and str(g1000), "gtex": gtex and str(gtex)},
+        "geo_profiles_in": int(n_geo),
+        "duplicates_removed": n_removed,
+        "flat_removed": n_flat,
+        "geo_profiles_kept": int(kept.size),
+        "splits": counts,
+        "genes": {
+            "landmarks": len(lm),
+            "targets": len(tg),
+            "overlap": int(tg["overlap"].sum()),
+            "parts": {int(p): int(c) for p, c in tg["part"].value_counts().sort_index().items()},
+        },
+        "standardize": standardize,
+        "seconds": round(time.time() - phases.t0, 2),
+        "timings": phases.timings,
+        "params": params,
+    }
+    write_json(summary_path, result)
+    log.info("wrote %s (%s) in %.1f s", output, ", ".join(f"{k} {v}" for k, v in counts.items()), result["seconds"])
+    return result
+
+
+# --------------------------------------------------------------------------- #
+# the steps of preprocess, in order
+# --------------------------------------------------------------------------- #
+def _check_outputs(output: Path, summary_path: Path, geo, g1000, gtex, landmarks, targets) -> None:
+    """Output names that say what gets written, writable places, and no input overwritten."""
     if not output.name.lower().endswith(DATASET_SUFFIXES):
         raise ConfigError(
             f"{output}: a processed dataset is an HDF5 file, but the name ends in "
@@ -304,211 +411,181 @@ def preprocess(
         },
     )
 
-    lm, tg = load_genes(landmarks, targets, max_targets, target_seed, target_parts, part_seed)
-    genes = pd.concat([lm, tg], ignore_index=True)
-    L, T = len(lm), len(tg)
-    G = L + T
-    log.info(
-        "genes: %d landmarks, %d targets (%d also landmarks) in %d parts", L, T, int(tg["overlap"].sum()), target_parts
+
+class _GeoReader:
+    """The GEO input streamed in sample chunks ``(n_chunk, n_probes)``: log2 on request, checked finite."""
+
+    def __init__(self, matrix, path, log2: bool, chunk_size: int, progress: bool):
+        self.matrix, self.path, self.log2, self.chunk_size, self.progress = matrix, path, log2, chunk_size, progress
+        self.n_chunks = -(-matrix.n_cols // chunk_size)
+
+    def chunks(self, desc: str):
+        for start, stop, block in _progress(
+            self.matrix.iter_samples(self.chunk_size), self.n_chunks, desc, self.progress
+        ):
+            if self.log2:
+                if start == 0:
+                    check_not_log2(block, self.path)
+                block = np.log2(np.maximum(block, 0) + 1.0)
+            check_finite(block, self.matrix.col_ids[start:stop], self.path)
+            yield start, stop, block
+
+
+def _probe_quantile_reference(reader: _GeoReader) -> np.ndarray:
+    """Quantile normalisation's reference: the mean sorted profile over all probes, ``(n_probes,)``."""
+    acc = np.zeros(reader.matrix.n_rows)
+    for _, _, block in reader.chunks("quantile reference"):
+        acc += np.sort(block, axis=1).sum(axis=0)
+    return acc / reader.matrix.n_cols
+
+
+def _gene_means_and_clusters(reader, genes, lm, tg, probe_reference, work, dedup, dedup_clusters, seed):
+    """Pass 1: probe -> gene means of every GEO profile into ``work`` (``genes``, ``(n_geo, G)``) and the
+    MiniBatchKMeans clusters of de-duplication.  Returns the work dataset, the flat (failed-array) profiles
+    ``(n_geo,)`` bool, the fitted clustering and its K."""
+    matrix, n_geo, G = reader.matrix, reader.matrix.n_cols, len(genes)
+    probe_pos, probe_ids = _probe_positions(matrix, lm, tg)
+    agg = aggregation_matrix(genes, probe_ids)
+    gene_ds = work.create_dataset(
+        "genes", shape=(n_geo, G), dtype=np.float32, chunks=(max(1, min(n_geo, (1 << 22) // (4 * G))), G)
     )
-
-    matrix = open_matrix(geo)
-    with ExitStack() as stack:
-        stack.callback(matrix.close)
-        probe_pos, probe_ids = _probe_positions(matrix, lm, tg)
-        agg = aggregation_matrix(genes, probe_ids)
-        n_geo = matrix.n_cols
-        if n_geo < 3:
-            raise InputError(f"{geo}: only {n_geo} GEO samples; need at least 3 (train/validation/test)")
-        log.info("GEO input %s: %d probes x %d samples", geo, matrix.n_rows, n_geo)
-        n_chunks = -(-n_geo // chunk_size)
-
-        def raw_chunks(desc):
-            for start, stop, block in _progress(matrix.iter_samples(chunk_size), n_chunks, desc, progress):
-                if geo_log2:
-                    if start == 0:
-                        check_not_log2(block, geo)
-                    block = np.log2(np.maximum(block, 0) + 1.0)
-                check_finite(block, matrix.col_ids[start:stop], geo)
-                yield start, stop, block
-
-        # -- optional quantile normalisation: reference = mean sorted profile over all probes
-        probe_reference = None
-        if geo_quantile_normalize:
-            acc = np.zeros(matrix.n_rows)
-            for _, _, block in raw_chunks("quantile reference"):
-                acc += np.sort(block, axis=1).sum(axis=0)
-            probe_reference = acc / n_geo
-            phase("quantile_reference")
-
-        # -- pass 1: gene-level work file + MiniBatchKMeans
-        work = stack.enter_context(scratch_h5(output))  # next to the output; removed however this ends
-        gene_ds = work.create_dataset(
-            "genes", shape=(n_geo, G), dtype=np.float32, chunks=(max(1, min(n_geo, (1 << 22) // (4 * G))), G)
-        )
-        k = min(dedup_clusters, n_geo)
-        kmeans = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=max(1024, 3 * k), n_init=3)
-        pending = []
-        flat = np.zeros(n_geo, dtype=bool)  # failed arrays: no expression information, removed below
-        checked_scale = False
-        for start, stop, block in raw_chunks("gene means"):
-            if not checked_scale:
-                check_scale(
-                    block,
-                    geo,
-                    linear_fix="log2-transform them (set log2: true for this input, or pass --geo-log2)",
-                    ratio_fix="use the un-standardised expression matrix",
-                )
-                checked_scale = True
-            if probe_reference is not None:
-                block = quantile_map(block, probe_reference)
-            gene_block = np.asarray(block[:, probe_pos] @ agg, dtype=np.float32)
-            gene_ds[start:stop] = gene_block
-            check_written(work)  # a full disk stops the run here, not after de-duplicating zeros
-            flat[start:stop] = flat_samples(gene_block)
-            if dedup:
-                pending.append(gene_block[~flat[start:stop]] if flat[start:stop].any() else gene_block)
-                if sum(len(b) for b in pending) >= k:
-                    kmeans.partial_fit(np.concatenate(pending))
-                    pending = []
-        if dedup and pending and hasattr(kmeans, "cluster_centers_"):
-            kmeans.partial_fit(np.concatenate(pending))
-        work.flush()  # every block on disk now, so that a failed write cannot go unnoticed
-        check_written(work)
-        phase("gene_means_kmeans")
-
-        # -- pass 2: de-duplicate within clusters
-        keep = ~flat
-        if dedup:
-            if hasattr(kmeans, "cluster_centers_"):
-                labels = np.concatenate([kmeans.predict(gene_ds[s:e]) for s, e in _spans(n_geo, chunk_size)])
-            else:  # fewer non-flat profiles than clusters: one cluster
-                labels = np.zeros(n_geo, dtype=np.int64)
-            labels[flat] = labels.max(initial=0) + 1  # a cluster of their own: never a duplicate of a real profile
-            keep &= ~_dedup_by_cluster(gene_ds, labels, dedup_threshold, memory_mb, chunk_size, progress)
-        kept = np.flatnonzero(keep)
-        phase("dedup")
-        n_flat = int(flat.sum())
-        n_removed = int(n_geo - n_flat - kept.size)
-        if n_flat:
-            log.warning(
-                "%s: %d of %d GEO samples are flat (s.d. across genes < %g log2 units: failed arrays?), e.g. %s; "
-                "they are removed before de-duplication and splitting",
-                geo,
-                n_flat,
-                n_geo,
-                FLAT_SAMPLE_STD,
-                ", ".join(map(str, matrix.col_ids[np.flatnonzero(flat)[:5]])),
+    k = min(dedup_clusters, n_geo)
+    kmeans = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=max(1024, 3 * k), n_init=3)
+    pending = []
+    flat = np.zeros(n_geo, dtype=bool)  # failed arrays: no expression information, removed below
+    checked_scale = False
+    for start, stop, block in reader.chunks("gene means"):
+        if not checked_scale:
+            check_scale(
+                block,
+                reader.path,
+                linear_fix="log2-transform them (set log2: true for this input, or pass --geo-log2)",
+                ratio_fix="use the un-standardised expression matrix",
             )
-        log.info(
-            "de-duplication: removed %d of %d GEO profiles (K=%d, threshold %.3g)", n_removed, n_geo, k, dedup_threshold
+            checked_scale = True
+        if probe_reference is not None:
+            block = quantile_map(block, probe_reference)
+        gene_block = np.asarray(block[:, probe_pos] @ agg, dtype=np.float32)
+        gene_ds[start:stop] = gene_block
+        check_written(work)  # a full disk stops the run here, not after de-duplicating zeros
+        flat[start:stop] = flat_samples(gene_block)
+        if dedup:
+            pending.append(gene_block[~flat[start:stop]] if flat[start:stop].any() else gene_block)
+            if sum(len(b) for b in pending) >= k:
+                kmeans.partial_fit(np.concatenate(pending))
+                pending = []
+    if dedup and pending and hasattr(kmeans, "cluster_centers_"):
+        kmeans.partial_fit(np.concatenate(pending))
+    work.flush()  # every block on disk now, so that a failed write cannot go unnoticed
+    check_written(work)
+    return gene_ds, flat, kmeans, k
+
+
+def _deduplicate(gene_ds, flat, kmeans, dedup, threshold, memory_mb, chunk_size, progress) -> np.ndarray:
+    """Pass 2: the profiles to keep, ``(n_geo,)`` bool: not flat, and not a near-copy within its cluster."""
+    n_geo = gene_ds.shape[0]
+    keep = ~flat
+    if dedup:
+        if hasattr(kmeans, "cluster_centers_"):
+            labels = np.concatenate([kmeans.predict(gene_ds[s:e]) for s, e in _spans(n_geo, chunk_size)])
+        else:  # fewer non-flat profiles than clusters: one cluster
+            labels = np.zeros(n_geo, dtype=np.int64)
+        labels[flat] = labels.max(initial=0) + 1  # a cluster of their own: never a duplicate of a real profile
+        keep &= ~_dedup_by_cluster(gene_ds, labels, threshold, memory_mb, chunk_size, progress)
+    return keep
+
+
+def _log_removed(geo, matrix, flat, n_removed: int, k: int, threshold: float) -> None:
+    n_flat, n_geo = int(flat.sum()), matrix.n_cols
+    if n_flat:
+        log.warning(
+            "%s: %d of %d GEO samples are flat (s.d. across genes < %g log2 units: failed arrays?), e.g. %s; "
+            "they are removed before de-duplication and splitting",
+            geo,
+            n_flat,
+            n_geo,
+            FLAT_SAMPLE_STD,
+            ", ".join(map(str, matrix.col_ids[np.flatnonzero(flat)[:5]])),
         )
+    log.info("de-duplication: removed %d of %d GEO profiles (K=%d, threshold %.3g)", n_removed, n_geo, k, threshold)
 
-        # -- splits over the kept profiles
-        split_pos = split_indices(kept.size, va_fraction, te_fraction, split_seed)
-        split_rows = {name: kept[pos] for name, pos in split_pos.items()}  # rows of the work file
-        split_of = np.full(n_geo, -1)
-        for i, name in enumerate(("geo-tr", "geo-va", "geo-te")):
-            split_of[split_rows[name]] = i
 
-        # -- pass 3: statistics and the GEO quantile reference
-        stat_rows = keep if standardize == "transductive" else (split_of == 0)
-        s1, s2, qsum = np.zeros(G), np.zeros(G), np.zeros(G)
-        for s, e in _spans(n_geo, chunk_size):
-            block = gene_ds[s:e].astype(np.float64)
-            sel = block[stat_rows[s:e]]
-            s1 += sel.sum(axis=0)
-            s2 += (sel * sel).sum(axis=0)
-            qsum += np.sort(block[keep[s:e]], axis=1).sum(axis=0)
-        n_stat = int(stat_rows.sum())
-        geo_mean = s1 / n_stat
-        geo_std = np.sqrt(np.maximum(s2 / n_stat - geo_mean**2, 0.0))
-        gene_reference = qsum / kept.size
-        _warn_constant_genes(geo_std, lm, tg, geo, "the GEO profiles used for the statistics")
-        phase("statistics")
+def _split_rows(kept: np.ndarray, n_geo: int, va_fraction, te_fraction, split_seed):
+    """The kept profiles' rows of the work file per split, and each row's split (0 tr, 1 va, 2 te, -1 none)."""
+    split_pos = split_indices(kept.size, va_fraction, te_fraction, split_seed)
+    split_rows = {name: kept[pos] for name, pos in split_pos.items()}
+    split_of = np.full(n_geo, -1)
+    for i, name in enumerate(("geo-tr", "geo-va", "geo-te")):
+        split_of[split_rows[name]] = i
+    return split_rows, split_of
 
-        # -- RNA-seq sources: rank-map onto the GEO reference, standardise with their own statistics
-        rnaseq = {}
-        for name, path, id_type in (("1000g", g1000, g1000_id_type), ("gtex", gtex, gtex_id_type)):
-            if not path:
-                continue
-            with open_matrix(path) as rmat:
-                values = quantile_map(rnaseq_gene_matrix(rmat, genes, id_type), gene_reference)
-                rnaseq[name] = (values, rmat.col_ids)
-            log.info("%s input %s: %d samples mapped onto the GEO reference", name, path, values.shape[0])
-        phase("rnaseq")
 
-        # -- pass 4: write the dataset
-        with atomic_h5(output) as out:
-            out.attrs["format"] = DATASET_FORMAT
-            out.attrs["dgex_version"] = __version__
-            out.attrs["standardize"] = standardize
-            out.attrs["epsilon"] = epsilon
-            out.attrs["params"] = json.dumps(params, default=str)
-            _write_genes(out, lm, tg)
-            dsets = {}
-            for i, name in enumerate(("geo-tr", "geo-va", "geo-te")):
-                n = len(split_rows[name])
-                grp = out.create_group(f"splits/{name}")
-                grp["ids"] = encode(matrix.col_ids[split_rows[name]])
-                dsets[i] = (
-                    grp.create_dataset("X", (n, L), np.float32, chunks=_chunks(n, L)),
-                    grp.create_dataset("Y", (n, T), np.float32, chunks=_chunks(n, T)),
-                )
-            cursor = {0: 0, 1: 0, 2: 0}
-            for s, e in _progress(_spans(n_geo, chunk_size), n_chunks, "write", progress):
-                z = standardise(gene_ds[s:e].astype(np.float64), geo_mean, geo_std, epsilon)
-                which = split_of[s:e]
-                for i in range(3):
-                    rows = z[which == i]
-                    if len(rows):
-                        x_ds, y_ds = dsets[i]
-                        x_ds[cursor[i] : cursor[i] + len(rows)] = rows[:, :L]
-                        y_ds[cursor[i] : cursor[i] + len(rows)] = rows[:, L:]
-                        cursor[i] += len(rows)
-            _write_stats(out, "geo", geo_mean, geo_std)
-            for name, (values, ids) in rnaseq.items():
-                mean, std = values.mean(axis=0), values.std(axis=0)
-                z = standardise(values, mean, std, epsilon)
-                grp = out.create_group("splits/1000g-va" if name == "1000g" else "splits/gtex-te")
-                grp["ids"] = encode(ids)
-                grp.create_dataset("X", data=z[:, :L])
-                grp.create_dataset("Y", data=z[:, L:])
-                _write_stats(out, name, mean, std)
-            out["reference/gene_quantiles"] = gene_reference
-            if probe_reference is not None:
-                out["reference/probe_quantiles"] = probe_reference
-                out["reference/probe_ids"] = encode(matrix.row_ids)
-            # read back once (seconds at paper size) so that train checks its checkpoint's dataset for free
-            out.attrs["fingerprint"] = json.dumps(content_fingerprint(out))
-        phase("write")
+def _geo_statistics(gene_ds, keep, stat_rows, chunk_size):
+    """Pass 3: per-gene mean and s.d. over ``stat_rows`` and the gene-level quantile reference (mean sorted
+    kept profile), each ``(G,)`` float64, streamed."""
+    G = gene_ds.shape[1]
+    s1, s2, qsum = np.zeros(G), np.zeros(G), np.zeros(G)
+    for s, e in _spans(gene_ds.shape[0], chunk_size):
+        block = gene_ds[s:e].astype(np.float64)
+        sel = block[stat_rows[s:e]]
+        s1 += sel.sum(axis=0)
+        s2 += (sel * sel).sum(axis=0)
+        qsum += np.sort(block[keep[s:e]], axis=1).sum(axis=0)
+    n_stat = int(stat_rows.sum())
+    mean = s1 / n_stat
+    std = np.sqrt(np.maximum(s2 / n_stat - mean**2, 0.0))
+    return mean, std, qsum / int(keep.sum())
 
-    counts = {name: int(len(rows)) for name, rows in split_rows.items()}
-    counts.update({("1000g-va" if n == "1000g" else "gtex-te"): int(v[0].shape[0]) for n, v in rnaseq.items()})
-    result = {
-        "output": str(output),
-        "dgex_version": __version__,
-        "format": DATASET_FORMAT,
-        "inputs": {"geo": str(geo), "1000g": g1000 and str(g1000), "gtex": gtex and str(gtex)},
-        "geo_profiles_in": int(n_geo),
-        "duplicates_removed": n_removed,
-        "flat_removed": n_flat,
-        "geo_profiles_kept": int(kept.size),
-        "splits": counts,
-        "genes": {
-            "landmarks": L,
-            "targets": T,
-            "overlap": int(tg["overlap"].sum()),
-            "parts": {int(p): int(c) for p, c in tg["part"].value_counts().sort_index().items()},
-        },
-        "standardize": standardize,
-        "seconds": round(time.time() - t0, 2),
-        "timings": timings,
-        "params": params,
-    }
-    write_json(summary_path, result)
-    log.info("wrote %s (%s) in %.1f s", output, ", ".join(f"{k} {v}" for k, v in counts.items()), result["seconds"])
-    return result
+
+def _map_rnaseq(genes, gene_reference, sources) -> dict:
+    """RNA-seq inputs rank-mapped onto the GEO reference: ``{name: (values (n, G), sample ids)}``."""
+    rnaseq = {}
+    for name, path, id_type in sources:
+        if not path:
+            continue
+        with open_matrix(path) as rmat:
+            values = quantile_map(rnaseq_gene_matrix(rmat, genes, id_type), gene_reference)
+            rnaseq[name] = (values, rmat.col_ids)
+        log.info("%s input %s: %d samples mapped onto the GEO reference", name, path, values.shape[0])
+    return rnaseq
+
+
+def _write_geo_splits(out, gene_ds, col_ids, split_rows, split_of, mean, std, epsilon, L, reader) -> None:
+    """Pass 4: the standardised GEO profiles into ``splits/geo-{tr,va,te}/{X,Y,ids}``, streamed in order."""
+    T = gene_ds.shape[1] - L
+    dsets = {}
+    for i, name in enumerate(("geo-tr", "geo-va", "geo-te")):
+        n = len(split_rows[name])
+        grp = out.create_group(f"splits/{name}")
+        grp["ids"] = encode(col_ids[split_rows[name]])
+        dsets[i] = (
+            grp.create_dataset("X", (n, L), np.float32, chunks=_chunks(n, L)),
+            grp.create_dataset("Y", (n, T), np.float32, chunks=_chunks(n, T)),
+        )
+    cursor = {0: 0, 1: 0, 2: 0}
+    spans = _spans(gene_ds.shape[0], reader.chunk_size)
+    for s, e in _progress(spans, reader.n_chunks, "write", reader.progress):
+        z = standardise(gene_ds[s:e].astype(np.float64), mean, std, epsilon)
+        which = split_of[s:e]
+        for i in range(3):
+            rows = z[which == i]
+            if len(rows):
+                x_ds, y_ds = dsets[i]
+                x_ds[cursor[i] : cursor[i] + len(rows)] = rows[:, :L]
+                y_ds[cursor[i] : cursor[i] + len(rows)] = rows[:, L:]
+                cursor[i] += len(rows)
+
+
+def _write_rnaseq(out, rnaseq: dict, epsilon, L) -> None:
+    """The RNA-seq splits, each standardised with its own statistics (the paper's cross-platform protocol)."""
+    for name, (values, ids) in rnaseq.items():
+        mean, std = values.mean(axis=0), values.std(axis=0)
+        z = standardise(values, mean, std, epsilon)
+        grp = out.create_group("splits/1000g-va" if name == "1000g" else "splits/gtex-te")
+        grp["ids"] = encode(ids)
+        grp.create_dataset("X", data=z[:, :L])
+        grp.create_dataset("Y", data=z[:, L:])
+        _write_stats(out, name, mean, std)
 
 
 def _warn_constant_genes(std: np.ndarray, lm: pd.DataFrame, tg: pd.DataFrame, source, over: str) -> None:
