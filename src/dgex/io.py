@@ -290,10 +290,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     tmp = _begin_temp(path, "tmp")
+    with _publishing(tmp, path):
+        yield tmp
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _publishing(tmp: Path, path: Path) -> Iterator[None]:
+    """Around filling ``tmp`` and renaming it onto ``path``: an OS error becomes a :class:`StorageError` naming
+    ``path``; on any failure ``tmp`` is removed; either way it is no longer an active temporary name."""
     try:
         try:
-            yield tmp
-            os.replace(tmp, path)
+            yield
         except OSError as exc:
             if exc.errno is None:  # not an OS-level failure (e.g. an HDF5 format error): keep it as it is
                 raise
@@ -310,21 +318,11 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     """Yield a new temporary folder next to ``path``; on success it replaces ``path`` (see :func:`atomic_path`)."""
     path = Path(path)
     tmp = _begin_temp(path, "tmp", is_dir=True)
-    try:
-        try:
-            _remove(tmp)
-            tmp.mkdir()
-            yield tmp
-            _replace_dir(tmp, path, overwrite)
-        except OSError as exc:
-            if exc.errno is None:
-                raise
-            raise storage_error(exc, path) from None
-    except BaseException:
+    with _publishing(tmp, path):
         _remove(tmp)
-        raise
-    finally:
-        _ACTIVE.discard(str(tmp))
+        tmp.mkdir()
+        yield tmp
+        _replace_dir(tmp, path, overwrite)
 
 
 @contextlib.contextmanager
@@ -1161,6 +1159,7 @@ _PROTECTED_CODES = frozenset(
         _replace_dir,
         sweep_stale,
         atomic_path,
+        _publishing,
         atomic_dir,
         atomic_h5,
         scratch_h5,

@@ -87,13 +87,10 @@ class Result:
     timed_out: bool = False
 
 
-def run(argv, cwd, env=None, timeout=300, prefix=None) -> Result:
-    """Run ``argv`` (strings) in ``cwd``; a timeout kills the process group and returns rc -9."""
-    argv = [str(a) for a in argv]
-    full = list(prefix or []) + argv
-    t0 = time.time()
-    proc = subprocess.Popen(
-        full,
+def _start(argv: list[str], cwd, env) -> subprocess.Popen:
+    """``argv`` started in a session of its own (so that its whole group can be signalled), text pipes."""
+    return subprocess.Popen(
+        argv,
         cwd=str(cwd),
         env=child_env(env),
         stdout=subprocess.PIPE,
@@ -101,6 +98,13 @@ def run(argv, cwd, env=None, timeout=300, prefix=None) -> Result:
         text=True,
         start_new_session=True,
     )
+
+
+def run(argv, cwd, env=None, timeout=300, prefix=None) -> Result:
+    """Run ``argv`` (strings) in ``cwd``; a timeout kills the process group and returns rc -9."""
+    argv = [str(a) for a in argv]
+    t0 = time.time()
+    proc = _start(list(prefix or []) + argv, cwd, env)
     try:
         out, err = proc.communicate(timeout=timeout)
         timed_out = False
@@ -144,15 +148,7 @@ def run_killed(
     """
     argv = [str(a) for a in argv]
     t0 = time.time()
-    proc = subprocess.Popen(
-        argv,
-        cwd=str(cwd),
-        env=child_env(env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = _start(argv, cwd, env)
     # drain the pipes in threads so that a chatty child never blocks on a full pipe
     chunks = {"out": [], "err": []}
 
