@@ -58,6 +58,25 @@ def _add_settings(p: argparse.ArgumentParser, command: str) -> None:
         p.add_argument(s.flag, **kwargs)
 
 
+#: ``add_argument`` keywords of the path options that several verbs share; each verb words its own help.
+_PATH_OPTIONS = {
+    "dataset": {"required": True},
+    "runs": {"nargs": "+", "required": True, "metavar": "RUN_DIR"},
+    "aggregate": {"required": True},
+    "output_dir": {"required": True},
+    "output": {"required": True},
+}
+
+
+def _add_paths(p: argparse.ArgumentParser, **helps: str) -> None:
+    """Add the shared path options named by the keywords, in their order, each with its help text.
+
+    ``_add_paths(p, dataset="...", output_dir="run folder")`` adds ``--dataset`` and ``--output-dir``.
+    """
+    for name, help_text in helps.items():
+        p.add_argument("--" + name.replace("_", "-"), help=help_text, **_PATH_OPTIONS[name])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dgex",
@@ -75,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         "GCTX (geo.gctx), a GEUVADIS-like RPKM table (1000g.tsv.gz) and a GTEx-like "
         "gene-level GCTX (gtex.gctx), plus demo.json describing them.",
     )
-    p.add_argument("--output-dir", required=True, help="folder to write the files into")
+    _add_paths(p, output_dir="folder to write the files into")
     _add_settings(p, "demo-data")
 
     # ---------------------------------------------------------------- acquire
@@ -86,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         "verifying size and SHA-256 when given, and renaming into place only when complete.",
     )
     p.add_argument("--url", required=True, help="http(s) or file:// URL")
-    p.add_argument("--output", required=True, help="destination file")
+    _add_paths(p, output="destination file")
     _add_settings(p, "acquire")
 
     # ---------------------------------------------------------------- preprocess
@@ -102,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--g1000", default=None, help="1000G RNA-seq gene-level matrix (cross-platform validation); optional"
     )
     p.add_argument("--gtex", default=None, help="GTEx RNA-seq gene-level matrix (cross-platform test); optional")
-    p.add_argument("--output", required=True, help="processed dataset (.h5)")
+    _add_paths(p, output="processed dataset (.h5)")
     p.add_argument("--summary", default=None, help="JSON summary (default: OUTPUT with .json)")
     _add_settings(p, "preprocess")
 
@@ -115,8 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "best epochs by GEO-va and by 1000G-va. Writes best_*.pt, history.csv, "
         "per_gene.csv and run.json into OUTPUT_DIR.",
     )
-    p.add_argument("--dataset", required=True, help="processed dataset from `dgex preprocess`")
-    p.add_argument("--output-dir", required=True, help="run folder")
+    _add_paths(p, dataset="processed dataset from `dgex preprocess`", output_dir="run folder")
     _add_settings(p, "train")
 
     # ---------------------------------------------------------------- baseline
@@ -134,8 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="lr: least squares (LR); ridge: L2 penalty (LR-L2); lasso: L1 penalty per gene (LR-L1); "
         "knn: mean of the k nearest landmark genes (KNN-GE)",
     )
-    p.add_argument("--dataset", required=True, help="processed dataset from `dgex preprocess`")
-    p.add_argument("--output-dir", required=True, help="run folder")
+    _add_paths(p, dataset="processed dataset from `dgex preprocess`", output_dir="run folder")
     _add_settings(p, "baseline")
 
     # ---------------------------------------------------------------- aggregate
@@ -149,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dgex-runs", nargs="*", default=[], metavar="DIR", help="D-GEX run folders (one per grid point x part)"
     )
     p.add_argument("--baseline-runs", nargs="*", default=[], metavar="DIR", help="baseline run folders")
-    p.add_argument("--output-dir", required=True, help="aggregate folder")
+    _add_paths(p, output_dir="aggregate folder")
     p.add_argument(
         "--dataset",
         default=None,
@@ -166,8 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         "GEO-va, GEO-te, 1000G-va, GTEx-te) and table_stats, each as .csv and .md, "
         "plus tables.json. Dropout rates and architectures shown are chosen on validation.",
     )
-    p.add_argument("--aggregate", required=True, help="folder written by `dgex aggregate`")
-    p.add_argument("--output-dir", required=True, help="tables folder")
+    _add_paths(p, aggregate="folder written by `dgex aggregate`", output_dir="tables folder")
     _add_settings(p, "tables")
 
     # ---------------------------------------------------------------- figures
@@ -177,8 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Draw Figures 1-5 from an aggregate folder, choosing the models shown on "
         "validation as the paper did; writes figures.json with captions.",
     )
-    p.add_argument("--aggregate", required=True, help="folder written by `dgex aggregate`")
-    p.add_argument("--output-dir", required=True, help="figures folder")
+    _add_paths(p, aggregate="folder written by `dgex aggregate`", output_dir="figures folder")
 
     # ---------------------------------------------------------------- interpret
     p = sub.add_parser(
@@ -199,15 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
         "more than p + 1 profiles: where the split has fewer, the outputs say 'not computed' and why "
         "(s2.json status and reason) and the command still succeeds.",
     )
-    q.add_argument("--dataset", required=True, help="processed dataset the network was trained on")
-    q.add_argument(
-        "--runs",
-        nargs="+",
-        required=True,
-        metavar="RUN_DIR",
-        help="the part run folders of one network (written by `dgex train`)",
+    _add_paths(
+        q,
+        dataset="processed dataset the network was trained on",
+        runs="the part run folders of one network (written by `dgex train`)",
+        output_dir="folder for the S2 outputs",
     )
-    q.add_argument("--output-dir", required=True, help="folder for the S2 outputs")
     _add_settings(q, "interpret s2")
     q = isub.add_parser(
         "s3",
@@ -218,17 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
         "s3_hidden_in_degree.csv, s3_hidden_out_degree.csv, s3_landmark_out_degree.csv, "
         "s3_target_in_degree.csv, figure_s3.png/.pdf and s3.json.",
     )
-    q.add_argument(
-        "--runs",
-        nargs="+",
-        required=True,
-        metavar="RUN_DIR",
-        help="the part run folders of one 1-hidden-layer network (paper: 3000x1)",
-    )
+    _add_paths(q, runs="the part run folders of one 1-hidden-layer network (paper: 3000x1)")
     q.add_argument(
         "--dataset", default=None, help="processed dataset (optional): checks the genes and adds gene symbols"
     )
-    q.add_argument("--output-dir", required=True, help="folder for the S3 outputs")
+    _add_paths(q, output_dir="folder for the S3 outputs")
     _add_settings(q, "interpret s3")
 
     # ---------------------------------------------------------------- export
@@ -240,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         "weights_part<k>.pt, landmarks.tsv, targets.tsv and stats.npz (GEO statistics "
         "and quantile references). Written to a temporary folder and renamed into place.",
     )
-    p.add_argument("--dataset", required=True, help="processed dataset the runs were trained on")
+    _add_paths(p, dataset="processed dataset the runs were trained on")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument(
         "--runs",
@@ -254,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="an aggregate folder (`dgex aggregate`): export its grid point chosen on validation "
         "(GEO-va for --selection geo-va, 1000G-va for 1000g-va), as Table 1/2 do",
     )
-    p.add_argument("--output", required=True, help="bundle folder to create")
+    _add_paths(p, output="bundle folder to create")
     _add_settings(p, "export")
 
     # ---------------------------------------------------------------- infer
@@ -272,9 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="genes x samples log2 expression: .gctx (streamed), .gct, .tsv or .csv (rows: landmark genes)",
     )
-    p.add_argument(
-        "--output", required=True, help="predictions: .gctx (any size), .csv/.tsv (small inputs; .gz to compress)"
-    )
+    _add_paths(p, output="predictions: .gctx (any size), .csv/.tsv (small inputs; .gz to compress)")
     _add_settings(p, "infer")
 
     # ---------------------------------------------------------------- gpus
