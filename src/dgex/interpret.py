@@ -204,85 +204,169 @@ def interpret_s2(
     ``s2.json`` content.
     """
     S2Settings.check(locals())
-    from tqdm.auto import tqdm
-
-    from .checkpoints import load_weights
     from .devices import pick_device
 
     run_list = load_runs(runs, selection)
-    layers, units, dropout = run_list[0]["arch"]
+    layers, units, _ = run_list[0]["arch"]
     dev = pick_device(device)
-    out = Path(output_dir)
     reps = ["input"] + [f"hidden{i + 1}" for i in range(layers)]
 
     with ProcessedDataset(dataset) as ds:
-        if split not in SPLITS or not ds.has(split):
-            raise ConfigError(
-                f"--split {split!r} is not in {dataset} (splits: {', '.join(ds.splits)}); "
-                f"pick one of those (the paper uses geo-tr)"
-            )
+        _check_split(ds, split, dataset)
         genes = ds.genes()
         fingerprint = ds.fingerprint()
         n_total = ds.n_samples(split)
-        idx = None
-        if max_samples is not None and max_samples < n_total:
-            idx = np.sort(np.random.default_rng(seed).choice(n_total, size=max_samples, replace=False))
-        X = ds.X(split)
-        X = X[idx] if idx is not None else X
-        n = X.shape[0]
-        landmark_ids = genes.landmarks["ensembl"].tolist()
+        rows = _sampled_rows(n_total, max_samples, seed)
+        X = _take(ds.X(split), rows)
+        n_predictors = {rep: X.shape[1] if rep == "input" else units for rep in reps}
         frames, fits = [], []
-        for run in run_list:
-            part = run["part"]
-            targets = _part_targets(genes.targets, part)
-            model, _ = load_weights(
-                run["checkpoint"], gene_ids={"landmarks": landmark_ids, "targets": targets["ensembl"].tolist()}
-            )
-            model.to(dev).eval()
-            Y = ds.Y(split, part)
-            Y = Y[idx] if idx is not None else Y
-            stats = [GramFit(X.shape[1], Y.shape[1], dev)] + [GramFit(units, Y.shape[1], dev) for _ in range(layers)]
-            starts = range(0, n, batch_size)
-            desc = f"S2 part {'all' if part is None else part}"
-            with torch.no_grad():
-                for s in tqdm(starts, desc=desc, unit="chunk", disable=not progress, leave=False):
-                    xb = torch.as_tensor(X[s : s + batch_size], device=dev)
-                    yb = torch.as_tensor(Y[s : s + batch_size], device=dev)
-                    _, acts = model(xb, return_hidden=True)
-                    for fit, rep in zip(stats, [xb, *acts]):
-                        fit.update(rep, yb)
-            frame = targets[["ensembl", "symbol", "part", "overlap"]].copy()
-            for rep, fit in zip(reps, stats):
-                res = fit.solve()
-                frame[rep] = res["adjusted"]
-                fits.append(
-                    {
-                        "part": part,
-                        "representation": rep,
-                        "n": res["n"],
-                        "p": res["p"],
-                        "rank": res["rank"],
-                        "note": res["note"],
-                    }
-                )
-                if res["note"]:  # one warning below says what was not computed
-                    log.debug("S2 part %s %s: %s", part, rep, res["note"])
+        for run in run_list:  # one part network at a time
+            frame, part_fits = _fit_part(ds, run, genes, split, rows, X, n_predictors, dev, batch_size, progress)
             frames.append(frame)
-            del model, stats
+            fits += part_fits
         n_parts = genes.n_parts
     check_dataset({str(r["dir"]): r["info"].get("dataset_fingerprint") for r in run_list}, fingerprint, dataset)
 
     table = pd.concat(frames, ignore_index=True)
-    n_predictors = {rep: X.shape[1] if rep == "input" else units for rep in reps}
-    # too few profiles for a representation's predictors (n <= p + 1): S2 is optional, so its outputs
-    # say what was not computed and why instead of failing the run
+    n = X.shape[0]
+    status, undefined, reason = _s2_status(reps, fits, n_predictors, split, n)
+    summary = _s2_summary(table, reps, fits, n_predictors, n, undefined, reason)
+    name = _arch_name(run_list[0]["arch"])
+    last = reps[-1]
+    frac = float(summary.loc[summary["representation"] == last, "frac_above_input"].iloc[0])
+
+    with staged_files(Path(output_dir)) as stage:  # all outputs or none
+        _write_csv(table, stage / "s2_adjusted_r2.csv")
+        _write_csv(summary, stage / "s2_summary.csv")
+        files = ["s2_adjusted_r2.csv", "s2_summary.csv"] + _figure_s2(table, reps, name, split, stage, status, reason)
+        info = {
+            "analysis": "S2",
+            "status": status,
+            "reason": reason,
+            "network": _network_info(run_list, selection),
+            "dataset": str(dataset),
+            "split": split,
+            "n_samples": n,
+            "n_samples_split": n_total,
+            "max_samples": max_samples,
+            "seed": seed,
+            "device": str(dev),
+            "targets_covered": len(table),
+            "all_parts_covered": run_list[0]["part"] is None or len(run_list) == n_parts,
+            "adjusted_r2": "1 - (1 - R2) (n - 1) / (n - p - 1), p = number of predictors; fit and R2 on the same split",
+            "fits": fits,
+            "notes": [f"part {f['part']} {f['representation']}: {f['note']}" for f in fits if f["note"]],
+            "summary": json.loads(summary.to_json(orient="records")),
+            "files": files + ["s2.json"],
+            "captions": _s2_captions(name, table, split, n, X.shape[1], units, selection, status, reason, frac),
+        }
+        write_json(stage / "s2.json", info)
+    if status != "computed":
+        return info
+    log.info(
+        "S2 %s on %s (n=%d): mean adjusted R2 input %.4f, %s %.4f; %.2f%% of genes above input",
+        name,
+        split,
+        n,
+        summary["mean"].iloc[0],
+        last,
+        summary["mean"].iloc[-1],
+        100 * frac,
+    )
+    return info
+
+
+def _check_split(ds: ProcessedDataset, split: str, dataset) -> None:
+    """Refuse a split the dataset does not hold, naming the ones it does."""
+    if split not in SPLITS or not ds.has(split):
+        raise ConfigError(
+            f"--split {split!r} is not in {dataset} (splits: {', '.join(ds.splits)}); "
+            f"pick one of those (the paper uses geo-tr)"
+        )
+
+
+def _sampled_rows(n_total: int, max_samples: int | None, seed: int) -> np.ndarray | None:
+    """Sorted seeded subsample of ``max_samples`` of the split's ``n_total`` profiles; None keeps them all."""
+    if max_samples is None or max_samples >= n_total:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n_total, size=max_samples, replace=False))
+
+
+def _take(a: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+    """The profiles ``rows`` of ``a`` ``(n_samples, n_genes)``, or all of them when ``rows`` is None."""
+    return a[rows] if rows is not None else a
+
+
+def _fit_part(
+    ds, run, genes, split, rows, X, n_predictors, dev, batch_size, progress
+) -> tuple[pd.DataFrame, list[dict]]:
+    """Adjusted R² of one part network's targets from the landmarks and from each of its hidden layers.
+
+    ``X`` ``(n_samples, n_landmarks)`` are the profiles' landmarks; the part's
+    targets ``(n_samples, n_targets)`` are read from ``ds`` for the same
+    ``rows``.  The network's activations are streamed in chunks of
+    ``batch_size`` profiles into one :class:`GramFit` per representation
+    (``n_predictors``: representation -> number of predictors, inputs first).  Returns the per-gene table (``ensembl, symbol, part, overlap`` and
+    one column per representation) and one fit record (part, representation,
+    n, p, rank, note) per representation.
+    """
+    from tqdm.auto import tqdm
+
+    from .checkpoints import load_weights
+
+    part = run["part"]
+    targets = _part_targets(genes.targets, part)
+    model, _ = load_weights(
+        run["checkpoint"],
+        gene_ids={"landmarks": genes.landmarks["ensembl"].tolist(), "targets": targets["ensembl"].tolist()},
+    )
+    model.to(dev).eval()
+    Y = _take(ds.Y(split, part), rows)
+    stats = {rep: GramFit(p, Y.shape[1], dev) for rep, p in n_predictors.items()}
+    desc = f"S2 part {'all' if part is None else part}"
+    with torch.no_grad():
+        for s in tqdm(range(0, X.shape[0], batch_size), desc=desc, unit="chunk", disable=not progress, leave=False):
+            xb = torch.as_tensor(X[s : s + batch_size], device=dev)
+            yb = torch.as_tensor(Y[s : s + batch_size], device=dev)
+            _, acts = model(xb, return_hidden=True)
+            for fit, rep in zip(stats.values(), [xb, *acts]):
+                fit.update(rep, yb)
+    frame = targets[["ensembl", "symbol", "part", "overlap"]].copy()
+    fits = []
+    for rep, fit in stats.items():
+        res = fit.solve()
+        frame[rep] = res["adjusted"]
+        fits.append({"part": part, "representation": rep, **{k: res[k] for k in ("n", "p", "rank", "note")}})
+        if res["note"]:  # one warning later says what was not computed
+            log.debug("S2 part %s %s: %s", part, rep, res["note"])
+    return frame, fits
+
+
+def _s2_status(reps: list[str], fits: list[dict], n_predictors: dict, split: str, n: int):
+    """``(status, undefined, reason)``: which representations had too few profiles for their predictors.
+
+    A fit with p predictors needs n > p + 1 profiles.  S2 is optional, so its
+    outputs then say what was not computed and why instead of failing the run:
+    status is "computed", "partial" or "not computed".
+    """
     undefined = [rep for rep in reps if any(f["note"] for f in fits if f["representation"] == rep)]
     status = "computed" if not undefined else "not computed" if len(undefined) == len(reps) else "partial"
     reason = _s2_reason(undefined, n_predictors, split, n) if undefined else None
     if reason:
         log.warning("S2 %s: %s", status, reason)
-    last = reps[-1]
-    summary_rows = []
+    return status, undefined, reason
+
+
+def _s2_summary(
+    table: pd.DataFrame, reps: list[str], fits: list[dict], n_predictors: dict, n: int, undefined: list[str], reason
+) -> pd.DataFrame:
+    """One row per representation: predictors, rank, and the distribution of the genes' adjusted R².
+
+    ``table`` has one row per target gene and one adjusted-R² column per
+    representation in ``reps``; ``frac_above_input`` is the fraction of genes
+    whose adjusted R² exceeds the raw inputs'.
+    """
+    rows = []
     for rep in reps:
         v = table[rep].dropna()  # (the statistics skip NaN anyway; an all-NaN median would warn)
         no_ov = table.loc[~table["overlap"].astype(bool), rep].dropna()
@@ -303,71 +387,34 @@ def interpret_s2(
         if undefined:  # only then, so that a computed S2 keeps its columns
             row["status"] = "not computed" if rep in undefined else "computed"
             row["reason"] = reason if rep in undefined else ""
-        summary_rows.append(row)
-    summary = pd.DataFrame(summary_rows)
+        rows.append(row)
+    return pd.DataFrame(rows)
 
-    with staged_files(out) as stage:  # all outputs or none
-        _write_csv(table, stage / "s2_adjusted_r2.csv")
-        _write_csv(summary, stage / "s2_summary.csv")
-        name = _arch_name((layers, units, dropout))
-        files = ["s2_adjusted_r2.csv", "s2_summary.csv"] + _figure_s2(table, reps, name, split, stage, status, reason)
-        frac = float(summary.loc[summary["representation"] == last, "frac_above_input"].iloc[0])
-        if status == "not computed":
-            caption = f"Supplementary Figure S2 of {name} on {split}: not computed: {reason}"
-        else:
-            caption = (
-                f"Supplementary Figure S2. Adjusted R² of a linear regression of each of {len(table):,} target genes "
-                f"on {split} (n = {n:,} profiles), fitted and evaluated on the same profiles, from the "
-                f"{X.shape[1]:,} raw landmark inputs and from the activations of each hidden layer "
-                f"({units:,} units) of {name} (model selected by {selection}). Left: distribution per "
-                f"representation. Right: gene-wise comparison of the raw inputs with the last hidden layer; "
-                + (
-                    f"{frac:.2%} of the genes lie above the diagonal (paper: 99.99% for D-GEX-10%-9000x3 on GEO-tr)."
-                    if status == "computed"
-                    else f"not computed: {reason}"
-                )
+
+def _s2_captions(name, table, split, n, n_landmarks, units, selection, status, reason, frac) -> dict:
+    """Captions of Figure S2 and of the two S2 tables, as recorded in ``s2.json``."""
+    if status == "not computed":
+        figure = f"Supplementary Figure S2 of {name} on {split}: not computed: {reason}"
+    else:
+        figure = (
+            f"Supplementary Figure S2. Adjusted R² of a linear regression of each of {len(table):,} target genes "
+            f"on {split} (n = {n:,} profiles), fitted and evaluated on the same profiles, from the "
+            f"{n_landmarks:,} raw landmark inputs and from the activations of each hidden layer "
+            f"({units:,} units) of {name} (model selected by {selection}). Left: distribution per "
+            f"representation. Right: gene-wise comparison of the raw inputs with the last hidden layer; "
+            + (
+                f"{frac:.2%} of the genes lie above the diagonal (paper: 99.99% for D-GEX-10%-9000x3 on GEO-tr)."
+                if status == "computed"
+                else f"not computed: {reason}"
             )
-        info = {
-            "analysis": "S2",
-            "status": status,
-            "reason": reason,
-            "network": _network_info(run_list, selection),
-            "dataset": str(dataset),
-            "split": split,
-            "n_samples": n,
-            "n_samples_split": n_total,
-            "max_samples": max_samples,
-            "seed": seed,
-            "device": str(dev),
-            "targets_covered": len(table),
-            "all_parts_covered": run_list[0]["part"] is None or len(run_list) == n_parts,
-            "adjusted_r2": "1 - (1 - R2) (n - 1) / (n - p - 1), p = number of predictors; fit and R2 on the same split",
-            "fits": fits,
-            "notes": [f"part {f['part']} {f['representation']}: {f['note']}" for f in fits if f["note"]],
-            "summary": json.loads(summary.to_json(orient="records")),
-            "files": files + ["s2.json"],
-            "captions": {
-                "figure_s2": caption,
-                "s2_adjusted_r2": "Adjusted R² per target gene (rows) and representation (columns: raw landmark "
-                "inputs, hidden layers 1..N); overlap marks targets that are also landmarks.",
-                "s2_summary": "Mean, median and quartiles of the adjusted R² per representation; "
-                "frac_above_input = fraction of genes whose adjusted R² exceeds the raw inputs'.",
-            },
-        }
-        write_json(stage / "s2.json", info)
-    if status != "computed":
-        return info
-    log.info(
-        "S2 %s on %s (n=%d): mean adjusted R2 input %.4f, %s %.4f; %.2f%% of genes above input",
-        name,
-        split,
-        n,
-        summary["mean"].iloc[0],
-        last,
-        summary["mean"].iloc[-1],
-        100 * frac,
-    )
-    return info
+        )
+    return {
+        "figure_s2": figure,
+        "s2_adjusted_r2": "Adjusted R² per target gene (rows) and representation (columns: raw landmark "
+        "inputs, hidden layers 1..N); overlap marks targets that are also landmarks.",
+        "s2_summary": "Mean, median and quartiles of the adjusted R² per representation; "
+        "frac_above_input = fraction of genes whose adjusted R² exceeds the raw inputs'.",
+    }
 
 
 def _s2_reason(undefined: list[str], n_predictors: dict, split: str, n: int) -> str:
