@@ -17,9 +17,7 @@ from conftest import REPO, run_dgex
 from dgex import cli, settings
 from dgex.errors import ConfigError
 from dgex.settings import STAGES, config_args, config_settings, schema_node, settings_of
-
-SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
-README = (REPO / "config" / "README.md").read_text()
+from helpers_workflow import SCHEMA, readme_default, readme_rows
 
 #: Paths (and the baseline method) each verb needs besides its settings, to parse a command line.
 PATHS = {
@@ -95,16 +93,7 @@ def test_the_schema_holds_each_settings_type_range_and_default(key):
 
 def _readme_rows():
     """{(section, key): (default cell, option cell)} of config/README.md's key tables."""
-    rows, section = {}, None
-    for line in README.splitlines():
-        heading = re.match(r"^## (?:`(\w+)`|Top level)", line)
-        if heading:
-            section = heading.group(1) or "top"
-            continue
-        row = re.match(r"^\| `(\w+)` \| ([^|]+) \| ([^|]+) \|", line)
-        if section and row:
-            rows[(section, row.group(1))] = row.group(2).strip(), row.group(3).strip()
-    return rows
+    return {where: (cells[0], cells[1]) for where, cells in readme_rows().items()}
 
 
 def _readme_key(config_key):
@@ -129,23 +118,12 @@ def test_readme_names_the_option_each_config_key_sets():
                 assert rows[(section, key)][1] == "workflow only", (section, key)
 
 
-def _readme_default(cell):
-    text = cell.replace("`", "").strip()
-    value = yaml.safe_load(text)
-    if isinstance(value, str) and not text.startswith('"'):
-        try:
-            return float(value)  # 1e-5 (YAML 1.1 reads it as a string)
-        except ValueError:
-            return value
-    return value
-
-
 def test_readme_defaults_are_the_settings():
     """config/README.md's default of every key a setting owns is the setting's default (and the schema's)."""
     rows = _readme_rows()
     for key, (owner, *_) in config_settings().items():
         cell = rows[_readme_key(key)][0]
-        assert _readme_default(cell) == plain(owner.default), (key, cell, owner.default)
+        assert readme_default(cell) == plain(owner.default), (key, cell, owner.default)
 
 
 #: The function each verb calls, as (module, name).

@@ -35,6 +35,7 @@ import yaml
 
 from conftest import REPO
 from dgex.train import read_checkpoint_state
+from helpers_workflow import job_counts
 from slurm_cluster import PrivateSlurm, SlurmUnavailable, parse_records
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -175,18 +176,6 @@ def _snakemake(argv, env=None):
     )
 
 
-def _job_stats(stdout: str) -> dict[str, int]:
-    """{rule: count} from Snakemake's 'Job stats' block (the first one: the plan)."""
-    lines = stdout.split("Job stats:", 1)[1].splitlines()
-    counts = {}
-    for line in lines[3:]:
-        parts = line.split()
-        if len(parts) != 2 or not parts[1].isdigit():
-            break
-        counts[parts[0]] = int(parts[1])
-    return counts
-
-
 @pytest.fixture(scope="module")
 def grid(cluster, tmp_path_factory):
     """Both runs of the test config, the cluster's job records and what the watcher saw."""
@@ -220,7 +209,7 @@ def grid(cluster, tmp_path_factory):
     return {
         "local": tmp / "local" / "results" / "test",
         "slurm": results / "test",
-        "stats": _job_stats(smk.stdout + smk.stderr),
+        "stats": job_counts(smk.stdout + smk.stderr),
         "output": smk.stdout + smk.stderr,
         "jobs": jobs,
         "watcher": watcher,

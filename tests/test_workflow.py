@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
@@ -12,12 +10,9 @@ import yaml
 
 from conftest import REPO
 from dgex.dataset import ProcessedDataset
+from helpers_workflow import job_counts, snakemake
 
 pytestmark = pytest.mark.slow
-
-
-def snakemake(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "snakemake", *map(str, args)], cwd=cwd, capture_output=True, text=True)
 
 
 def _config(tmp_path, base="config/test.yaml", **overrides):
@@ -53,18 +48,6 @@ def test_out_of_range_value_is_rejected(tmp_path):
     assert res.returncode != 0 and "va_fraction" in res.stderr + res.stdout
 
 
-def _job_counts(stdout):
-    """{rule: count} from the 'Job stats' block of a dry run."""
-    lines = stdout.split("Job stats:", 1)[1].splitlines()
-    counts = {}
-    for line in lines[3:]:
-        parts = line.split()
-        if len(parts) != 2 or not parts[1].isdigit():
-            break
-        counts[parts[0]] = int(parts[1])
-    return counts
-
-
 @pytest.mark.parametrize("profile", [[], ["--workflow-profile", "profiles/slurm"]], ids=["local", "slurm"])
 def test_paper_config_dry_run_plans_the_full_grid(tmp_path, profile):
     res = snakemake(
@@ -77,7 +60,7 @@ def test_paper_config_dry_run_plans_the_full_grid(tmp_path, profile):
         f"results_dir={tmp_path}",
     )
     assert res.returncode == 0, res.stderr
-    counts = _job_counts(res.stdout)
+    counts = job_counts(res.stdout)
     assert counts["train"] == 54  # 3 depths x 3 widths x 3 dropout rates x 2 target halves
     assert counts["baseline"] == 4
     for rule in ("acquire", "decompress_gctx", "preprocess", "aggregate", "tables", "figures"):
@@ -172,7 +155,7 @@ def test_genome_wide_l1000_config_ends_in_a_bundle(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     res = snakemake("-n", "--configfile", path)
     assert res.returncode == 0, res.stderr[-3000:]
-    counts = _job_counts(res.stdout)
+    counts = job_counts(res.stdout)
     assert counts["train"] == cfg["genes"]["parts"] and "acquire" not in counts and counts["export"] == 1
     res = snakemake("--cores", "2", "--configfile", path)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -16,14 +16,10 @@ import pytest
 import yaml
 
 from conftest import REPO, SHARED_DATA, run_dgex
+from helpers_workflow import SCHEMA, job_counts, readme_default, readme_rows, snakemake
 
-SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
 CONFIGS = sorted(p.name for p in (REPO / "config").glob("*.yaml"))
 MISSING = object()
-
-
-def snakemake(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "snakemake", *map(str, args)], cwd=cwd, capture_output=True, text=True)
 
 
 def effective_config(*configfiles, overrides=None) -> dict:
@@ -81,43 +77,13 @@ def write_config(tmp_path, cfg, name="user.yaml"):
     return path
 
 
-def job_counts(stdout):
-    """{rule: count} from the 'Job stats' block of a dry run."""
-    lines = stdout.split("Job stats:", 1)[1].splitlines()
-    counts = {}
-    for line in lines[3:]:
-        parts = line.split()
-        if len(parts) != 2 or not parts[1].isdigit():
-            break
-        counts[parts[0]] = int(parts[1])
-    return counts
-
-
 # --------------------------------------------------------------------------- the documented defaults
 def _readme_tables():
     """{section: {key: default cell}} of config/README.md's key tables."""
-    sections, section = {}, None
-    for line in (REPO / "config" / "README.md").read_text().splitlines():
-        heading = re.match(r"^## (?:`(\w+)`|Top level)", line)
-        if heading:
-            section = heading.group(1) or "top"
-            sections.setdefault(section, {})
-            continue
-        row = re.match(r"^\| `(\w+)` \| ([^|]+) \|", line)
-        if section and row:
-            sections[section][row.group(1)] = row.group(2).strip()
+    sections = {}
+    for (section, key), cells in readme_rows().items():
+        sections.setdefault(section, {})[key] = cells[0]
     return sections
-
-
-def _parse_default(cell):
-    text = cell.replace("`", "").strip()
-    value = yaml.safe_load(text)
-    if isinstance(value, str) and not text.startswith('"'):
-        try:
-            return float(value)  # 1e-5 (YAML 1.1 reads it as a string)
-        except ValueError:
-            return value
-    return value
 
 
 def test_readme_defaults_are_the_schemas():
@@ -144,7 +110,7 @@ def test_readme_defaults_are_the_schemas():
                 assert key in sub_node.get("required", []) and "default" not in spec, (section, key)
             else:
                 assert "default" in spec, f"{section}.{key} is documented with default {cell} but the schema has none"
-                assert _parse_default(cell) == spec["default"], (section, key, cell, spec["default"])
+                assert readme_default(cell) == spec["default"], (section, key, cell, spec["default"])
             checked += 1
     assert checked > 60
 
