@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dgex.io import write_gctx
 
@@ -18,6 +19,27 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 def run_dgex(*args, cwd=None):
     """Run the `dgex` CLI in a subprocess; returns the CompletedProcess."""
     return subprocess.run([sys.executable, "-m", "dgex", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def train_argv(dataset, output_dir=None, **flags) -> list:
+    """``dgex train`` arguments: ``flag_name=value`` becomes ``--flag-name value``, ``flag_name=True`` a bare flag."""
+    argv = ["train", "--dataset", dataset] + ([] if output_dir is None else ["--output-dir", output_dir])
+    for name, value in flags.items():
+        flag = "--" + name.replace("_", "-")
+        argv += [flag] if value is True else [flag, str(value)]
+    return argv
+
+
+@pytest.fixture
+def keep_torch_threads():
+    """Restore torch's process-wide thread count after the test.
+
+    ``train(threads=1)`` sets it (tiny nets on a shared CPU are fastest on one thread); the tests of other
+    modules must not inherit that.
+    """
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_dgex
+from conftest import assert_one_line_error, run_dgex, train_argv
 from dgex.checkpoints import load_weights
 from dgex.errors import InputError
 from dgex.train import train
@@ -24,13 +24,7 @@ from helpers_dataset import write_dataset_arrays, write_toy_dataset
 SMALL = dict(layers=2, units=16, dropout=0.1, epochs=6, batch_size=50, monitor_size=100, progress=False, threads=1)
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    """train(threads=1) sets torch's process-wide thread count (tiny nets on a shared CPU are fastest on one
-    thread); restore it for the tests of other modules."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("keep_torch_threads")
 
 
 @pytest.fixture(scope="module")
@@ -152,34 +146,21 @@ def test_adamw_option_trains(toy, tmp_path):
 
 
 def test_kill_dash_nine_then_resume_reaches_the_same_result(toy, tmp_path):
-    args = [
-        "train",
-        "--dataset",
+    args = train_argv(
         toy["path"],
-        "--layers",
-        "2",
-        "--units",
-        "64",
-        "--dropout",
-        "0.1",
-        "--part",
-        "1",
-        "--epochs",
-        "14",
-        "--batch-size",
-        "10",
-        "--monitor-size",
-        "100",
-        "--seed",
-        "5",
-        "--threads",
-        "1",
-        "--checkpoint-interval",
-        "0",
-        "--device",
-        "cpu",
-        "--no-progress",
-    ]
+        layers=2,
+        units=64,
+        dropout=0.1,
+        part=1,
+        epochs=14,
+        batch_size=10,
+        monitor_size=100,
+        seed=5,
+        threads=1,
+        checkpoint_interval=0,
+        device="cpu",
+        no_progress=True,
+    )
     ref = run_dgex(*args, "--output-dir", tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr
 
@@ -213,33 +194,13 @@ def test_kill_dash_nine_then_resume_reaches_the_same_result(toy, tmp_path):
 
 
 def test_resume_with_other_hyper_parameters_is_refused(toy, tmp_path):
-    base = [
-        "train",
-        "--dataset",
-        toy["path"],
-        "--output-dir",
-        tmp_path / "run",
-        "--layers",
-        "1",
-        "--units",
-        "8",
-        "--dropout",
-        "0",
-        "--part",
-        "0",
-        "--epochs",
-        "2",
-        "--monitor-size",
-        "50",
-        "--keep-last",
-        "--no-progress",
-    ]
-    assert run_dgex(*base).returncode == 0
+    base = dict(layers=1, units=8, dropout=0, part=0, epochs=2, monitor_size=50, keep_last=True, no_progress=True)
+    assert run_dgex(*train_argv(toy["path"], tmp_path / "run", **base)).returncode == 0
     assert (tmp_path / "run" / "last.ckpt").exists()
-    res = run_dgex(*[("16" if a == "8" else a) for a in base], "--resume")
+    res = run_dgex(*train_argv(toy["path"], tmp_path / "run", **{**base, "units": 16}), "--resume")
     assert_one_line_error(res, "cannot resume", "units: 8 -> 16")
     # more epochs with the same hyper-parameters is a valid continuation
-    res = run_dgex(*[("4" if a == "2" else a) for a in base], "--resume")
+    res = run_dgex(*train_argv(toy["path"], tmp_path / "run", **{**base, "epochs": 4}), "--resume")
     assert res.returncode == 0, res.stderr
     assert len(pd.read_csv(tmp_path / "run" / "history.csv")) == 4
 
@@ -264,27 +225,19 @@ def test_dataset_genes_must_match_the_checkpoint(toy, tmp_path):
             gene_ids={"landmarks": g.landmarks.ensembl.tolist(), "targets": t.ensembl.tolist()},
         )
     res = run_dgex(
-        "train",
-        "--dataset",
-        other,
-        "--output-dir",
-        tmp_path / "run",
-        "--layers",
-        "2",
-        "--units",
-        "16",
-        "--dropout",
-        "0.1",
-        "--part",
-        "0",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "50",
-        "--monitor-size",
-        "100",
-        "--resume",
-        "--no-progress",
+        *train_argv(
+            other,
+            tmp_path / "run",
+            layers=2,
+            units=16,
+            dropout=0.1,
+            part=0,
+            epochs=2,
+            batch_size=50,
+            monitor_size=100,
+            resume=True,
+            no_progress=True,
+        )
     )
     assert_one_line_error(res, "other landmark/target genes")
 
@@ -299,19 +252,9 @@ def test_dataset_genes_must_match_the_checkpoint(toy, tmp_path):
     ],
 )
 def test_invalid_grid_values_are_one_line_errors(toy, tmp_path, flag, value, message):
-    args = {"--layers": "2", "--units": "8", "--dropout": "0.1", "--part": "0"}
-    args[flag] = value
-    res = run_dgex(
-        "train",
-        "--dataset",
-        toy["path"],
-        "--output-dir",
-        tmp_path / "run",
-        "--epochs",
-        "1",
-        *[x for kv in args.items() for x in kv],
-        "--no-progress",
-    )
+    grid = {"layers": "2", "units": "8", "dropout": "0.1", "part": "0"}
+    grid[flag.removeprefix("--")] = value
+    res = run_dgex(*train_argv(toy["path"], tmp_path / "run", epochs=1, **grid, no_progress=True))
     assert res.returncode == 2
     assert message in res.stderr, res.stderr
     assert not (tmp_path / "run" / "run.json").exists()
@@ -324,26 +267,18 @@ def test_four_layers_are_allowed(toy, tmp_path):
 
 def test_nan_loss_stops_with_epoch_and_learning_rate(toy, tmp_path):
     res = run_dgex(
-        "train",
-        "--dataset",
-        toy["path"],
-        "--output-dir",
-        tmp_path / "run",
-        "--layers",
-        "1",
-        "--units",
-        "16",
-        "--dropout",
-        "0",
-        "--part",
-        "0",
-        "--epochs",
-        "30",
-        "--lr",
-        "50",
-        "--monitor-size",
-        "50",
-        "--no-progress",
+        *train_argv(
+            toy["path"],
+            tmp_path / "run",
+            layers=1,
+            units=16,
+            dropout=0,
+            part=0,
+            epochs=30,
+            lr=50,
+            monitor_size=50,
+            no_progress=True,
+        )
     )
     err = assert_one_line_error(res, "training diverged at epoch", "at learning rate", "lower --lr")
     assert "best checkpoints so far are kept" in err
@@ -354,19 +289,5 @@ def test_nan_loss_stops_with_epoch_and_learning_rate(toy, tmp_path):
 
 
 def test_missing_dataset_is_one_line_error(tmp_path):
-    res = run_dgex(
-        "train",
-        "--dataset",
-        tmp_path / "nope.h5",
-        "--output-dir",
-        tmp_path / "run",
-        "--layers",
-        "1",
-        "--units",
-        "8",
-        "--dropout",
-        "0",
-        "--part",
-        "0",
-    )
+    res = run_dgex(*train_argv(tmp_path / "nope.h5", tmp_path / "run", layers=1, units=8, dropout=0, part=0))
     assert_one_line_error(res, "processed dataset not found", "dgex preprocess")

@@ -43,13 +43,7 @@ KW = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    """train(threads=1) sets torch's process-wide thread count (tiny nets on a shared CPU are fastest on one
-    thread); restore it for the tests of other modules."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("keep_torch_threads")
 
 
 FINISHED = {"best_geo-va.pt", "best_1000g-va.pt", "history.csv", "per_gene.csv", "run.json"}
