@@ -292,24 +292,23 @@ def test_weight_files_swapped_on_disk(bundle):
     _refused(bundle, "does not match its checksum")
 
 
-def test_weight_file_names_swapped_between_parts(bundle):
-    """Equal part sizes: before, part 0 silently predicted with part 1's network."""
+@pytest.mark.parametrize(
+    "field, message",
+    [
+        ("file", "part 0 names weights 'weights_part1.pt', not weights_part0.pt"),
+        ("target_start", "part 0 starts at target 4"),
+    ],
+    ids=["weight_file_names", "target_ranges"],
+)
+def test_part_fields_swapped_between_parts(bundle, field, message):
+    """Equal part sizes: with the weight file names swapped, part 0 once silently predicted with part 1's network."""
 
     def swap(i):
         p0, p1 = i["parts"]
-        p0["file"], p1["file"] = p1["file"], p0["file"]
+        p0[field], p1[field] = p1[field], p0[field]
 
     _edit(bundle, swap)
-    _refused(bundle, "part 0 names weights 'weights_part1.pt', not weights_part0.pt")
-
-
-def test_target_ranges_swapped_between_parts(bundle):
-    def swap(i):
-        p0, p1 = i["parts"]
-        p0["target_start"], p1["target_start"] = p1["target_start"], p0["target_start"]
-
-    _edit(bundle, swap)
-    _refused(bundle, "part 0 starts at target 4")
+    _refused(bundle, message)
 
 
 def test_targets_table_parts_do_not_match_the_networks(bundle):
