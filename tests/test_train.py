@@ -146,21 +146,9 @@ def test_adamw_option_trains(toy, tmp_path):
 
 
 def test_kill_dash_nine_then_resume_reaches_the_same_result(toy, tmp_path):
-    args = train_argv(
-        toy["path"],
-        layers=2,
-        units=64,
-        dropout=0.1,
-        part=1,
-        epochs=14,
-        batch_size=10,
-        monitor_size=100,
-        seed=5,
-        threads=1,
-        checkpoint_interval=0,
-        device="cpu",
-        no_progress=True,
-    )
+    net = dict(layers=2, units=64, dropout=0.1, part=1)
+    recipe = dict(epochs=14, batch_size=10, monitor_size=100, seed=5, threads=1, checkpoint_interval=0)
+    args = train_argv(toy["path"], **net, **recipe, device="cpu", no_progress=True)
     ref = run_dgex(*args, "--output-dir", tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr
 
@@ -224,21 +212,8 @@ def test_dataset_genes_must_match_the_checkpoint(toy, tmp_path):
             tmp_path / "run" / "best_geo-va.pt",
             gene_ids={"landmarks": g.landmarks.ensembl.tolist(), "targets": t.ensembl.tolist()},
         )
-    res = run_dgex(
-        *train_argv(
-            other,
-            tmp_path / "run",
-            layers=2,
-            units=16,
-            dropout=0.1,
-            part=0,
-            epochs=2,
-            batch_size=50,
-            monitor_size=100,
-            resume=True,
-            no_progress=True,
-        )
-    )
+    recipe = dict(epochs=2, batch_size=50, monitor_size=100, resume=True, no_progress=True)
+    res = run_dgex(*train_argv(other, tmp_path / "run", layers=2, units=16, dropout=0.1, part=0, **recipe))
     assert_one_line_error(res, "other landmark/target genes")
 
 
@@ -266,20 +241,8 @@ def test_four_layers_are_allowed(toy, tmp_path):
 
 
 def test_nan_loss_stops_with_epoch_and_learning_rate(toy, tmp_path):
-    res = run_dgex(
-        *train_argv(
-            toy["path"],
-            tmp_path / "run",
-            layers=1,
-            units=16,
-            dropout=0,
-            part=0,
-            epochs=30,
-            lr=50,
-            monitor_size=50,
-            no_progress=True,
-        )
-    )
+    recipe = dict(epochs=30, lr=50, monitor_size=50, no_progress=True)  # a rate far too high
+    res = run_dgex(*train_argv(toy["path"], tmp_path / "run", layers=1, units=16, dropout=0, part=0, **recipe))
     err = assert_one_line_error(res, "training diverged at epoch", "at learning rate", "lower --lr")
     assert "best checkpoints so far are kept" in err
     epoch = int(err.split("at epoch ")[1].split(":")[0])
