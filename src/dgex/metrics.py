@@ -88,26 +88,30 @@ def _pearson_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return r
 
 
-def per_gene_pearson(y, yhat) -> np.ndarray:
-    """Pearson correlation of each gene over samples, ``(n_genes,)``; NaN for constant columns."""
+def _per_gene_correlation(y, yhat, values) -> np.ndarray:
+    """Pearson correlation of ``values(column block)`` of each gene over samples, in blocks of genes.
+
+    ``y``, ``yhat`` are ``(n_samples, n_genes)``; ``values`` maps a block
+    ``(n_samples, k)`` to the float64 values correlated.  Returns
+    ``(n_genes,)``, NaN for constant columns and for fewer than 2 samples.
+    """
     y, yhat = _pair(y, yhat)
     out = np.full(y.shape[1], np.nan)
     if y.shape[0] < 2:
         return out
     for sl in _column_blocks(*y.shape):
-        out[sl] = _pearson_columns(y[:, sl].astype(np.float64), yhat[:, sl].astype(np.float64))
+        out[sl] = _pearson_columns(values(y[:, sl]), values(yhat[:, sl]))
     return out
+
+
+def per_gene_pearson(y, yhat) -> np.ndarray:
+    """Pearson correlation of each gene over samples, ``(n_genes,)``; NaN for constant columns."""
+    return _per_gene_correlation(y, yhat, lambda block: block.astype(np.float64))
 
 
 def per_gene_spearman(y, yhat) -> np.ndarray:
     """Spearman correlation of each gene (Pearson of average ranks), ``(n_genes,)``; NaN for constant columns."""
-    y, yhat = _pair(y, yhat)
-    out = np.full(y.shape[1], np.nan)
-    if y.shape[0] < 2:
-        return out
-    for sl in _column_blocks(*y.shape):
-        out[sl] = _pearson_columns(stats.rankdata(y[:, sl], axis=0), stats.rankdata(yhat[:, sl], axis=0))
-    return out
+    return _per_gene_correlation(y, yhat, lambda block: stats.rankdata(block, axis=0))
 
 
 # --------------------------------------------------------------------------- #
