@@ -99,6 +99,18 @@ def dgex_rows(summary: pd.DataFrame, selected_by: str, split: str) -> pd.DataFra
     return s.astype({"layers": int, "units": int})
 
 
+def _baseline_row(r: pd.Series) -> dict:
+    """A baseline's row of a table: its method and MAE (mean, std); it has no architecture or dropout."""
+    return {
+        "method": r["method"],
+        "layers": None,
+        "units": None,
+        "dropout": None,
+        "mae_mean": r["mae_mean"],
+        "mae_std": r["mae_std"],
+    }
+
+
 def baseline_rows(summary: pd.DataFrame, selected_by: str, split: str) -> pd.DataFrame:
     """The baseline rows of ``summary`` tuned on ``selected_by``, evaluated on ``split``."""
     return summary[
@@ -234,19 +246,7 @@ def main_table(
             )
             n_genes.append(r["n_genes"])
     for _, r in baseline_rows(summary, t["validation"], t["test"]).sort_values("method").iterrows():
-        rows.append(
-            {
-                "method": r["method"],
-                "layers": None,
-                "units": None,
-                "dropout": None,
-                "mae_mean": r["mae_mean"],
-                "mae_std": r["mae_std"],
-                "best": False,
-                "selected": False,
-                "paper_mae": PAPER[task].get(r["method"]),
-            }
-        )
+        rows.append({**_baseline_row(r), "best": False, "selected": False, "paper_mae": PAPER[task].get(r["method"])})
         n_genes.append(r["n_genes"])
     table = pd.DataFrame(
         rows, columns=["method", "layers", "units", "dropout", "mae_mean", "mae_std", "best", "selected", "paper_mae"]
@@ -336,17 +336,7 @@ def supplementary(summary: pd.DataFrame, name: str, incomplete: frozenset = froz
         for _, r in dg.iterrows()
     ]
     base = baseline_rows(summary, selected_by, split)
-    rows += [
-        {
-            "method": r["method"],
-            "layers": None,
-            "units": None,
-            "dropout": None,
-            "mae_mean": r["mae_mean"],
-            "mae_std": r["mae_std"],
-        }
-        for _, r in base.iterrows()
-    ]
+    rows += [_baseline_row(r) for _, r in base.iterrows()]
     table = pd.DataFrame(rows, columns=["method", "layers", "units", "dropout", "mae_mean", "mae_std"])
     if incomplete:
         table = _mark_incomplete(table, list(dg["n_genes"]) + list(base["n_genes"]), incomplete)
