@@ -1,3 +1,5 @@
+"""``python -m dgex``: the ``dgex`` command line (:func:`dgex.cli.main`)."""
+
 import sys
 
 from .cli import main

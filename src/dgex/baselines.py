@@ -153,6 +153,7 @@ class Family:
         self.info: dict = {}
 
     def weights(self, i: int):
+        """The linear map ``(W, b)`` of grid value ``i``: ``W`` ``(n_landmarks, n_targets)``, ``b`` ``(n_targets,)``."""
         raise NotImplementedError
 
     def predict(self, X: np.ndarray, i: int = 0) -> np.ndarray:
@@ -295,6 +296,7 @@ class LassoRegression(Family):
             )
 
     def weights(self, i: int):
+        """The coefficients fitted for the ``i``-th penalty and the intercept that goes with them."""
         W = self.coefs[self._order[float(self.grid[i])]]
         return W, self.stats.intercept(W)
 
@@ -346,6 +348,7 @@ class KNNGE(Family):
             self.distances[:, sl] = np.sqrt(np.take_along_axis(dist, order, axis=0))
 
     def weights(self, i: int):
+        """KNN-GE with ``k = grid[i]`` as a linear map: each target is the mean of its ``k`` nearest landmarks."""
         k, T = int(self.grid[i]), self.stats.n_targets
         rows = self.neighbours[:k].ravel()
         cols = np.tile(np.arange(T), k)
@@ -353,6 +356,18 @@ class KNNGE(Family):
         return S, np.zeros(T)
 
     def curves(self, tuning: dict) -> dict:
+        """Overall MAE at every ``k`` of the grid on each tuning split, without fitting one map per ``k``.
+
+        Parameters
+        ----------
+        tuning : dict
+            Split name -> ``(X, Y)``, landmarks ``(n_samples, n_landmarks)`` and targets ``(n_samples, n_targets)``.
+
+        Returns
+        -------
+        dict
+            Split name -> ``(len(grid),)`` mean per-gene MAE.
+        """
         # all k at once: add the j-th nearest landmark to a running sum, score when j+1 is in the grid
         out = {name: np.empty(len(self.grid)) for name in tuning}
         where = {int(k): i for i, k in enumerate(self.grid)}
@@ -395,6 +410,7 @@ def fit(
 # validation
 # --------------------------------------------------------------------------- #
 def check_method(method: str) -> str:
+    """``method`` if it is one of :data:`METHODS`; a :class:`ConfigError` naming the choices otherwise."""
     if method not in METHODS:
         raise ConfigError(f"unknown baseline method {method!r}; choose one of {', '.join(METHODS)}")
     return method

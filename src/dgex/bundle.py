@@ -479,14 +479,17 @@ class Bundle:
 
     @property
     def n_landmarks(self) -> int:
+        """Number of landmark genes the networks take as input."""
         return len(self.landmarks)
 
     @property
     def n_targets(self) -> int:
+        """Number of target genes the networks predict, all parts together."""
         return len(self.targets)
 
     @property
     def epsilon(self) -> float:
+        """The standardisation floor added to every gene's standard deviation."""
         return float(self.stats["epsilon"])
 
     def to(self, device) -> Bundle:

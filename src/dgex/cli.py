@@ -24,7 +24,7 @@ from .settings import ID_TYPES, SELECTIONS, STAGES, Setting, settings_of  # noqa
 
 
 def _value_type(s: Setting):
-    """argparse ``type`` of a setting: the text converted, then checked by the setting's own rule."""
+    """The argparse ``type`` of a setting: the text converted, then checked by the setting's own rule."""
     convert = s.spec.parse or s.base
 
     def value(text: str):
@@ -78,6 +78,7 @@ def _add_paths(p: argparse.ArgumentParser, **helps: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``dgex`` argument parser: one sub-command per stage, its options from :mod:`dgex.settings`."""
     parser = argparse.ArgumentParser(
         prog="dgex",
         description="D-GEX: infer target gene expression from landmark genes with deep learning.",
@@ -348,6 +349,12 @@ def _on_signal(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``dgex`` with ``argv`` (default: the process's arguments) and return its exit status.
+
+    0 on success, 2 for a :class:`~dgex.errors.DgexError` (one ``dgex: error:`` line on stderr),
+    130 or 128 + signal number when interrupted or terminated; SIGTERM and SIGINT are turned into
+    exceptions only where that is safe, so temporary files are always removed.
+    """
     global _finishing
     parser = build_parser()
     args = parser.parse_args(argv)

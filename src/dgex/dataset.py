@@ -75,6 +75,7 @@ def _strings(ds) -> np.ndarray:
 
 
 def encode(values) -> np.ndarray:
+    """``values`` as an array of UTF-8 byte strings (HDF5's fixed-length string type)."""
     return np.array([str(v).encode() for v in values], dtype="S")
 
 
@@ -168,6 +169,13 @@ def fingerprint_differences(old: dict, new: dict) -> list[str]:
 
 @dataclass
 class GeneTables:
+    """The dataset's gene tables: landmarks (inputs) and targets (outputs), in column order.
+
+    ``landmarks`` has columns ``ensembl, symbol, entrez``; ``targets`` adds
+    ``part`` (the target part whose network predicts the gene) and ``overlap``
+    (the gene is also a landmark).
+    """
+
     landmarks: pd.DataFrame  # ensembl, symbol, entrez
     targets: pd.DataFrame  # ensembl, symbol, entrez, part, overlap
 
@@ -180,6 +188,7 @@ class GeneTables:
 
     @property
     def n_parts(self) -> int:
+        """Number of target parts (separately trained networks)."""
         return int(self.targets["part"].max()) + 1
 
 
@@ -249,9 +258,11 @@ class ProcessedDataset:
 
     @property
     def splits(self) -> list[str]:
+        """The splits the dataset holds, in :data:`SPLITS` order."""
         return [s for s in SPLITS if f"splits/{s}" in self._h5]
 
     def genes(self) -> GeneTables:
+        """The landmark and target gene tables (see :class:`GeneTables`)."""
         g = self._node("genes")
         lm = pd.DataFrame({k: _strings(g["landmark"][k]) for k in ("ensembl", "symbol", "entrez")})
         tg = pd.DataFrame({k: _strings(g["target"][k]) for k in ("ensembl", "symbol", "entrez")})
@@ -260,6 +271,7 @@ class ProcessedDataset:
         return GeneTables(lm, tg)
 
     def has(self, split: str) -> bool:
+        """Whether the dataset holds ``split``."""
         return f"splits/{split}" in self._h5
 
     def fingerprint(self) -> dict:
@@ -314,9 +326,11 @@ class ProcessedDataset:
         return a
 
     def ids(self, split: str) -> np.ndarray:
+        """The sample ids of ``split``, ``(n_samples,)``."""
         return _strings(self._node(f"splits/{split}/ids"))
 
     def n_samples(self, split: str) -> int:
+        """Number of profiles in ``split``."""
         return int(self._node(f"splits/{split}/X").shape[0])
 
     def stats(self, source: str) -> tuple[np.ndarray, np.ndarray]:
@@ -324,12 +338,15 @@ class ProcessedDataset:
         return self._node(f"stats/{source}/mean")[()], self._node(f"stats/{source}/std")[()]
 
     def reference(self, name: str = "gene_quantiles") -> np.ndarray:
+        """A stored quantile reference (``gene_quantiles`` or ``landmark_quantiles``), ``(n_quantiles,)``."""
         return self._node(f"reference/{name}")[()]
 
     def has_reference(self, name: str) -> bool:
+        """Whether the quantile reference ``name`` is stored."""
         return f"reference/{name}" in self._h5
 
     def close(self):
+        """Close the HDF5 file."""
         self._h5.close()
 
     def __enter__(self):

@@ -62,6 +62,7 @@ _BEFORE_LEASE = "DGEX_CUDA_VISIBLE_DEVICES_BEFORE_LEASE"
 
 
 def default_lock_dir() -> Path:
+    """The folder of GPU lease files: ``$DGEX_GPU_LOCK_DIR``, else a per-user folder in the temporary directory."""
     env = os.environ.get("DGEX_GPU_LOCK_DIR")
     return Path(env) if env else Path(tempfile.gettempdir()) / f"dgex-gpu-locks-{os.getuid()}"
 

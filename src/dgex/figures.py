@@ -71,6 +71,7 @@ def _genes(per_gene: pd.DataFrame, method: str, selected_by: str, split: str, ar
 
 
 def figure1(agg, out):
+    """Figure 1: GEO-te overall error of each architecture at the dropout chosen on GEO-va, with the baselines; returns ``(files, caption)``."""
     plt = pyplot()
     summary = agg["summary"]
     pick = choose(summary, "geo")
@@ -106,6 +107,7 @@ def figure1(agg, out):
 
 
 def figure2(agg, out):
+    """Figure 2: density of the per-gene GEO-te MAE of LR, KNN-GE and the best D-GEX by GEO-va; returns ``(files, caption)``."""
     from scipy.stats import gaussian_kde
 
     plt = pyplot()
@@ -178,6 +180,7 @@ def _scatter(agg, out, task: str, number: int):
 
 
 def figure5(agg, out):
+    """Figure 5: GTEx-te overall error after each epoch at each dropout rate; ``(files, caption)``, or None without GTEx-te history."""
     plt = pyplot()
     hist = agg["history"]
     if "gtex-te" not in hist.columns or hist.empty:

@@ -154,6 +154,7 @@ class LandmarkMapping:
 
     @property
     def missing(self) -> np.ndarray:
+        """Positions of the model's landmarks that the input lacks, ``(n_missing,)``."""
         return np.setdiff1d(np.arange(self.n_landmarks), self.present)
 
     def gather(self, block: np.ndarray) -> np.ndarray:

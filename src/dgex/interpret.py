@@ -77,6 +77,7 @@ class GramFit:
 
     @torch.no_grad()
     def update(self, x, y) -> None:
+        """Add a chunk: predictors ``x`` ``(batch, p)`` and targets ``y`` ``(batch, t)`` of the same profiles."""
         x = torch.as_tensor(x, device=self.device).to(torch.float64)
         y = torch.as_tensor(y, device=self.device).to(torch.float64)
         if x.shape[1] != self.p or y.shape[1] != self.t or x.shape[0] != y.shape[0]:

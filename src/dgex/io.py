@@ -119,7 +119,7 @@ def storage_error(exc: OSError, path=None, what: str = "") -> StorageError:
 
 
 def temp_path(path: str | os.PathLike, kind: str = "tmp") -> Path:
-    """This process's temporary name for ``path``: ``.<name>~<host>~<pid>.<kind>`` in the same folder."""
+    """The temporary name of ``path`` for this process: ``.<name>~<host>~<pid>.<kind>`` in the same folder."""
     path = Path(path)
     return path.with_name(f".{path.name}~{HOST}~{os.getpid()}.{kind}")
 
@@ -297,8 +297,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def _publishing(tmp: Path, path: Path) -> Iterator[None]:
-    """Around filling ``tmp`` and renaming it onto ``path``: an OS error becomes a :class:`StorageError` naming
-    ``path``; on any failure ``tmp`` is removed; either way it is no longer an active temporary name."""
+    """Guard the filling of ``tmp`` and its rename onto ``path``.
+
+    An OS error becomes a :class:`StorageError` naming ``path``; on any failure
+    ``tmp`` is removed; either way it is no longer an active temporary name.
+    """
     try:
         try:
             yield
@@ -733,10 +736,12 @@ class Matrix:
 
     @property
     def n_rows(self) -> int:
+        """Number of rows (genes or probes)."""
         return len(self.row_ids)
 
     @property
     def n_cols(self) -> int:
+        """Number of columns (samples)."""
         return len(self.col_ids)
 
     def row_positions(self, ids: Sequence[str], what: str = "row") -> np.ndarray:
@@ -764,12 +769,15 @@ class Matrix:
             yield start, stop, self.read(rows, start, stop)
 
     def row_meta(self) -> pd.DataFrame:
+        """Row metadata (e.g. gene symbols), one row per ``row_ids`` entry, indexed by id."""
         raise NotImplementedError
 
     def col_meta(self) -> pd.DataFrame:
+        """Column metadata (sample annotations), one row per ``col_ids`` entry, indexed by id."""
         raise NotImplementedError
 
     def close(self) -> None:
+        """Release the file, if any."""
         pass
 
     def __enter__(self):
@@ -829,6 +837,7 @@ class GCTXReader(Matrix):
         check_unique(self.col_ids, "column", self.path)
 
     def read(self, rows=None, start=0, stop=None):
+        """Samples ``start:stop`` of the selected rows, read from the HDF5 matrix, ``(n_samples, n_rows_sel)``."""
         stop = self.n_cols if stop is None else stop
         try:
             block = self._data[start:stop, :]
@@ -845,12 +854,15 @@ class GCTXReader(Matrix):
         return pd.DataFrame(cols, index=pd.Index(ids, name="id"))
 
     def row_meta(self):
+        """The GCTX row metadata fields (those with one value per row)."""
         return self._meta(ROW_META, self.row_ids)
 
     def col_meta(self):
+        """The GCTX column metadata fields (those with one value per column)."""
         return self._meta(COL_META, self.col_ids)
 
     def close(self):
+        """Close the HDF5 file (errors while closing are ignored)."""
         with contextlib.suppress(Exception):
             self._h5.close()
 
@@ -871,13 +883,16 @@ class InMemoryMatrix(Matrix):
         self._col_meta = col_meta if col_meta is not None else pd.DataFrame(index=pd.Index(self.col_ids, name="id"))
 
     def read(self, rows=None, start=0, stop=None):
+        """Samples ``start:stop`` of the selected rows, ``(n_samples, n_rows_sel)``."""
         block = self.data[start:stop]
         return block if rows is None else block[:, rows]
 
     def row_meta(self):
+        """The row metadata given at construction (empty, indexed by id, if none)."""
         return self._row_meta
 
     def col_meta(self):
+        """The column metadata given at construction (empty, indexed by id, if none)."""
         return self._col_meta
 
 

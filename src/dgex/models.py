@@ -36,6 +36,7 @@ class DGEX(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Glorot-uniform weights and zero biases, as the paper's networks were initialised."""
         with torch.no_grad():
             for layer in self.hidden:
                 bound = math.sqrt(6.0 / (layer.in_features + layer.out_features))
@@ -66,6 +67,7 @@ class DGEX(nn.Module):
         return (y, acts) if return_hidden else y
 
     def n_parameters(self) -> int:
+        """Number of trainable and fixed parameters of the network."""
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_sample(self) -> int:

@@ -440,9 +440,12 @@ def _probe_quantile_reference(reader: _GeoReader) -> np.ndarray:
 
 
 def _gene_means_and_clusters(reader, genes, lm, tg, probe_reference, work, dedup, dedup_clusters, seed):
-    """Pass 1: probe -> gene means of every GEO profile into ``work`` (``genes``, ``(n_geo, G)``) and the
-    MiniBatchKMeans clusters of de-duplication.  Returns the work dataset, the flat (failed-array) profiles
-    ``(n_geo,)`` bool, the fitted clustering and its K."""
+    """Pass 1: probe -> gene means of every GEO profile, and the MiniBatchKMeans clusters of de-duplication.
+
+    The gene means go into ``work`` (dataset ``genes``, ``(n_geo, G)``).  Returns
+    the work dataset, the flat (failed-array) profiles ``(n_geo,)`` bool, the
+    fitted clustering and its K.
+    """
     matrix, n_geo, G = reader.matrix, reader.matrix.n_cols, len(genes)
     probe_pos, probe_ids = _probe_positions(matrix, lm, tg)
     agg = aggregation_matrix(genes, probe_ids)
@@ -521,8 +524,11 @@ def _split_rows(kept: np.ndarray, n_geo: int, va_fraction, te_fraction, split_se
 
 
 def _geo_statistics(gene_ds, keep, stat_rows, chunk_size):
-    """Pass 3: per-gene mean and s.d. over ``stat_rows`` and the gene-level quantile reference (mean sorted
-    kept profile), each ``(G,)`` float64, streamed."""
+    """Pass 3: per-gene mean and s.d. over ``stat_rows``, and the gene-level quantile reference.
+
+    The reference is the mean sorted kept profile.  Each result is ``(G,)``
+    float64, computed in streamed chunks.
+    """
     G = gene_ds.shape[1]
     s1, s2, qsum = np.zeros(G), np.zeros(G), np.zeros(G)
     for s, e in _spans(gene_ds.shape[0], chunk_size):

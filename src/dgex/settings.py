@@ -119,14 +119,17 @@ class Setting:
 
     @property
     def required(self) -> bool:
+        """Whether the setting has no default (the option must be given)."""
         return self.default is dataclasses.MISSING
 
     @property
     def is_list(self) -> bool:
+        """Whether the setting takes several values."""
         return self.spec.nargs is not None
 
     @property
     def flag(self) -> str:
+        """The command-line option: ``--name``, or ``--no-name`` for a switch that is on by default."""
         if self.spec.flag:
             return self.spec.flag
         dashed = self.name.replace("_", "-")
@@ -138,6 +141,7 @@ class Setting:
         return self.spec.config or self.spec.reads
 
     def range_text(self) -> str | None:
+        """The allowed range in words (e.g. ``in [0, 1)``, ``>= 1``), or None where there is none."""
         s = self.spec
         lo, hi = s.min, s.max
         if lo is not None and hi is not None:
@@ -308,6 +312,8 @@ def parse_part(text: str) -> int | None:
 
 @_settings("demo-data")
 class DemoSettings(Settings):
+    """The settings of ``dgex demo-data``: size and noise of the synthetic GEO-, 1000G- and GTEx-like inputs."""
+
     seed: int = setting(0, "random seed", **_SEED, config="demo.seed")
     n_geo: int = setting(2000, "distinct GEO-like profiles", min=2, config="demo.n_geo")
     n_duplicates: int = setting(
@@ -337,6 +343,8 @@ class DemoSettings(Settings):
 
 @_settings("acquire")
 class AcquireSettings(Settings):
+    """The settings of ``dgex acquire``: the expected size and checksum of the download, timeout and retries."""
+
     sha256: str | None = setting(
         None,
         "expected SHA-256 hex digest (recommended)",
@@ -352,6 +360,8 @@ class AcquireSettings(Settings):
 
 @_settings("preprocess")
 class PreprocessSettings(Settings):
+    """The settings of ``dgex preprocess``: gene maps, de-duplication, standardisation, splits and target parts."""
+
     landmarks: str = setting(
         "builtin", "landmark gene map: builtin (map_lm.txt, 943 genes) or a path", config="genes.landmarks"
     )
@@ -404,6 +414,7 @@ class PreprocessSettings(Settings):
 
     @classmethod
     def together(cls, values):
+        """Problems of the values taken together: the validation and test fractions must leave training profiles."""
         va, te = values["va_fraction"], values["te_fraction"]
         if va + te >= 1:
             return [
@@ -475,6 +486,8 @@ class TrainSettings(Settings):
 
 @_settings("baseline")
 class BaselineSettings(Settings):
+    """The settings of ``dgex baseline``: the hyper-parameter grids of the comparison methods."""
+
     lambdas: tuple[float, ...] | None = setting(
         None,
         "penalty grid for ridge/lasso, per-sample scale: ridge (1/n)RSS + L|w|^2 "
@@ -492,6 +505,8 @@ class BaselineSettings(Settings):
 
 @_settings("aggregate")
 class AggregateSettings(Settings):
+    """The settings of ``dgex aggregate``."""
+
     allow_incomplete: bool = setting(
         False,
         "aggregate grid points that lack target parts (and leave out unfinished run folders) instead of "
@@ -501,6 +516,8 @@ class AggregateSettings(Settings):
 
 @_settings("tables")
 class TablesSettings(Settings):
+    """The settings of ``dgex tables``: paper reference columns and the bootstrap confidence intervals."""
+
     paper_reference: bool = setting(
         False, "print the paper's published numbers beside ours", config="report.paper_reference"
     )
@@ -512,6 +529,8 @@ _SELECTION = "which checkpoint to load: best_<selection>.pt"
 
 @_settings("interpret s2")
 class S2Settings(Settings):
+    """The settings of ``dgex interpret s2``: the checkpoint, the profiles fitted (split, subsample), batching and device."""
+
     selection: str = setting("geo-va", _SELECTION, choices=SELECTIONS)
     split: str = setting(
         "geo-tr",
@@ -535,6 +554,8 @@ class S2Settings(Settings):
 
 @_settings("interpret s3")
 class S3Settings(Settings):
+    """The settings of ``dgex interpret s3``: the checkpoint, the major-weight thresholds, how mean and std are taken, the map."""
+
     selection: str = setting("geo-va", _SELECTION, choices=SELECTIONS)
     sigmas: tuple[float, ...] = setting(
         (4.0, 5.0),
@@ -562,6 +583,8 @@ class S3Settings(Settings):
 
 @_settings("export")
 class ExportSettings(Settings):
+    """The settings of ``dgex export``: which best epoch is packaged and whether to replace a bundle."""
+
     selection: str = setting(
         "geo-va", "which best epoch to export: best_<selection>.pt", choices=SELECTIONS, config="export.selection"
     )
@@ -571,6 +594,8 @@ class ExportSettings(Settings):
 
 @_settings("infer")
 class InferSettings(Settings):
+    """The settings of ``dgex infer``: how input rows are matched to landmarks, output format, chunking, missing landmarks."""
+
     id_type: str = setting(
         "auto",
         "row ids of the input: ensembl, entrez, symbol or probe (L1000/HG-U133A, e.g. 200814_at); "
@@ -616,8 +641,11 @@ _MISSING = object()
 
 
 def _lookup(config: Mapping, key: str) -> tuple[Mapping | None, Any]:
-    """(section, value) at dotted ``key``: section None when a section on the way is absent or null,
-    value ``_MISSING`` when the config leaves the key out."""
+    """``(section, value)`` at dotted ``key`` of ``config``.
+
+    ``section`` is None when a section on the way is absent or null; ``value``
+    is ``_MISSING`` when the config leaves the key out.
+    """
     node: Any = config
     *sections, leaf = key.split(".")
     for part in sections:

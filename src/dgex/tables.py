@@ -90,6 +90,7 @@ def fmt(mean: float, std: float | None = None) -> str:
 
 
 def pct(d: float) -> str:
+    """The paper's name for D-GEX at dropout rate ``d``, e.g. ``D-GEX-10%``."""
     return f"D-GEX-{100 * d:g}%"
 
 
@@ -149,9 +150,10 @@ def arch_name(arch) -> str:
 
 
 def incomplete_points(agg: dict, source) -> list[dict]:
-    """The incomplete grid points an aggregate declares (``aggregate.json`` ``incomplete``), plus one
-    ``{"left_out": dir}`` per unfinished run folder it skipped (``left_out``).
+    """The incomplete grid points an aggregate declares, and the unfinished run folders it skipped.
 
+    Those are ``aggregate.json``'s ``incomplete`` entries plus one
+    ``{"left_out": dir}`` per entry of its ``left_out``.
     Refuses a summary whose rows cover different numbers of genes on one
     evaluation (selection x split) when the aggregate declares no gaps.
     """

@@ -85,6 +85,7 @@ class TrainConfig:
 
     @property
     def base_lr(self) -> float:
+        """The initial learning rate: ``lr`` if given, else the paper's default for this depth."""
         return self.lr if self.lr is not None else default_learning_rate(self.layers)
 
     def resume_key(self) -> dict:

@@ -38,16 +38,23 @@ def _section(checkpoint: dict) -> dict:
 
 
 def decayed_lr(lr: float, monitor_mae: float, previous_mae: float | None, decay: float, lr_min: float) -> float:
-    """The paper's rule: if the monitored training MAE rose (``monitor_mae > previous_mae``), ``lr *= decay``,
-    but never below ``lr_min``; an equal or lower MAE, or no previous epoch, keeps ``lr``."""
+    """The paper's learning-rate rule after one epoch.
+
+    If the monitored training MAE rose (``monitor_mae > previous_mae``), the
+    rate becomes ``lr * decay``, but never below ``lr_min``; an equal or lower
+    MAE, or no previous epoch, keeps ``lr``.
+    """
     if previous_mae is not None and monitor_mae > previous_mae:
         return max(lr * decay, lr_min)
     return lr
 
 
 class PaperLRDecay(Callback):
-    """After every epoch: ``lr *= decay`` (floor ``lr_min``) if the MAE logged as ``monitor`` rose versus
-    the previous epoch (:func:`decayed_lr`); every optimiser group keeps its ``lr_scale`` times the rate.
+    """The paper's learning-rate decay as a callback, applied after every epoch.
+
+    ``lr *= decay`` (floor ``lr_min``) if the MAE logged as ``monitor`` rose
+    versus the previous epoch (:func:`decayed_lr`); every optimiser group keeps
+    its ``lr_scale`` times the rate.
 
     This is not ``ReduceLROnPlateau``: a single rise decays, an equal MAE does not.
     """
@@ -57,6 +64,7 @@ class PaperLRDecay(Callback):
         self.previous_monitor: float | None = None
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        """Apply :func:`decayed_lr` to this epoch's monitored MAE and set every optimiser group's rate."""
         monitor = float(trainer.callback_metrics[self.monitor])
         self.lr = decayed_lr(self.lr, monitor, self.previous_monitor, self.decay, self.lr_min)
         self.previous_monitor = monitor
@@ -65,9 +73,11 @@ class PaperLRDecay(Callback):
                 group["lr"] = self.lr * group.get("lr_scale", 1.0)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        """Record the current rate and the last monitored MAE in the checkpoint."""
         _section(checkpoint).update(lr=self.lr, previous_monitor=self.previous_monitor)
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        """Restore the rate and the last monitored MAE of a resumed run."""
         # the optimiser's group rates come back with Lightning's optimizer state
         state = checkpoint[SECTION]
         self.lr, self.previous_monitor = state["lr"], state["previous_monitor"]
@@ -89,6 +99,7 @@ class BestWeights(Callback):
         self._pending: dict[str, tuple[dict, int, dict]] = {}
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        """Keep in memory the weights of the epochs that lower the best MAE of a selection split."""
         metrics = trainer.callback_metrics
         epoch = trainer.current_epoch + 1
         for sel, best in self.best.items():
@@ -108,22 +119,29 @@ class BestWeights(Callback):
         self._pending.clear()
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        """Write the pending best weights, then record the best MAE and epoch per split in the checkpoint."""
         self.flush(pl_module.network)  # before the checkpoint that records them is written
         _section(checkpoint)["best"] = self.best
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        """Restore the best MAE and epoch per split of a resumed run."""
         self.best = checkpoint[SECTION]["best"]
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """Write the pending best weights when training diverged, so the epochs before it stay usable."""
         if isinstance(exception, TrainingDiverged):  # the best epochs before it stay usable
             self.flush(pl_module.network)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer through :func:`dgex.io.save_torch`: a temporary file renamed into place,
-    so a killed writer never leaves a truncated ``last.ckpt``, and a full disk is a one-line error."""
+    """Lightning's checkpoint writer through :func:`dgex.io.save_torch`.
+
+    It writes a temporary file and renames it into place, so a killed writer
+    never leaves a truncated ``last.ckpt``, and a full disk is a one-line error.
+    """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        """Write ``checkpoint`` to ``path`` atomically (``storage_options`` are not supported)."""
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
         save_torch(checkpoint, path)
@@ -156,24 +174,30 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     @property
     def state_key(self) -> str:
+        """The key of this callback's state in a checkpoint: its class name alone."""
         return type(self).__name__  # not the trigger settings: --checkpoint-interval may change on resume
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """Do nothing: Lightning's per-batch time trigger is replaced by the epoch-end save."""
         pass  # never mid-epoch (see the class docstring)
 
     def on_validation_end(self, trainer, pl_module) -> None:
+        """Do nothing: the save happens at the end of the training epoch instead."""
         pass  # saved at the end of the training epoch, after the other callbacks
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        """Save ``last.ckpt`` at the end of the last epoch, or when ``interval`` seconds have passed since the previous save."""
         final = trainer.current_epoch + 1 >= trainer.max_epochs
         if final or time.monotonic() - self._last_time_checked >= self.interval:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             self._last_time_checked = time.monotonic()
 
     def on_train_end(self, trainer, pl_module) -> None:
+        """Do nothing: the last epoch was saved by :meth:`on_train_epoch_end`."""
         pass  # the last epoch saved already; a resumed finished run has nothing new
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        """Add the run's identity, the history rows and the random-number states to the checkpoint."""
         _section(checkpoint).update(
             format=CHECKPOINT_FORMAT,
             **self.record,
@@ -183,6 +207,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         )
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        """Restore the history rows and the random-number states of a resumed run."""
         # train() checked the section with resume_problem() before handing the file to Lightning
         state = checkpoint[SECTION]
         self.history.load_rows(state["history"])

@@ -100,6 +100,7 @@ class DeviceData(pl.LightningDataModule):
 
     @property
     def device(self) -> torch.device:
+        """The training device: the trainer's root device, or the CPU before a trainer is attached."""
         return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
 
     def setup(self, stage: str) -> None:
@@ -120,18 +121,23 @@ class DeviceData(pl.LightningDataModule):
         self.splits = {k: v for k, v in self.splits.items() if k != self.train_split}
 
     def train_dataloader(self) -> ShuffledBatches:
+        """Shuffled mini-batches of the training split, gathered on the device (one gather per batch)."""
         return ShuffledBatches(self.train_xy, self.n_in, self.n_out, self.batch_size, self.generator)
 
     def val_dataloader(self) -> list[Chunks]:
+        """One loader per evaluation set (the training monitor first), in fixed chunks."""
         return [Chunks(x, y, self.eval_batch_size) for x, y in self.eval_sets]
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """Return ``batch`` as it is: it is already on the device."""
         return batch  # already on the device: skip Lightning's walk over the batch
 
     def state_dict(self) -> dict:
+        """The state a resumed run needs: the shuffling generator's state."""
         return {"batch_generator": self.generator.get_state()}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the shuffling generator of a resumed run."""
         self.generator.set_state(state_dict["batch_generator"])
 
 

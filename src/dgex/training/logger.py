@@ -30,10 +30,12 @@ class HistoryLogger(Logger):
 
     @property
     def name(self) -> str:
+        """The logger's name, ``history``."""
         return "history"
 
     @property
     def version(self) -> int:
+        """Always 0: one history per run folder."""
         return 0
 
     @property
@@ -47,6 +49,7 @@ class HistoryLogger(Logger):
 
     @rank_zero_only
     def log_hyperparams(self, params, *args, **kwargs) -> None:
+        """Do nothing: the hyper-parameters are recorded in ``run.json`` and in the weights files."""
         pass  # recorded in run.json and in the weights files
 
     @rank_zero_only

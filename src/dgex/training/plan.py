@@ -48,7 +48,9 @@ def batch_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def parameter_groups(network: DGEX, base_lr: float) -> list[dict]:
-    """Optimiser groups: ``base`` (layer 1's weights, every bias) at ``base_lr`` and
+    """Optimiser groups of ``network``: the deeper weights at 3x the base rate.
+
+    ``base`` (layer 1's weights, every bias) at ``base_lr`` and
     ``deep_weights`` (weights of hidden layers 2.. and of the output) at 3x.
 
     Each group carries ``lr_scale``, its rate relative to the base rate, so a rate rule keeps the ratio.
@@ -79,6 +81,7 @@ class ClassicalMomentumSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """Update every parameter with a gradient by the classical momentum rule; returns the closure's loss, if any."""
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -130,10 +133,12 @@ class TrainingPlan(pl.LightningModule):
         self._errors: list[list[torch.Tensor]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's predictions for landmarks ``x`` ``(batch, n_in)``: ``(batch, n_out)``."""
         return self.network(x)
 
     # -- optimisation
     def configure_optimizers(self):
+        """Classical-momentum SGD (or AdamW) over :func:`parameter_groups`: deeper weights at 3x the base rate."""
         groups = parameter_groups(self.network, self.base_lr)
         if self.optimizer_name == "adamw":
             for g in groups:
@@ -142,11 +147,13 @@ class TrainingPlan(pl.LightningModule):
         return ClassicalMomentumSGD(groups, lr=self.base_lr, momentum=self.momentum)
 
     def on_train_epoch_start(self) -> None:
+        """Reset the epoch's running training loss, profile count and wall clock."""
         self._loss_sum = torch.zeros((), device=self.device)
         self._n_seen = 0
         self._epoch_start = time.time()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """One optimisation step on a batch ``(x, y)``; adds to the epoch's running loss and returns the batch loss."""
         x, y = batch
         optimizer = self.optimizers()
         loss = batch_loss(self.network(x), y)
@@ -159,9 +166,11 @@ class TrainingPlan(pl.LightningModule):
 
     # -- the per-epoch evaluation
     def on_validation_epoch_start(self) -> None:
+        """Start one list of absolute errors per evaluation set."""
         self._errors = [[] for _ in self.eval_names]
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
+        """Keep the absolute errors ``(batch, n_out)`` of a chunk of evaluation set ``dataloader_idx``."""
         x, y = batch
         self._errors[dataloader_idx].append((self.network(x).float() - y).abs())
 
