@@ -114,23 +114,8 @@ def test_s2_outputs_and_values(toy, tmp_path):
 
 def test_s2_cli_subsample_and_nan_fallback(toy, tmp_path):
     runs = [toy["runs"][(1, 0)], toy["runs"][(1, 1)]]
-    res = run_dgex(
-        "interpret",
-        "s2",
-        "--dataset",
-        toy["path"],
-        "--runs",
-        *runs,
-        "--split",
-        "geo-va",
-        "--max-samples",
-        11,
-        "--device",
-        "cpu",
-        "--output-dir",
-        tmp_path,
-        "--no-progress",
-    )
+    s2 = ["interpret", "s2", "--dataset", toy["path"], "--runs", *runs, "--output-dir", tmp_path]
+    res = run_dgex(*s2, "--split", "geo-va", "--max-samples", 11, "--device", "cpu", "--no-progress")
     assert res.returncode == 0, res.stderr
     table = pd.read_csv(tmp_path / "s2_adjusted_r2.csv")
     assert list(table.columns) == ["ensembl", "symbol", "part", "overlap", "input", "hidden1"]
@@ -257,20 +242,8 @@ def test_bad_inputs_one_line(toy, tmp_path):
     run = toy["runs"][(1, 0)]
     res = run_dgex("interpret", "s2", "--dataset", toy["path"], "--runs", tmp_path / "nope", "--output-dir", tmp_path)
     assert_one_line_error(res, "no run.json")
-    res = run_dgex(
-        "interpret",
-        "s2",
-        "--dataset",
-        toy["path"],
-        "--runs",
-        run,
-        "--split",
-        "gtex-xx",
-        "--device",
-        "cpu",
-        "--output-dir",
-        tmp_path / "o",
-    )
+    s2 = ["interpret", "s2", "--dataset", toy["path"], "--runs", run, "--output-dir", tmp_path / "o"]
+    res = run_dgex(*s2, "--split", "gtex-xx", "--device", "cpu")
     assert_one_line_error(res, "--split 'gtex-xx'", "geo-tr")
     assert not (tmp_path / "o").exists()
 
