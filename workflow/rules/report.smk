@@ -17,7 +17,7 @@ rule report:
         mem_mb=2000,
         runtime=10,
     params:
-        results=RESULTS,
+        results=lambda wc, output: os.path.dirname(output[0]),
         name=config["name"],
     shell:
         "python -m dgex report --results-dir {params.results:q} --output {output:q} --name {params.name:q} "
