@@ -290,6 +290,9 @@ def test_corrupt_or_incomplete_figures_json_is_one_line_error(run):
     (run / "figures" / "figures.json").write_text("{not json")
     res = run_dgex("report", "--results-dir", run)
     assert_one_line_error(res, str(run / "figures" / "figures.json"), "cannot be read as JSON")
+    (run / "figures" / "figures.json").write_text('{"figures": ["figure1.png"]}')  # JSON, but not figures.json's
+    res = run_dgex("report", "--results-dir", run)
+    assert_one_line_error(res, str(run), "figures/figures.json", "unexpected content")
     assert not (run / "report.html").exists()
 
 

@@ -13,6 +13,7 @@ no JavaScript, and every piece of text from the results is HTML-escaped.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import html
 import json
@@ -110,7 +111,10 @@ def csv_html(path: Path) -> str:
 
 
 # --------------------------------------------------------------------------- files
-def _read_json(path: Path, fix: str) -> dict:
+def _read_json(path: Path, fix: str, optional: bool = False) -> dict | None:
+    """A JSON object written by a step of the run; None for an ``optional`` file that is absent."""
+    if optional and not path.is_file():
+        return None
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -154,9 +158,8 @@ def _figure(base: Path, png: Path, pdf: Path | None, caption: str, title: str) -
 # --------------------------------------------------------------------------- sections
 def _summary(run: Path, name: str, tables: dict) -> str:
     rows = [("run", name), ("results folder", str(run)), ("report written", _now()), ("dgex", __version__)]
-    dataset = run / "data" / "dataset.json"
-    if dataset.is_file():
-        info = _read_json(dataset, "rerun `dgex preprocess`")
+    info = _read_json(run / "data" / "dataset.json", "rerun `dgex preprocess`", optional=True)
+    if info is not None:
         genes = info.get("genes", {})
         rows.append(("inputs", ", ".join(f"{k}: {v}" for k, v in (info.get("inputs") or {}).items())))
         rows.append(
@@ -172,9 +175,8 @@ def _summary(run: Path, name: str, tables: dict) -> str:
         rows.append(("splits", ", ".join(f"{k} {v}" for k, v in (info.get("splits") or {}).items())))
     if (run / "demo" / "demo.json").is_file():
         rows.append(("data", "SYNTHETIC demo data (`dgex demo-data`): the numbers show the pipeline works, not D-GEX"))
-    agg = run / "aggregate" / "aggregate.json"
-    if agg.is_file():
-        info = _read_json(agg, "rerun `dgex aggregate`")
+    info = _read_json(run / "aggregate" / "aggregate.json", "rerun `dgex aggregate`", optional=True)
+    if info is not None:
         grid = info.get("grid") or {}
         rows.append(("grid", "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in grid.items())))
         rows.append(("methods", ", ".join(info.get("methods") or [])))
@@ -214,10 +216,10 @@ def _table_section(run: Path, base: Path, tables: dict, names, source: Path) -> 
 
 
 def _figures_section(run: Path, base: Path) -> str:
-    source = run / "figures" / "figures.json"
-    if not source.is_file():
+    info = _read_json(run / "figures" / "figures.json", "rerun `dgex figures`", optional=True)
+    if info is None:
         return "<p>No figures in this run (<code>report.figures: false</code>).</p>"
-    info = _read_json(source, "rerun `dgex figures`")
+    source = run / "figures" / "figures.json"
     parts = []
     for name, fig in (info.get("figures") or {}).items():
         files = {Path(f).suffix: f for f in fig.get("files", [])}
@@ -236,10 +238,9 @@ def _figures_section(run: Path, base: Path) -> str:
 def _interpret_section(run: Path, base: Path) -> str:
     parts = []
     for key in ("s2", "s3"):
-        source = run / "interpret" / key / f"{key}.json"
-        if not source.is_file():
+        info = _read_json(run / "interpret" / key / f"{key}.json", f"rerun `dgex interpret {key}`", optional=True)
+        if info is None:
             continue
-        info = _read_json(source, f"rerun `dgex interpret {key}`")
         captions = info.get("captions") or {}
         folder = run / "interpret" / key
         parts.append(f'<h3 id="{key}">Supplementary analysis {key.upper()}</h3>')
@@ -263,9 +264,9 @@ def _interpret_section(run: Path, base: Path) -> str:
 def _test_sets_section(run: Path, base: Path) -> str:
     """The external test sets ``tables/test_sets.json`` lists ('' when the file is absent)."""
     source = run / "tables" / "test_sets.json"
-    if not source.is_file():
+    info = _read_json(source, "rerun the workflow's test-set scoring", optional=True)
+    if info is None:
         return ""
-    info = _read_json(source, "rerun the workflow's test-set scoring")
     sets = info.get("test_sets")
     if not isinstance(sets, list):
         raise InputError(f"{source}: has no list 'test_sets'; rerun the workflow's test-set scoring")
@@ -290,6 +291,18 @@ def _test_sets_section(run: Path, base: Path) -> str:
 
 
 # --------------------------------------------------------------------------- page
+@contextlib.contextmanager
+def _content_of(run: Path, what: str):
+    """A JSON file of the run whose values have unexpected types becomes one error naming the section's files."""
+    try:
+        yield
+    except (AttributeError, TypeError, KeyError, ValueError) as exc:
+        raise InputError(
+            f"{run}: the {what} files hold unexpected content ({type(exc).__name__}: {exc}); rerun the steps "
+            f"that wrote them"
+        ) from None
+
+
 def render(results_dir, name: str | None = None, base=None) -> str:
     """The report of one run as an HTML page.
 
@@ -314,7 +327,8 @@ def render(results_dir, name: str | None = None, base=None) -> str:
         raise InputError(f"{source}: missing; a report needs a finished run: run the workflow (or `dgex tables`) first")
     tables = _read_json(source, "rerun `dgex tables`")
     name = name or run.resolve().name
-    incomplete = (tables.get("incomplete") or {}).get("note")
+    with _content_of(run, "tables (tables/tables.json)"):
+        incomplete = (tables.get("incomplete") or {}).get("note")
     body = [
         f"<h1>D-GEX results: {html.escape(name)}</h1>",
         "<p>Chen et al., Gene expression inference with deep learning, Bioinformatics 32(12), 2016, "
@@ -322,17 +336,22 @@ def render(results_dir, name: str | None = None, base=None) -> str:
     ]
     if incomplete:
         body.append(f'<div class="incomplete" id="incomplete"><p>{_inline(incomplete)}</p></div>')
-    body.append(_summary(run, name, tables))
-    body += ['<h2 id="tables">Tables 1–2</h2>', _table_section(run, base, tables, MAIN_TABLES, source)]
-    body += [
-        '<h2 id="supplementary">Supplementary Tables S2–S5 and statistics</h2>',
-        _table_section(run, base, tables, SUPPLEMENTARY_TABLES, source),
-    ]
-    body += ['<h2 id="figures">Figures 1–5</h2>', _figures_section(run, base)]
-    interpret = _interpret_section(run, base)
+    with _content_of(run, "summary (data/dataset.json, aggregate/aggregate.json, tables/tables.json)"):
+        body.append(_summary(run, name, tables))
+    with _content_of(run, "tables (tables/tables.json)"):
+        body += ['<h2 id="tables">Tables 1–2</h2>', _table_section(run, base, tables, MAIN_TABLES, source)]
+        body += [
+            '<h2 id="supplementary">Supplementary Tables S2–S5 and statistics</h2>',
+            _table_section(run, base, tables, SUPPLEMENTARY_TABLES, source),
+        ]
+    with _content_of(run, "figures (figures/figures.json)"):
+        body += ['<h2 id="figures">Figures 1–5</h2>', _figures_section(run, base)]
+    with _content_of(run, "S2/S3 (interpret/s2/s2.json, interpret/s3/s3.json)"):
+        interpret = _interpret_section(run, base)
     if interpret:
         body += ['<h2 id="interpret">Supplementary analyses S2 and S3</h2>', interpret]
-    test_sets = _test_sets_section(run, base)
+    with _content_of(run, "test set (tables/test_sets.json)"):
+        test_sets = _test_sets_section(run, base)
     if test_sets:
         body.append(test_sets)
     return (
