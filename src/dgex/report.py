@@ -49,7 +49,9 @@ figcaption, .caption { font-size: 0.95em; }
 .incomplete { border: 2px solid #b00; background: #fee; padding: 0.5em 1em; }
 .links { font-size: 0.9em; color: #444; }
 .table { overflow-x: auto; } #table_stats table { font-size: 0.8em; } #table_stats td { white-space: nowrap; }
-@media print { body { max-width: none; margin: 0; } a { color: inherit; } }
+h2, h3, p.caption { break-after: avoid; page-break-after: avoid; }
+@media print { body { max-width: none; margin: 0; } a { color: inherit; } .table { overflow: visible; }
+  #table_stats table { font-size: 0.62em; } figure img { max-height: 20cm; width: auto; } }
 """
 
 
