@@ -174,6 +174,23 @@ def test_every_table_figure_and_caption_is_in_the_page(run):
     assert all((run / href).is_file() for href in parsed.links)
 
 
+def test_the_summary_describes_the_data_and_says_when_it_is_synthetic(run):
+    (run / "data").mkdir()
+    dataset = {
+        "inputs": {"geo": str(run / "demo" / "geo.gctx")},
+        "geo_profiles_kept": 1234,
+        "genes": {"landmarks": 943, "targets": 77, "parts": {"0": 40, "1": 37}},
+        "splits": {"geo-tr": 1000, "geo-va": 117},
+    }
+    (run / "data" / "dataset.json").write_text(json.dumps(dataset))
+    text = _parse(render(run)).all_text
+    assert "1234 GEO profiles kept" in text and "943 landmark and 77 target genes in 2 parts" in text
+    assert "geo-tr 1000, geo-va 117" in text and "SYNTHETIC" not in text
+    (run / "demo").mkdir()
+    (run / "demo" / "demo.json").write_text(json.dumps({"files": {"geo": "geo.gctx"}}))
+    assert "SYNTHETIC demo data" in _parse(render(run)).all_text
+
+
 def test_links_are_relative_to_where_the_page_is_written(run, tmp_path):
     out = make_report(results_dir=run, output=tmp_path / "elsewhere" / "page.html")
     links = _parse(out.read_text(encoding="utf-8")).links

@@ -104,6 +104,11 @@ def csv_html(path: Path) -> str:
     ----------
     path : Path
         CSV with a header row, shape (n_rows, n_columns).
+
+    Returns
+    -------
+    str
+        An HTML ``<table>``: header row, then one row per CSV row.
     """
     try:
         frame = pd.read_csv(path)
@@ -159,8 +164,14 @@ def _figure(base: Path, png: Path, pdf: Path | None, caption: str, title: str) -
 
 # --------------------------------------------------------------------------- sections
 def _summary(run: Path, name: str, tables: dict) -> str:
-    rows = [("run", name), ("results folder", str(run)), ("report written", _now()), ("dgex", __version__)]
+    rows = [
+        ("run", name),
+        ("results folder", str(run)),
+        ("report written", _now()),
+        ("dgex (this report)", __version__),
+    ]
     info = _read_json(run / "data" / "dataset.json", "rerun `dgex preprocess`", optional=True)
+    demo = _read_json(run / "demo" / "demo.json", "rerun `dgex demo-data`", optional=True)
     if info is not None:
         genes = info.get("genes", {})
         rows.append(("inputs", ", ".join(f"{k}: {v}" for k, v in (info.get("inputs") or {}).items())))
@@ -175,7 +186,8 @@ def _summary(run: Path, name: str, tables: dict) -> str:
             )
         )
         rows.append(("splits", ", ".join(f"{k} {v}" for k, v in (info.get("splits") or {}).items())))
-    if (run / "demo" / "demo.json").is_file():
+    demo_files = set((demo or {}).get("files", {}).values())
+    if info is not None and any(Path(p).name in demo_files for p in (info.get("inputs") or {}).values()):
         rows.append(("data", "SYNTHETIC demo data (`dgex demo-data`): the numbers show the pipeline works, not D-GEX"))
     info = _read_json(run / "aggregate" / "aggregate.json", "rerun `dgex aggregate`", optional=True)
     if info is not None:
