@@ -36,8 +36,10 @@ format: $(STAMP)  ## rewrite the code in the project's style
 	$(BIN)/ruff format src tests bench
 	$(BIN)/snakefmt Snakefile workflow/
 
-report: $(STAMP)  ## HTML report of a finished run (tables, figures, captions)
-	$(BIN)/snakemake --configfile $(CONFIG) --report $(or $(REPORT),results/report.html)
+report: $(STAMP)  ## the run's HTML report, results/<name>/report.html (runs what it still needs), and its path
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG) $(SMK_ARGS) -- report
+	@$(BIN)/snakemake --configfile $(CONFIG) $(SMK_ARGS) --summary -- report 2>/dev/null | \
+		awk -F'\t' '$$3 == "report" { print "report: " $$1 }'
 
 dryrun-paper: $(STAMP)
 	$(BIN)/snakemake -n --configfile config/paper.yaml

@@ -14,9 +14,6 @@ if not workflow.overwrite_configfiles:
     configfile: "config/config.yaml"
 
 
-report: "workflow/report/workflow.rst"
-
-
 validate(config, "workflow/schemas/config.schema.yaml", set_default=True)
 
 
@@ -35,6 +32,7 @@ include: "workflow/rules/baselines.smk"
 include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/export.smk"
 include: "workflow/rules/interpret.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

@@ -196,6 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_paths(p, aggregate="folder written by `dgex aggregate`", output_dir="figures folder")
 
+    # ---------------------------------------------------------------- report
+    p = sub.add_parser(
+        "report",
+        help="one self-contained HTML page with every table and figure of a finished run",
+        description="Render a run's tables, figures (embedded), captions and S2/S3 analyses as one HTML page "
+        "readable offline, e.g. dgex report --results-dir results/demo (writes results/demo/report.html).",
+    )
+    p.add_argument("--results-dir", required=True, help="the run's results folder (results/<name>)")
+    p.add_argument("--output", default=None, help="HTML file to write (default: RESULTS_DIR/report.html)")
+    p.add_argument("--name", default=None, help="run name shown in the title (default: the folder's name)")
+
     # ---------------------------------------------------------------- interpret
     p = sub.add_parser(
         "interpret",
@@ -433,6 +444,7 @@ STAGE_FUNCTIONS = {
     "aggregate": ("aggregate", "aggregate"),
     "tables": ("tables", "make_tables"),
     "figures": ("figures", "make_figures"),
+    "report": ("report", "make_report"),
     "interpret s2": ("interpret", "interpret_s2"),
     "interpret s3": ("interpret", "interpret_s3"),
     "export": ("bundle", "export_bundle"),

@@ -249,21 +249,16 @@ def train_runtime(wc):
 TABLES = ["table1", "table2", "tableS2", "tableS3", "tableS4", "tableS5", "table_stats"]
 
 
-def report_caption(name):
-    """Absolute path of a caption: report() resolves relative paths from the including Snakefile."""
-    return str(Path(workflow.basedir, "workflow", "report", f"{name}.rst"))
-
-
 def has_rnaseq():
     return bool(input_cfg("g1000") and input_cfg("gtex"))
 
 
 def table_outputs():
-    """Named outputs of rule tables; the CSVs are embedded in the HTML report."""
+    """Named outputs of rule tables (the report renders the .md files and links the CSVs)."""
     files = {"info": out("tables", "tables.json")}
     for name in TABLES:
         files[f"{name}_md"] = out("tables", f"{name}.md")
-        files[f"{name}_csv"] = report(out("tables", f"{name}.csv"), caption=report_caption(name), category="Tables")
+        files[f"{name}_csv"] = out("tables", f"{name}.csv")
     return files
 
 
@@ -274,9 +269,7 @@ def figure_numbers():
 def figure_outputs():
     files = {"info": out("figures", "figures.json")}
     for n in figure_numbers():
-        files[f"figure{n}_png"] = report(
-            out("figures", f"figure{n}.png"), caption=report_caption(f"figure{n}"), category="Figures"
-        )
+        files[f"figure{n}_png"] = out("figures", f"figure{n}.png")
         files[f"figure{n}_pdf"] = out("figures", f"figure{n}.pdf")
     return files
 
@@ -326,14 +319,24 @@ def interpret_outputs():
     return files
 
 
+def report_inputs():
+    """What the report shows: tables, figures, S2/S3, the data and grid it summarises, external test sets."""
+    files = [*table_outputs().values(), out("data", "dataset.json"), out("aggregate", "aggregate.json")]
+    if config["report"]["figures"]:
+        files += list(figure_outputs().values())
+    if config.get("test_sets"):  # tables/test_sets.json: written by the test-set scoring when test sets are configured
+        files.append(out("tables", "test_sets.json"))
+    return files + interpret_outputs()
+
+
 def all_outputs():
-    """Final targets of the workflow: tables, figures, model bundle, S2/S3 (and everything they need)."""
+    """Final targets of the workflow: tables, figures, model bundle, S2/S3, the report (and all they need)."""
     targets = list(table_outputs().values())
     if config["report"]["figures"]:
         targets += list(figure_outputs().values())
     if config["export"]["enabled"]:
         targets.append(out("model", "bundle.json"))
-    return targets + interpret_outputs()
+    return targets + interpret_outputs() + [out("report.html")]
 
 
 # Checked at start, before any job is planned (after every helper above is defined).

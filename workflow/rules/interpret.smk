@@ -11,9 +11,7 @@ rule interpret_s2:
         info=out("interpret", "s2", "s2.json"),
         summary=out("interpret", "s2", "s2_summary.csv"),
         table=out("interpret", "s2", "s2_adjusted_r2.csv"),
-        png=report(
-            out("interpret", "s2", "figure_s2.png"), caption=report_caption("figure_s2"), category="Interpretation"
-        ),
+        png=out("interpret", "s2", "figure_s2.png"),
         pdf=out("interpret", "s2", "figure_s2.pdf"),
     log:
         out("logs", "interpret_s2.log"),
@@ -40,9 +38,7 @@ rule interpret_s3:
         runs=lambda wc: network_runs(s3_network()),
     output:
         info=out("interpret", "s3", "s3.json"),
-        png=report(
-            out("interpret", "s3", "figure_s3.png"), caption=report_caption("figure_s3"), category="Interpretation"
-        ),
+        png=out("interpret", "s3", "figure_s3.png"),
         pdf=out("interpret", "s3", "figure_s3.pdf"),
     log:
         out("logs", "interpret_s3.log"),
