@@ -677,6 +677,14 @@ def _check_request(output: Path, input: Path, model, fmt: str, overwrite: bool) 
     """Refuse outputs that cannot be written or would replace an input or an existing file."""
     check_output_path(output)
     refuse_overwriting_inputs([output], {"--input": input, "--model": model})
+    if fmt == "h5ad":
+        try:
+            import anndata  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                f"{output}: .h5ad output needs the anndata package, which is not installed; install the pinned "
+                f"environment (pip install -r envs/requirements.txt) or write .gctx"
+            ) from None
     written = [output, sidecar_path(output)] if fmt in ("csv", "tsv") else [output]
     for path in written:
         if path.exists() and not overwrite:
