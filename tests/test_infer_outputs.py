@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import run_dgex  # noqa: E402
 from dgex import __version__  # noqa: E402
-from dgex.bundle import load_bundle, training_data_record, upgrade_gene_table, write_bundle  # noqa: E402
+from dgex.bundle import load_bundle, training_data_record, write_bundle  # noqa: E402
+from dgex.genes import split_gene_ids  # noqa: E402
 from dgex.infer import infer, predict  # noqa: E402
 from dgex.io import write_gctx  # noqa: E402
 from dgex.models import DGEX  # noqa: E402
@@ -235,10 +236,10 @@ def test_bundle_from_before_the_record_and_the_id_column_loads(setup, tmp_path, 
 
 def test_probe_targets_are_not_stored_as_ensembl():
     table = pd.DataFrame({"ensembl": ["1007_s_at", "ENSG00000000003"], "entrez": ["780", "7105"], "symbol": ["a", "b"]})
-    probes = upgrade_gene_table(table, probe_ids=True)
+    probes = split_gene_ids(table, probe_ids=True)
     assert probes["id"].tolist() == ["1007_s_at", "ENSG00000000003"]
     assert probes["probe"].tolist() == ["1007_s_at", "ENSG00000000003"] and (probes["ensembl"] == "").all()
-    genes = upgrade_gene_table(table.iloc[1:], probe_ids=None)  # Ensembl ids: kept where they are
+    genes = split_gene_ids(table.iloc[1:], probe_ids=None)  # Ensembl ids: kept where they are
     assert genes["ensembl"].tolist() == ["ENSG00000000003"] and genes["probe"].tolist() == [""]
 
 

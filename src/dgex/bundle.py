@@ -37,7 +37,7 @@ Gene tables: ``id`` is the neutral unique id of a gene (its Ensembl id in a
 gene-level model, the probe id in the genome-wide model whose targets are
 HG-U133A probes); Ensembl, Entrez, symbol and probe ids each have their own
 column ('' where none).  Bundles exported before ``id`` existed (their unique
-id in ``ensembl``, probe ids too) still load: :func:`upgrade_gene_table`.
+id in ``ensembl``, probe ids too) still load: :func:`dgex.genes.split_gene_ids`.
 ``bundle.json`` may carry ``training_data`` (what the networks were trained on,
 :func:`training_data_record`); a bundle without it loads with that unknown.
 
@@ -66,7 +66,7 @@ from . import __version__
 from .acquire import sha256_file
 from .dataset import EVAL_SPLITS, ProcessedDataset
 from .errors import ConfigError, InputError
-from .genes import ALL_PROBES, clean_entrez
+from .genes import ALL_PROBES, clean_entrez, split_gene_ids
 from .io import atomic_dir, refuse_overwriting_inputs, save_torch, write_json
 from .models import DGEX
 from .runs import check_dataset, load_runs
@@ -254,37 +254,6 @@ def _landmark_probes(ensembl: pd.Series) -> pd.Series:
 # --------------------------------------------------------------------------- #
 # gene tables and what a bundle was trained on
 # --------------------------------------------------------------------------- #
-def _looks_like_probes(ids: pd.Series) -> bool:
-    """Whether every id is an HG-U133A probe id (the unique ids of the genome-wide model's targets)."""
-    from .genes import probe_annotation
-
-    ids = ids[ids != ""]
-    return bool(len(ids)) and bool(ids.str.endswith("_at").any()) and bool(ids.isin(probe_annotation().index).all())
-
-
-def upgrade_gene_table(table: pd.DataFrame, probe_ids: bool | None = None) -> pd.DataFrame:
-    """A gene table keyed by ``ensembl`` (a dataset's, or a bundle's from before ``id``) with ``id`` and ``probe``.
-
-    ``id`` takes the unique id; where it is a probe id (``probe_ids``; ``None``:
-    when every id is an HG-U133A probe) it moves to ``probe`` and ``ensembl`` is
-    left empty, so no probe id sits in a column named ``ensembl``.  A table that
-    has ``id`` already is returned unchanged (a copy).  Rows: genes, unchanged.
-    """
-    table = table.copy()
-    if "id" in table.columns:
-        return table
-    ids = table["ensembl"].astype(str)
-    table.insert(0, "id", ids.values)
-    if "probe" not in table.columns:
-        table["probe"] = ""
-    if probe_ids is None:
-        probe_ids = _looks_like_probes(ids)
-    if probe_ids:
-        table["probe"] = ids.values
-        table["ensembl"] = ""
-    return table
-
-
 def cmap_gene_table(table: pd.DataFrame) -> pd.DataFrame:
     """A bundle gene table with CMap's row-metadata names (:data:`CMAP_NAMES`), ``id`` first, other columns kept."""
     out = table.rename(columns=CMAP_NAMES)
@@ -421,9 +390,9 @@ def export_bundle(
 
     lm = genes.landmarks[["ensembl", "entrez", "symbol"]].copy()
     lm["probe"] = _landmark_probes(lm["ensembl"]).values
-    lm = upgrade_gene_table(lm, probe_ids=False)
+    lm = split_gene_ids(lm, probe_ids=False)
     tg = genes.targets.iloc[tg_index][["ensembl", "entrez", "symbol", "part"]].copy()
-    tg = upgrade_gene_table(tg, probe_ids=str(ds_params.get("targets")) == ALL_PROBES)
+    tg = split_gene_ids(tg, probe_ids=str(ds_params.get("targets")) == ALL_PROBES)
     stats = {
         "landmark_mean": mean[:L],
         "landmark_std": std[:L],
@@ -495,7 +464,7 @@ def write_bundle(
     for all targets); ``landmarks`` (L rows: :data:`LANDMARK_COLUMNS`) and
     ``targets`` (T rows: :data:`TARGET_COLUMNS`, then any further per-target
     columns, written as they are) in network order; tables without ``id`` are
-    completed by :func:`upgrade_gene_table`;
+    completed by :func:`dgex.genes.split_gene_ids`;
     ``stats``: the arrays of ``stats.npz`` (see the module docstring);
     ``part_info``: extra per-part fields; ``extra``: extra top-level fields.
     """
@@ -532,9 +501,9 @@ def write_bundle(
                 }
             )
             start += model.n_out
-        lm = upgrade_gene_table(landmarks, probe_ids=False)
+        lm = split_gene_ids(landmarks, probe_ids=False)
         lm[LANDMARK_COLUMNS].to_csv(tmp / "landmarks.tsv", sep="\t", index=False)
-        tg = upgrade_gene_table(targets)
+        tg = split_gene_ids(targets)
         if [p for p, _ in networks] == [None]:
             tg["part"] = "all"
         # per-target columns beyond the format's (e.g. reliability metrics) follow it: outputs carry them all
@@ -864,7 +833,7 @@ def _read_tables(path: Path, arch: dict, parts: list) -> tuple[pd.DataFrame, pd.
         need = cols if "id" in table.columns else old_cols[name]
         if not set(need) <= set(table.columns):
             raise _corrupt(path, f"{name} lacks columns {sorted(set(need) - set(table.columns))}")
-    lm, tg = upgrade_gene_table(lm, probe_ids=False), upgrade_gene_table(tg)
+    lm, tg = split_gene_ids(lm, probe_ids=False), split_gene_ids(tg)
     wrong = [
         f"{k} has {n}"
         for k, n in (("landmarks.tsv", len(lm)), ("targets.tsv", len(tg)))
