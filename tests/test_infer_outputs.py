@@ -57,16 +57,11 @@ def _bundle(path: Path, training_data: dict | None, extra_columns: dict | None =
         }
     )
     nets = [(k, DGEX(N_LM, 3, 1, 4)) for k in range(2)]
-    stats = {
-        "landmark_mean": rng.uniform(6, 10, N_LM),
-        "landmark_std": rng.uniform(0.5, 1.5, N_LM),
-        "target_mean": rng.uniform(4, 12, N_TG),
-        "target_std": rng.uniform(0.5, 2.0, N_TG),
-        "epsilon": 1e-3,
-        "standardize": "transductive",
-        "gene_quantiles": np.sort(rng.uniform(3, 13, N_LM + N_TG)),
-        "landmark_quantiles": np.sort(rng.uniform(6, 10, N_LM)),
-    }
+    ranges = {"mean": (6, 10), "std": (0.5, 1.5)}
+    stats = {f"{g}_{k}": rng.uniform(*ranges[k], n) for g, n in (("landmark", N_LM), ("target", N_TG)) for k in ranges}
+    stats["gene_quantiles"] = np.sort(rng.uniform(3, 13, N_LM + N_TG))
+    stats["landmark_quantiles"] = np.sort(rng.uniform(6, 10, N_LM))
+    stats |= {"epsilon": 1e-3, "standardize": "transductive"}
     extra = {"selection": "geo-va"} | ({"training_data": training_data} if training_data is not None else {})
     write_bundle(path, networks=nets, landmarks=landmarks, targets=targets, stats=stats, extra=extra)
     return path
