@@ -667,7 +667,7 @@ def _write_h5ad(path: Path, y: np.ndarray, col_ids, col_meta: pd.DataFrame, row_
     adata = anndata.AnnData(X=np.ascontiguousarray(y, dtype=np.float32), obs=obs, var=var)
     adata.uns["dgex_provenance"] = dict(prov)
     with atomic_path(path) as tmp:
-        adata.write_h5ad(tmp)
+        adata.write_h5ad(tmp, convert_strings_to_categoricals=False)  # strings stay strings
 
 
 # --------------------------------------------------------------------------- #
@@ -839,7 +839,7 @@ def infer(
         prov = provenance(bundle, input, mapping, options)
         row_ids, row_meta = output_rows(bundle, mapping, include_landmarks)
         col_ids, col_meta = reader.col_ids, _column_metadata(reader, prov)
-        batch_size = min(batch_size or auto_batch_size(bundle.n_targets), chunk_size, n)  # batches never span chunks
+        batch_size = min(batch_size or auto_batch_size(len(row_ids)), chunk_size, n)  # batches never span chunks
         predictor = _Predictor(bundle, mapping, quantile_normalize, include_landmarks)
         quality = _InputQuality(len(mapping.present))
         writer, sink = _open_sink(fmt, output, row_ids, row_meta, col_ids, col_meta, batch_size)
