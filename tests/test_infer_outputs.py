@@ -8,6 +8,7 @@ the bundle's own files (its gene tables, bundle.json's sha256 by hashlib, the in
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import sys
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import run_dgex  # noqa: E402
 from dgex import __version__  # noqa: E402
 from dgex.bundle import load_bundle, training_data_record, write_bundle  # noqa: E402
+from dgex.errors import StorageError  # noqa: E402
 from dgex.genes import split_gene_ids  # noqa: E402
 from dgex.infer import infer, predict  # noqa: E402
 from dgex.io import write_gctx  # noqa: E402
@@ -174,6 +176,16 @@ def test_text_output_plain_table_with_provenance_sidecar(setup, tmp_path):
     out.unlink()
     with pytest.raises(Exception, match="provenance.json exists"):
         infer(model=setup["synthetic"], input=setup["gctx"], output=out, progress=False)
+
+
+def test_failed_table_write_leaves_neither_table_nor_sidecar(setup, tmp_path, monkeypatch):
+    def disk_full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", disk_full)
+    with pytest.raises(StorageError, match="pred.csv"):
+        infer(model=setup["real"], input=setup["gctx"], output=tmp_path / "pred.csv", progress=False)
+    assert not [p.name for p in tmp_path.iterdir()]
 
 
 def test_per_target_columns_of_the_bundle_reach_every_output(setup, tmp_path):
