@@ -462,7 +462,8 @@ def _kill_and_rerun(args, points, folder: Path, outputs: list[Path], compare, ca
     return reference
 
 
-def test_kill9_infer_then_the_same_command(trained, tmp_path, capsys):
+def test_kill9_infer_then_the_same_command(trained, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")  # the provenance's creation time: same in every run
     out = tmp_path / "out" / "p.gctx"
     args = ["infer", "--model", trained.bundle, "--input", trained.big, "--output", out, "--batch-size", "1",
             "--overwrite", "--no-progress"]  # fmt: skip

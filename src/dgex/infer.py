@@ -42,6 +42,7 @@ arrays): it discards each sample's overall level.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -561,7 +562,7 @@ def provenance(bundle: Bundle, input: Path, mapping: LandmarkMapping, options: d
     out.update(
         {
             "dgex_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "created": _created(),
             "input": str(input),
             "id_type": mapping.id_type,
             "landmarks_present": str(len(mapping.present)),
@@ -571,6 +572,14 @@ def provenance(bundle: Bundle, input: Path, mapping: LandmarkMapping, options: d
         }
     )
     return out
+
+
+def _created() -> str:
+    """This output's creation time, ISO 8601 with UTC offset; ``SOURCE_DATE_EPOCH`` (reproducible builds) fixes it."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "")
+    if epoch.isdigit():  # reruns then write byte-identical files
+        return time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime(int(epoch)))
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 SYNTHETIC_WARNING = "the model was trained on synthetic demo data: its predictions mean nothing for real samples"
