@@ -462,7 +462,8 @@ def _kill_and_rerun(args, points, folder: Path, outputs: list[Path], compare, ca
     return reference
 
 
-def test_kill9_infer_then_the_same_command(trained, tmp_path, capsys):
+def test_kill9_infer_then_the_same_command(trained, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")  # the provenance's creation time: same in every run
     out = tmp_path / "out" / "p.gctx"
     args = ["infer", "--model", trained.bundle, "--input", trained.big, "--output", out, "--batch-size", "1",
             "--overwrite", "--no-progress"]  # fmt: skip
@@ -709,7 +710,7 @@ def test_output_names_that_agree_are_written_as_promised(trained, tmp_path):
     a = pd.read_csv(tmp_path / "p.tsv.gz", sep="\t")  # really gzip, really tabs
     b = pd.read_csv(tmp_path / "p.txt", sep="\t")
     c = pd.read_csv(tmp_path / "preds", sep=",")
-    assert a.shape == b.shape == c.shape == (N_TARGETS, 4 + 400)
+    assert a.shape == b.shape == c.shape == (N_TARGETS, 9 + 400)  # id, 8 row-metadata columns, 400 samples
 
 
 def test_preprocess_and_export_output_names(trained, tmp_path, capsys):

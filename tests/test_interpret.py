@@ -86,7 +86,18 @@ def test_s2_outputs_and_values(toy, tmp_path):
     for name in ("s2_adjusted_r2.csv", "s2_summary.csv", "figure_s2.png", "figure_s2.pdf", "s2.json"):
         assert (tmp_path / name).stat().st_size > 0, name
     table = pd.read_csv(tmp_path / "s2_adjusted_r2.csv")
-    assert list(table.columns) == ["ensembl", "symbol", "part", "overlap", "input", "hidden1", "hidden2"]
+    assert list(table.columns) == [
+        "id",
+        "ensembl",
+        "entrez",
+        "symbol",
+        "probe",
+        "part",
+        "overlap",
+        "input",
+        "hidden1",
+        "hidden2",
+    ]
     assert len(table) == 12 and sorted(table["part"].unique()) == [0, 1]
     X, Y = toy["splits"]["geo-tr"]
     # a target that is a copy of a landmark is fitted exactly from the inputs
@@ -118,7 +129,7 @@ def test_s2_cli_subsample_and_nan_fallback(toy, tmp_path):
     res = run_dgex(*s2, "--split", "geo-va", "--max-samples", 11, "--device", "cpu", "--no-progress")
     assert res.returncode == 0, res.stderr
     table = pd.read_csv(tmp_path / "s2_adjusted_r2.csv")
-    assert list(table.columns) == ["ensembl", "symbol", "part", "overlap", "input", "hidden1"]
+    assert list(table.columns) == ["id", "ensembl", "entrez", "symbol", "probe", "part", "overlap", "input", "hidden1"]
     # 11 profiles: 10 landmarks cannot be fitted (NaN + note), 8 hidden units can
     assert table["input"].isna().all() and table["hidden1"].notna().all()
     saved = json.loads((tmp_path / "s2.json").read_text())

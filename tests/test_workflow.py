@@ -165,4 +165,8 @@ def test_genome_wide_l1000_config_ends_in_a_bundle(tmp_path):
     assert len(targets) == 60 and targets["ensembl"].str.endswith("_at").all()  # one target per probe
     bundle = json.loads((run / "model" / "bundle.json").read_text())
     assert bundle  # written last by `dgex export`
+    # the bundle's gene table keeps probe ids in `id` and `probe`, never under `ensembl`
+    tg = pd.read_csv(run / "model" / "targets.tsv", sep="\t", dtype=str, keep_default_na=False)
+    assert tg["id"].tolist() == tg["probe"].tolist() and tg["probe"].str.endswith("_at").all()
+    assert (tg["ensembl"] == "").all() and bundle["training_data"]["synthetic"] is True  # demo inputs
     assert (run / "interpret" / "s2" / "figure_s2.png").exists() and (run / "interpret" / "s3" / "s3.json").exists()

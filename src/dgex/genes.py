@@ -108,6 +108,41 @@ def all_probe_targets() -> pd.DataFrame:
     )
 
 
+#: The columns of a gene table people read: a neutral unique id, then each kind of gene id in its own column.
+ID_COLUMNS = ["id", "ensembl", "entrez", "symbol", "probe"]
+
+
+def looks_like_probes(ids: pd.Series) -> bool:
+    """Whether every non-empty id is an HG-U133A probe id (the unique ids of the genome-wide model's targets)."""
+    ids = ids.astype(str)
+    ids = ids[ids != ""]
+    return bool(len(ids)) and bool(ids.str.endswith("_at").any()) and bool(ids.isin(probe_annotation().index).all())
+
+
+def split_gene_ids(table: pd.DataFrame, probe_ids: bool | None = None) -> pd.DataFrame:
+    """``table`` keyed by ``ensembl`` (a dataset's gene table, an older bundle's) with ``id`` and ``probe`` added.
+
+    ``id`` takes the unique id; where that is a probe id (``probe_ids``; ``None``:
+    when every id is an HG-U133A probe, as the targets of :data:`ALL_PROBES`) it
+    moves to ``probe`` and ``ensembl`` is left empty, so that no probe id sits in a
+    column named ``ensembl``.  Rows unchanged; a table that has ``id`` already is
+    returned as a copy.
+    """
+    table = table.copy()
+    if "id" in table.columns:
+        return table
+    ids = table["ensembl"].astype(str)
+    table.insert(0, "id", ids.values)
+    if "probe" not in table.columns:
+        table["probe"] = ""
+    if probe_ids is None:
+        probe_ids = looks_like_probes(ids)
+    if probe_ids:
+        table["probe"] = ids.values
+        table["ensembl"] = ""
+    return table
+
+
 def load_gene_map(spec: str | Path, role: str) -> pd.DataFrame:
     """Load the ``role`` ('landmark' or 'target') map.
 

@@ -41,6 +41,7 @@ import torch
 
 from .dataset import SPLITS, ProcessedDataset
 from .errors import ConfigError, InputError
+from .genes import ALL_PROBES, ID_COLUMNS, split_gene_ids
 from .io import atomic_path, staged_files, write_json
 from .plotting import pyplot, save_figure
 from .runs import check_dataset, load_runs
@@ -199,7 +200,7 @@ def interpret_s2(
     """Adjusted R² of every target gene from the landmarks and from each hidden layer; writes S2 outputs.
 
     Writes into ``output_dir``: ``s2_adjusted_r2.csv`` (one row per target gene:
-    ``ensembl, symbol, part, overlap, input, hidden1..hiddenN``),
+    ``id, ensembl, entrez, symbol, probe, part, overlap, input, hidden1..hiddenN``),
     ``s2_summary.csv`` (one row per representation), ``figure_s2.png/.pdf`` and
     ``s2.json`` (settings, per-fit rank/notes, summary, captions).  Returns the
     ``s2.json`` content.
@@ -307,7 +308,7 @@ def _fit_part(
     targets ``(n_samples, n_targets)`` are read from ``ds`` for the same
     ``rows``.  The network's activations are streamed in chunks of
     ``batch_size`` profiles into one :class:`GramFit` per representation
-    (``n_predictors``: representation -> number of predictors, inputs first).  Returns the per-gene table (``ensembl, symbol, part, overlap`` and
+    (``n_predictors``: representation -> number of predictors, inputs first).  Returns the per-gene table (``id, ensembl, entrez, symbol, probe, part, overlap`` and
     one column per representation) and one fit record (part, representation,
     n, p, rank, note) per representation.
     """
@@ -332,7 +333,8 @@ def _fit_part(
             _, acts = model(xb, return_hidden=True)
             for fit, rep in zip(stats.values(), [xb, *acts]):
                 fit.update(rep, yb)
-    frame = targets[["ensembl", "symbol", "part", "overlap"]].copy()
+    frame = split_gene_ids(targets, probe_ids=str(ds.params.get("targets")) == ALL_PROBES)
+    frame = frame[[*ID_COLUMNS, "part", "overlap"]].copy()
     fits = []
     for rep, fit in stats.items():
         res = fit.solve()
@@ -595,9 +597,9 @@ def interpret_s3(
 
     Writes into ``output_dir`` (one row per part x sigma x unit/gene):
     ``s3_hidden_in_degree.csv`` (``part, sigma, unit, n_landmarks, n_positive,
-    n_negative``), ``s3_target_in_degree.csv`` (``part, sigma, ensembl, symbol,
+    n_negative``), ``s3_target_in_degree.csv`` (``part, sigma, id, ensembl, entrez, symbol, probe,
     n_hidden, n_positive, n_negative``), ``s3_landmark_out_degree.csv``
-    (``part, sigma, ensembl, symbol, n_hidden, n_positive, n_negative``),
+    (``part, sigma, id, ensembl, entrez, symbol, probe, n_hidden, n_positive, n_negative``),
     ``s3_hidden_out_degree.csv`` (``part, sigma, unit, n_targets, n_positive,
     n_negative``), ``figure_s3.png/.pdf`` and ``s3.json`` (summary counts per
     part and sigma, captions).  ``map_sigmas`` = (input k, output k) of the
@@ -617,11 +619,12 @@ def interpret_s3(
             f"S3 analyses a network with one hidden layer (the paper's 3000x1), but "
             f"{run_list[0]['dir']} has {layers} hidden layers; pass the part runs of a 1-layer network"
         )
-    genes = fingerprint = None
+    genes = fingerprint = probe_targets = None  # None: probe targets told by their ids (no dataset)
     if dataset is not None:
         with ProcessedDataset(dataset) as ds:
             genes = ds.genes()
             fingerprint = ds.fingerprint()
+            probe_targets = str(ds.params.get("targets")) == ALL_PROBES
 
     hid_in_rows, tg_rows, lm_rows, hid_out_rows, counts, nets = [], [], [], [], [], []
     for run in tqdm(run_list, desc="S3", unit="run", disable=not progress, leave=False):
@@ -635,8 +638,8 @@ def interpret_s3(
         model, blob = load_weights(run["checkpoint"], gene_ids=gene_ids)
         lm_ids = list(blob.get("genes", {}).get("landmarks", [f"landmark{i}" for i in range(model.n_in)]))
         tg_ids = list(blob.get("genes", {}).get("targets", [f"target{i}" for i in range(model.n_out)]))
-        lm_sym = _symbols(genes.landmarks if genes is not None else None, lm_ids)
-        tg_sym = _symbols(genes.targets if genes is not None else None, tg_ids)
+        lm_keys = _gene_keys(genes.landmarks if genes is not None else None, lm_ids, probe_ids=False)
+        tg_keys = _gene_keys(genes.targets if genes is not None else None, tg_ids, probe_ids=probe_targets)
         w_in = model.hidden[0].weight.detach().double().numpy()  # (H, L)
         w_out = model.output.weight.detach().double().numpy()  # (T, H)
         part_label = "all" if part is None else part
@@ -645,12 +648,8 @@ def interpret_s3(
             d = s3_degrees(w_in, w_out, k, scope)
             hid_in_rows.append(_degree_frame(part_label, k, {"unit": unit_idx}, d["hidden_in"], "n_landmarks"))
             hid_out_rows.append(_degree_frame(part_label, k, {"unit": unit_idx}, d["hidden_out"], "n_targets"))
-            lm_rows.append(
-                _degree_frame(part_label, k, {"ensembl": lm_ids, "symbol": lm_sym}, d["landmark_out"], "n_hidden")
-            )
-            tg_rows.append(
-                _degree_frame(part_label, k, {"ensembl": tg_ids, "symbol": tg_sym}, d["target_in"], "n_hidden")
-            )
+            lm_rows.append(_degree_frame(part_label, k, lm_keys, d["landmark_out"], "n_hidden"))
+            tg_rows.append(_degree_frame(part_label, k, tg_keys, d["target_in"], "n_hidden"))
             counts.append({"part": part_label, "sigma_in": k, "sigma_out": k, **_s3_counts(d)})
         # the paper's map: input connections at k_in, output connections at k_out
         d_in, d_out = (s3_degrees(w_in, w_out, k, scope) for k in map_sigmas)
@@ -671,7 +670,16 @@ def interpret_s3(
                 **_s3_counts(d_map),
             }
         )
-        nets.append({"part": part_label, "w_in": w_in, "w_out": w_out, "d": d_map, "lm": lm_sym, "tg": tg_sym})
+        nets.append(
+            {
+                "part": part_label,
+                "w_in": w_in,
+                "w_out": w_out,
+                "d": d_map,
+                "lm": lm_keys["symbol"],
+                "tg": tg_keys["symbol"],
+            }
+        )
     if fingerprint is not None:
         check_dataset({str(r["dir"]): r["info"].get("dataset_fingerprint") for r in run_list}, fingerprint, dataset)
 
@@ -756,11 +764,14 @@ def interpret_s3(
     return info
 
 
-def _symbols(table: pd.DataFrame | None, ids: list[str]) -> list[str]:
-    if table is None:
-        return [""] * len(ids)
-    lookup = dict(zip(table["ensembl"], table["symbol"]))
-    return [lookup.get(i, "") for i in ids]
+def _gene_keys(table: pd.DataFrame | None, ids: list[str], probe_ids: bool | None) -> dict:
+    """The :data:`~dgex.genes.ID_COLUMNS` of each network gene ``ids`` (unique ids), from the dataset's ``table``."""
+    keys = pd.DataFrame({"ensembl": [str(i) for i in ids]})
+    info = table.drop_duplicates("ensembl").set_index("ensembl") if table is not None else None
+    for col in ("entrez", "symbol"):
+        found = info[col].reindex(keys["ensembl"]) if info is not None and col in info else None
+        keys[col] = found.fillna("").astype(str).to_numpy() if found is not None else ""
+    return {c: v.tolist() for c, v in split_gene_ids(keys, probe_ids)[ID_COLUMNS].items()}
 
 
 def _degree_frame(part, k: float, keys: dict, degrees, total_name: str) -> pd.DataFrame:
@@ -838,7 +849,7 @@ def _figure_s3(
     # landmarks are shared by every part's network: count each once, its connections summed over the networks
     lm = frames["s3_landmark_out_degree.csv"]
     n_parts = lm["part"].astype(str).nunique()
-    lm = lm.groupby(["sigma", "ensembl"], sort=False, as_index=False)["n_hidden"].sum()
+    lm = lm.groupby(["sigma", "id"], sort=False, as_index=False)["n_hidden"].sum()
     frames["s3_landmark_out_degree.csv"] = lm
     net_word = f"\n(summed over the {n_parts} parts' networks)" if n_parts > 1 else ""
     panels = [

@@ -1615,9 +1615,9 @@ def pred_check(out="out/pred.gctx", X=None, present=None, transform=None, atol=1
         if path.name.endswith((".gctx", ".h5")):
             data, rows, cols = read_gctx(path)
         else:
-            df = pd.read_csv(path, sep="," if ".csv" in path.suffixes else "\t", dtype={"ensembl": str})
-            rows = list(df["ensembl"])
-            cols = [col for col in df.columns if col not in ("ensembl", "symbol", "entrez", "part")]
+            df = pd.read_csv(path, sep="," if ".csv" in path.suffixes else "\t", dtype={"id": str})
+            rows = list(df["id"])
+            cols = [col for col in df.columns if col not in ("id", "part") and not col.startswith("pr_")]
             data = df[cols].to_numpy(float).T
         if rows != tg:
             return "output rows are not the bundle's targets in order"
