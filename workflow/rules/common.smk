@@ -109,7 +109,7 @@ def download_cfg(source):
 
 
 def download_keys():
-    """The `source` wildcard of rule acquire: every input and test-set matrix (regex-escaped)."""
+    """The `source` wildcard of the acquire rule, every input and test-set matrix (regex-escaped)."""
     return [*SOURCES, *map(re.escape, test_set_downloads())]
 
 
