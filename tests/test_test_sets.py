@@ -108,6 +108,16 @@ def test_a_filter_keeps_exactly_the_matching_samples_and_is_part_of_the_fingerpr
         np.testing.assert_allclose(mean, gene_means(studies, studies["data"][in_two], ds).mean(axis=0), atol=1e-4)
 
 
+def test_the_filter_is_in_the_fingerprint_even_when_it_keeps_every_sample(tmp_path, studies):
+    full = build(tmp_path, studies, "full.h5")
+    every = build(tmp_path, studies, "every.h5", geo_filter={"dataset": list(STUDIES)})
+    with ProcessedDataset(full) as a, ProcessedDataset(every) as b:
+        for split in ("geo-tr", "geo-va", "geo-te"):
+            np.testing.assert_array_equal(a.X(split), b.X(split))  # the same data ...
+        fa, fb = a.fingerprint(), b.fingerprint()
+        assert fa["sha256"] != fb["sha256"] and fa["components"]["settings"] != fb["components"]["settings"]
+
+
 def test_several_fields_must_all_match_and_the_cli_form_gives_the_same_dataset(tmp_path, studies):
     out = build(tmp_path, studies, "py.h5", geo_filter={"dataset": ["alpha"], "label": ["case"]})
     res = preprocess_cli(
