@@ -410,8 +410,10 @@ def preprocess(
     params = {k: v for k, v in locals().items() if k not in ("progress",)}
     # a filter comes as a mapping (Python, config) or FIELD=V1,V2 texts (command line): one form from here on
     filters = {s: parse_filter(params[f"{s}_filter"]) for s in ("geo", "g1000", "gtex")}
-    params.update({f"{s}_filter": f or None for s, f in filters.items()})
     PreprocessSettings.check({**params, **{f"{s}_filter": filter_args(f) for s, f in filters.items()}})
+    # only the filters used: an unfiltered dataset records the same parameters as before filters existed
+    params = {k: v for k, v in params.items() if not k.endswith("_filter")}
+    params.update({f"{s}_filter": f for s, f in filters.items() if f})
     phases = _Phases()
     output = Path(output)
     summary_path = Path(summary) if summary else output.with_suffix(".json")
