@@ -30,6 +30,7 @@ from dgex.infer import infer
 from dgex.interpret import interpret_s2, interpret_s3
 from dgex.preprocess import preprocess
 from dgex.tables import make_tables
+from dgex.test_sets import prepare_test_set
 from dgex.train import train
 
 pytestmark = pytest.mark.slow  # one small real pipeline, about 10-30 s
@@ -199,6 +200,8 @@ def _pipeline(root: Path) -> dict:
         chunk_size=128,
         progress=False,
     )
+    ts = res / "test_sets" / "gtex" / "data.h5"
+    prepare_test_set(dataset=ds, source=demo / "gtex.gctx", output=ts, name="gtex")
     dgex_dirs = []
     for part in (0, 1):
         d = res / "runs" / "dgex" / "1x8_d0.1" / f"part{part}"
@@ -307,6 +310,7 @@ def test_hdf5_datasets_and_attributes_are_documented(pipeline):
     names = _h5_names(res / "data" / "dataset.h5")
     assert "reference/probe_quantiles" in names and "splits/gtex-te/X" in names
     problems = check_h5(res / "data" / "dataset.h5", section("data/dataset.h5"))
+    problems += check_h5(res / "test_sets" / "gtex" / "data.h5", section("test_sets/<set>/data.h5"))
     for name in ("geo.gctx", "gtex.gctx"):  # demo GCTX: every dataset named in its paragraph
         path = res / "demo" / name
         problems += _mentioned([n for n in _h5_names(path) if "/" in n], section(f"demo/{name}"), f"demo/{name}")

@@ -24,6 +24,7 @@ PATHS = {
     "demo-data": ["--output-dir", "o"],
     "acquire": ["--url", "http://127.0.0.1/x", "--output", "x"],
     "preprocess": ["--geo", "g.gctx", "--output", "d.h5"],
+    "prepare-test-set": ["--dataset", "d.h5", "--name", "t", "--source", "t.gctx", "--output", "t.h5"],
     "train": ["--dataset", "d.h5", "--output-dir", "o"],
     "baseline": ["lr", "--dataset", "d.h5", "--output-dir", "o"],
     "aggregate": ["--output-dir", "o"],
@@ -139,6 +140,7 @@ STAGE_FUNCTIONS = {
     "interpret s3": ("dgex.interpret", "interpret_s3"),
     "export": ("dgex.bundle", "export_bundle"),
     "infer": ("dgex.infer", "infer"),
+    "prepare-test-set": ("dgex.test_sets", "prepare_test_set"),
 }
 
 

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from conftest import REPO, SHARED_DATA, run_dgex
+from dgex.test_sets import read_test_set
 from helpers_workflow import SCHEMA, job_counts, readme_default, readme_rows, snakemake
 
 CONFIGS = sorted(p.name for p in (REPO / "config").glob("*.yaml"))
@@ -292,6 +293,10 @@ def test_runnable_configs_run_end_to_end(tmp_path, name):
     for files in tables["tables"].values():
         assert all((run / "tables" / f).stat().st_size > 0 for f in files)
     assert (run / "figures" / "figure1.png").exists() and (run / "model" / "bundle.json").exists()
+    for test_set in cfg.get("test_sets", []):  # real.yaml: the held-out study, prepared in the model's space
+        prepared = read_test_set(run / "test_sets" / test_set["name"] / "data.h5")
+        assert prepared["attrs"]["name"] == test_set["name"] and prepared["attrs"]["n_samples"] > 1
+        assert prepared["targets"].shape == (prepared["attrs"]["n_samples"], cfg["genes"]["max_targets"])
     s2 = json.loads((run / "interpret" / "s2" / "s2.json").read_text())
     if s2["status"] != "computed":  # the data are too small for some fit: the outputs say so
         assert s2["reason"] and "not computed" in s2["captions"]["figure_s2"]

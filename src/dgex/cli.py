@@ -128,6 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", default=None, help="JSON summary (default: OUTPUT with .json)")
     _add_settings(p, "preprocess")
 
+    # ---------------------------------------------------------------- prepare-test-set
+    p = sub.add_parser(
+        "prepare-test-set",
+        help="bring an extra data set with landmarks and targets to a dataset's genes and scale",
+        description="Read a test set (probe-level HG-U133A or gene-level; landmarks and targets from one "
+        "matrix, or two paired by sample id), optionally filtered by column metadata, and write its "
+        "standardised landmarks and targets in the processed dataset's gene order (data.h5).",
+    )
+    p.add_argument("--dataset", required=True, help="processed dataset from `dgex preprocess`")
+    p.add_argument("--name", required=True, help="name of the test set (stored in the output)")
+    p.add_argument("--source", required=True, help="matrix with the landmarks (and targets) (.gctx, .gct, .tsv)")
+    p.add_argument("--targets-source", default=None, help="separate matrix with the targets, paired by sample id")
+    p.add_argument("--source-label", default=None, help="where the data came from, e.g. its URL (default: --source)")
+    p.add_argument("--output", required=True, help="prepared test set (data.h5)")
+    _add_settings(p, "prepare-test-set")
+
     # ---------------------------------------------------------------- train
     p = sub.add_parser(
         "train",
@@ -512,6 +528,7 @@ STAGE_FUNCTIONS = {
     "demo-data": ("demo", "generate"),
     "acquire": ("acquire", "download"),
     "preprocess": ("preprocess", "preprocess"),
+    "prepare-test-set": ("test_sets", "prepare_test_set"),
     "train": ("train", "train"),
     "baseline": ("baselines", "run_baseline"),
     "aggregate": ("aggregate", "aggregate"),

@@ -129,7 +129,8 @@ def content_fingerprint(h5: h5py.File) -> dict:
             if f"splits/{split}/{what}" in h5:
                 _hash_dataset(h, h5[f"splits/{split}/{what}"])
             components[f"{split}/{what}"] = h.hexdigest()
-    settings = {k: h5.attrs.get(k) for k in _FINGERPRINT_ATTRS}
+    # the sample filter only where one was used: unfiltered datasets keep their fingerprints
+    settings = {k: h5.attrs.get(k) for k in _FINGERPRINT_ATTRS + (("filter",) if "filter" in h5.attrs else ())}
     settings = {
         k: (v.decode() if isinstance(v, bytes) else v.item() if hasattr(v, "item") else v) for k, v in settings.items()
     }

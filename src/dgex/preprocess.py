@@ -141,6 +141,125 @@ def _progress(it, total, desc, enabled):
 
 
 # --------------------------------------------------------------------------- #
+# sample selection by column metadata
+# --------------------------------------------------------------------------- #
+#: The filter field every input has: the sample (column) id itself.
+ID_FIELD = "id"
+
+
+def parse_filter(spec) -> dict[str, list[str]]:
+    """``{field: [values]}`` from a config mapping or the command line's ``FIELD=V1,V2`` texts; ``{}`` for none.
+
+    Values are compared as text, so ``{batch: [1]}`` keeps samples whose ``batch`` reads ``1``.
+    """
+    if not spec:
+        return {}
+    if isinstance(spec, dict):
+        items = spec.items()
+    else:
+        items = []
+        for text in spec:
+            field, sep, values = str(text).partition("=")
+            if not sep or not field.strip() or not values.strip():
+                raise ConfigError(f"filter {text!r} is not FIELD=VALUE[,VALUE...]; e.g. dataset=chowdary,nakayama")
+            items.append((field.strip(), [v.strip() for v in values.split(",") if v.strip()]))
+    out: dict[str, list[str]] = {}
+    for field, values in items:
+        values = [values] if isinstance(values, (str, int, float)) else list(values or [])
+        if not values:
+            raise ConfigError(f"filter field {field!r} lists no values; give the values to keep")
+        out.setdefault(str(field), [])
+        out[str(field)] += [str(v) for v in values if str(v) not in out[str(field)]]
+    return out
+
+
+def filter_args(filt: dict[str, list[str]]) -> list[str] | None:
+    """The command line's form of a parsed filter, ``["dataset=chowdary,nakayama", "label=x"]``; None for none."""
+    return [f"{k}={','.join(v)}" for k, v in filt.items()] or None
+
+
+def filter_text(filt: dict[str, list[str]]) -> str:
+    return " ".join(filter_args(filt) or [])
+
+
+def filter_positions(matrix: Matrix, filt: dict[str, list[str]], where: str) -> np.ndarray:
+    """Sorted column positions of ``matrix`` whose metadata pass ``filt`` (fields ANDed, values ORed).
+
+    ``where`` names the config key / flag in the errors: an unknown field or value, or no sample kept.
+    """
+    meta = matrix.col_meta()
+    columns = {ID_FIELD: pd.Series(matrix.col_ids, dtype=str)}
+    columns.update({str(c): meta[c].astype(str).reset_index(drop=True) for c in meta.columns})
+    keep = np.ones(matrix.n_cols, dtype=bool)
+    for field, values in filt.items():
+        if field not in columns:
+            extra = "" if len(columns) > 1 else " (a text matrix has no column metadata: filter by id or use GCTX)"
+            raise InputError(
+                f"{matrix.path}: filter field {field!r} ({where}) is not in the column metadata; fields: "
+                f"{', '.join(sorted(columns))}{extra}"
+            )
+        column = columns[field]
+        unknown = [v for v in values if not (column == v).any()]
+        if unknown:
+            present = sorted(column.unique())
+            shown = ", ".join(present[:12]) + (f", ... ({len(present)} values)" if len(present) > 12 else "")
+            raise InputError(
+                f"{matrix.path}: filter {field}={','.join(unknown)} ({where}): no sample has that {field}; "
+                f"values: {shown}"
+            )
+        keep &= column.isin(values).to_numpy()
+    if not keep.any():
+        raise InputError(
+            f"{matrix.path}: filter {filter_text(filt)} ({where}) keeps none of its {matrix.n_cols} samples "
+            f"(every field must match); relax the filter"
+        )
+    return np.flatnonzero(keep)
+
+
+class SampleSubset(Matrix):
+    """The columns ``positions`` (sorted) of ``base``; reads stream the base in bounded sample spans."""
+
+    SPAN = 1024  # base samples read at once: bounds memory however sparse the selection
+
+    def __init__(self, base: Matrix, positions: np.ndarray):
+        self.base, self.positions = base, np.asarray(positions, dtype=np.int64)
+        self.path, self.row_ids, self.col_ids = base.path, base.row_ids, base.col_ids[self.positions]
+
+    def read(self, rows=None, start=0, stop=None):
+        pos = self.positions[start:stop]
+        width = self.n_rows if rows is None else len(rows)
+        blocks = [np.empty((0, width), dtype=np.float32)]
+        for s in range(int(pos[0]) if len(pos) else 0, int(pos[-1]) + 1 if len(pos) else 0, self.SPAN):
+            sel = pos[(pos >= s) & (pos < s + self.SPAN)]
+            if len(sel):
+                blocks.append(self.base.read(rows, s, int(sel[-1]) + 1)[sel - s])
+        return np.concatenate(blocks)
+
+    def row_meta(self):
+        return self.base.row_meta()
+
+    def col_meta(self):
+        return self.base.col_meta().iloc[self.positions]
+
+    def close(self):
+        self.base.close()
+
+
+def open_filtered(path, filt: dict[str, list[str]], where: str) -> Matrix:
+    """:func:`~dgex.io.open_matrix`, keeping only the samples the filter passes (all without a filter)."""
+    matrix = open_matrix(path)
+    if not filt:
+        return matrix
+    try:
+        positions = filter_positions(matrix, filt, where)
+    except BaseException:
+        matrix.close()
+        raise
+    log.info("%s: filter %s keeps %d of %d samples", path, filter_text(filt), len(positions), matrix.n_cols)
+    return SampleSubset(matrix, positions)
+
+
+# --------------------------------------------------------------------------- #
 # gene tables
 # --------------------------------------------------------------------------- #
 def load_genes(landmarks, targets, max_targets, target_seed, target_parts, part_seed):
@@ -277,6 +396,9 @@ def preprocess(
     seed=0,
     chunk_size=4096,
     memory_mb=2048,
+    geo_filter=None,
+    g1000_filter=None,
+    gtex_filter=None,
     progress=True,
 ) -> dict:
     """Build the processed dataset ``output`` (HDF5, see :mod:`dgex.dataset`) and its JSON ``summary``.
@@ -286,7 +408,12 @@ def preprocess(
     quantile reference; RNA-seq inputs rank-mapped onto that reference; standardised splits written.
     """
     params = {k: v for k, v in locals().items() if k not in ("progress",)}
-    PreprocessSettings.check(params)
+    # a filter comes as a mapping (Python, config) or FIELD=V1,V2 texts (command line): one form from here on
+    filters = {s: parse_filter(params[f"{s}_filter"]) for s in ("geo", "g1000", "gtex")}
+    PreprocessSettings.check({**params, **{f"{s}_filter": filter_args(f) for s, f in filters.items()}})
+    # only the filters used: an unfiltered dataset records the same parameters as before filters existed
+    params = {k: v for k, v in params.items() if not k.endswith("_filter")}
+    params.update({f"{s}_filter": f for s, f in filters.items() if f})
     phases = _Phases()
     output = Path(output)
     summary_path = Path(summary) if summary else output.with_suffix(".json")
@@ -302,7 +429,7 @@ def preprocess(
         target_parts,
     )
 
-    matrix = open_matrix(geo)
+    matrix = open_filtered(geo, filters["geo"], "inputs.geo.filter / --geo-filter")
     with ExitStack() as stack:
         stack.callback(matrix.close)
         n_geo = matrix.n_cols
@@ -335,7 +462,11 @@ def preprocess(
         _warn_constant_genes(geo_std, lm, tg, geo, "the GEO profiles used for the statistics")
         phases.done("statistics")
 
-        rnaseq = _map_rnaseq(genes, gene_reference, (("1000g", g1000, g1000_id_type), ("gtex", gtex, gtex_id_type)))
+        rnaseq = _map_rnaseq(
+            genes,
+            gene_reference,
+            (("1000g", g1000, g1000_id_type, filters["g1000"]), ("gtex", gtex, gtex_id_type, filters["gtex"])),
+        )
         phases.done("rnaseq")
 
         with atomic_h5(output) as out:
@@ -344,6 +475,8 @@ def preprocess(
             out.attrs["standardize"] = standardize
             out.attrs["epsilon"] = epsilon
             out.attrs["params"] = json.dumps(params, default=str)
+            if any(filters.values()):  # it changes the data: part of the content fingerprint
+                out.attrs["filter"] = json.dumps({s: f for s, f in filters.items() if f}, sort_keys=True)
             _write_genes(out, lm, tg)
             _write_geo_splits(
                 out, gene_ds, matrix.col_ids, split_rows, split_of, geo_mean, geo_std, epsilon, len(lm), reader
@@ -365,6 +498,7 @@ def preprocess(
         "dgex_version": __version__,
         "format": DATASET_FORMAT,
         "inputs": {"geo": str(geo), "1000g": g1000 and str(g1000), "gtex": gtex and str(gtex)},
+        "filters": {s: f for s, f in filters.items() if f},
         "geo_profiles_in": int(n_geo),
         "duplicates_removed": n_removed,
         "flat_removed": n_flat,
@@ -546,10 +680,11 @@ def _geo_statistics(gene_ds, keep, stat_rows, chunk_size):
 def _map_rnaseq(genes, gene_reference, sources) -> dict:
     """RNA-seq inputs rank-mapped onto the GEO reference: ``{name: (values (n, G), sample ids)}``."""
     rnaseq = {}
-    for name, path, id_type in sources:
+    for name, path, id_type, filt in sources:
         if not path:
             continue
-        with open_matrix(path) as rmat:
+        key = "g1000" if name == "1000g" else name
+        with open_filtered(path, filt, f"inputs.{key}.filter / --{key}-filter") as rmat:
             values = quantile_map(rnaseq_gene_matrix(rmat, genes, id_type), gene_reference)
             rnaseq[name] = (values, rmat.col_ids)
         log.info("%s input %s: %d samples mapped onto the GEO reference", name, path, values.shape[0])

@@ -358,6 +358,20 @@ class AcquireSettings(Settings):
     progress: bool = setting(True, _PROGRESS)
 
 
+#: A sample filter on the command line: FIELD=V1,V2 per field (fields ANDed, values ORed).
+_FILTER = (
+    "keep only the {} samples whose column metadata FIELD (GCTX /0/META/COL/<FIELD>, GCT 1.3 column "
+    "annotations; 'id' = the sample id, the only field of a TSV) is one of the values; several fields: all must match"
+)
+_FILTER_SPEC = {
+    "nargs": "+",
+    "metavar": "FIELD=V1,V2",
+    "pattern": r"^[^=]+=.+$",
+    "pattern_text": "FIELD=VALUE[,VALUE...]",
+    "shown_default": "every sample",
+}
+
+
 @_settings("preprocess")
 class PreprocessSettings(Settings):
     """The settings of ``dgex preprocess``: gene maps, de-duplication, standardisation, splits and target parts."""
@@ -410,6 +424,10 @@ class PreprocessSettings(Settings):
     )
     g1000_id_type: str = setting("ensembl", "gene ids of --g1000 rows", choices=ID_TYPES, config="inputs.g1000.id_type")
     gtex_id_type: str = setting("ensembl", "gene ids of --gtex rows", choices=ID_TYPES, config="inputs.gtex.id_type")
+    # config inputs.<source>.filter is a mapping: common.smk writes it as these flags (filter_flags)
+    geo_filter: tuple[str, ...] | None = setting(None, _FILTER.format("--geo"), **_FILTER_SPEC)
+    g1000_filter: tuple[str, ...] | None = setting(None, _FILTER.format("--g1000"), **_FILTER_SPEC)
+    gtex_filter: tuple[str, ...] | None = setting(None, _FILTER.format("--gtex"), **_FILTER_SPEC)
     progress: bool = setting(True, "no progress bars")
 
     @classmethod
@@ -424,6 +442,28 @@ class PreprocessSettings(Settings):
                 )
             ]
         return []
+
+
+@_settings("prepare-test-set")
+class TestSetSettings(Settings):
+    """A test set's settings; the workflow takes them from its entry in ``test_sets:`` (common.smk)."""
+
+    kind: str = setting(
+        "gene",
+        "probe: HG-U133A probe level like GEO; gene: gene level with --id-type like the RNA-seq inputs",
+        choices=("probe", "gene"),
+    )
+    id_type: str = setting("ensembl", "gene ids of the rows (kind gene)", choices=ID_TYPES[:3])
+    targets_id_type: str | None = setting(
+        None, "gene ids of the --targets-source rows", choices=ID_TYPES[:3], shown_default="--id-type"
+    )
+    protocol: str = setting(
+        "own-statistics",
+        "own-statistics: rank-map onto the GEO reference, then each gene's own mean/s.d. (the paper's "
+        "cross-platform protocol); geo-statistics: GEO's mean/s.d.",
+        choices=("own-statistics", "geo-statistics"),
+    )
+    filter: tuple[str, ...] | None = setting(None, _FILTER.format("--source"), **_FILTER_SPEC)
 
 
 @_settings("train")

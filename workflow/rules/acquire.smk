@@ -2,7 +2,7 @@
 
 
 wildcard_constraints:
-    source="|".join(SOURCES),
+    source="|".join(download_keys()),
 
 
 rule acquire:
@@ -17,8 +17,8 @@ rule acquire:
         mem_mb=500,
         runtime=600,
     params:
-        url=lambda wc: input_cfg(wc.source)["url"],
-        verify=lambda wc: settings_args("acquire", source=wc.source),
+        url=lambda wc: download_cfg(wc.source)["url"],
+        verify=lambda wc: acquire_args(wc.source),
     shell:
         "python -m dgex acquire --url {params.url:q} --output {output:q} {params.verify} --no-progress > {log} 2>&1"
 

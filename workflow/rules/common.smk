@@ -1,6 +1,7 @@
 # Shared helpers and input functions: everything the rule files compute from config.
 import math
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -48,7 +49,11 @@ def input_cfg(source):
 
 def input_path(source):
     """Where the workflow finds one input: demo output, a download, or the user's own file."""
-    cfg = input_cfg(source)
+    return source_path(source, input_cfg(source))
+
+
+def source_path(source, cfg):
+    """Where the workflow finds the matrix ``cfg`` (an input's or a test set's) known as ``source`` (downloads)."""
     if not cfg:
         return None
     kind = cfg["source"]
@@ -77,9 +82,87 @@ def used_sources():
     return [s for s in SOURCES if input_cfg(s)]
 
 
+# --------------------------------------------------------------------------- #
+# test sets (test_sets: in the config)
+# --------------------------------------------------------------------------- #
+def test_sets():
+    return config.get("test_sets") or []
+
+
+def test_set_cfg(name):
+    return next(t for t in test_sets() if t["name"] == name)
+
+
+def test_set_downloads():
+    """{download key: matrix config} of the test sets: test-<set> (landmarks) and test-<set>-targets."""
+    keys = {}
+    for t in test_sets():
+        keys[f"test-{t['name']}"] = t
+        if t.get("targets"):
+            keys[f"test-{t['name']}-targets"] = t["targets"]
+    return keys
+
+
+def download_cfg(source):
+    """Config of the matrix a download key names: an input (geo, g1000, gtex) or a test set's."""
+    return input_cfg(source) if source in SOURCES else test_set_downloads()[source]
+
+
+def download_keys():
+    """The `source` wildcard of the acquire rule, every input and test-set matrix (regex-escaped)."""
+    return [*SOURCES, *map(re.escape, test_set_downloads())]
+
+
+def acquire_args(source):
+    """Checksum and size flags of `dgex acquire` for one download (a test set's entry read like an input's)."""
+    if source in SOURCES:
+        return settings_args("acquire", source=source)
+    # under a placeholder input name: a test set's name may hold dots, which config keys read as sections
+    return shell_args(config_args("acquire", {"inputs": {"test_set": download_cfg(source)}}, source="test_set"))
+
+
+def test_set_paths(name):
+    """(landmarks matrix, targets matrix or None) of a test set."""
+    t = test_set_cfg(name)
+    return source_path(f"test-{name}", t), source_path(f"test-{name}-targets", t.get("targets"))
+
+
+def test_set_inputs(wildcards):
+    source, targets = test_set_paths(wildcards.test_set)
+    files = {"dataset": out("data", "dataset.h5"), "source": source}
+    if targets:
+        files["targets"] = targets
+    return files
+
+
+def filter_flags(flag, filt):
+    """A config filter ({field: [values]}) as the command line's FLAG FIELD=V1,V2 ...; none when empty."""
+    if not filt:
+        return []
+    return [flag, *(f"{k}={','.join(map(str, v))}" for k, v in filt.items())]
+
+
+def test_set_args(name):
+    """Flags of `dgex prepare-test-set` from a test set's entry."""
+    t = test_set_cfg(name)
+    args = ["--name", name, "--kind", t.get("kind", "gene"), "--protocol", t.get("protocol", "own-statistics")]
+    args += ["--id-type", t.get("id_type", "ensembl"), "--source-label", t.get("url") or t.get("path")]
+    args += filter_flags("--filter", t.get("filter"))
+    _, targets = test_set_paths(name)
+    if targets:
+        args += ["--targets-source", targets, "--targets-id-type", t["targets"].get("id_type", "ensembl")]
+    return shell_args(args)
+
+
+def test_set_outputs():
+    return [out("test_sets", t["name"], "data.h5") for t in test_sets()]
+
+
 # Config values that name output files are checked at start, before any job is planned.
 for _source in used_sources():
     input_path(_source)
+for _source, _cfg in test_set_downloads().items():
+    source_path(_source, _cfg)
 
 
 def _non_finite(node, key=""):
@@ -117,6 +200,10 @@ def config_problems():
             f"genes.parts is {config['genes']['parts']} but there are only {n} target genes "
             f"(genes.max_targets/genes.targets): use 1..{n} parts"
         )
+    names = [t["name"] for t in test_sets()]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        problems.append(f"test_sets: the name {', '.join(repeated)} is used twice; give every test set its own name")
     missing = {"1000g-va": "g1000", "gtex-te": "gtex"}
     if config["export"]["enabled"] and config["export"]["selection"] == "1000g-va" and not input_cfg("g1000"):
         problems.append(
@@ -155,7 +242,9 @@ def preprocess_args():
     for s in ("g1000", "gtex"):
         if input_cfg(s):
             args += [shell_args([f"--{s}", input_path(s)]), settings_args("preprocess", only=(f"{s}_id_type",))]
-    return " ".join(args)
+    for s in used_sources():  # after the paths: a job without a filter keeps its command line
+        args.append(shell_args(filter_flags(f"--{s}-filter", input_cfg(s).get("filter"))))
+    return " ".join(a for a in args if a)
 
 
 def shell_args(args):
@@ -336,7 +425,7 @@ def all_outputs():
         targets += list(figure_outputs().values())
     if config["export"]["enabled"]:
         targets.append(out("model", "bundle.json"))
-    return targets + interpret_outputs() + [out("report.html")]
+    return targets + interpret_outputs() + test_set_outputs() + [out("report.html")]
 
 
 # Checked at start, before any job is planned (after every helper above is defined).
