@@ -204,6 +204,11 @@ def dgex_runs():
     return [f for point in grid_points() for f in network_runs(point)]
 
 
+def selections():
+    """Validation sets the dataset will have to choose models by: GEO-va, and 1000G-va with inputs.g1000."""
+    return ["geo-va"] + (["1000g-va"] if input_cfg("g1000") else [])
+
+
 def baseline_runs():
     return [out("runs", "baselines", m, "run.json") for m in config["baselines"]["methods"]]
 
