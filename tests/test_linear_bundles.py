@@ -18,9 +18,7 @@ from helpers_dataset import write_toy_dataset
 def toy(tmp_path_factory):
     # few noisy training profiles: every tuned baseline chooses a value inside its grid (ridge lambda 0.32,
     # lasso the 4th of 5, k = 2), so a file holding another grid value than the chosen one is caught
-    return write_toy_dataset(
-        tmp_path_factory.mktemp("toy") / "ds.h5", n_tr=40, n_landmarks=20, n_targets=30, noise=1.0
-    )
+    return write_toy_dataset(tmp_path_factory.mktemp("toy") / "ds.h5", n_tr=40, n_landmarks=20, n_targets=30, noise=1.0)
 
 
 @pytest.fixture(scope="module")
