@@ -11,8 +11,9 @@ on into a folder that ``dgex infer`` (or :func:`dgex.infer.predict` on
                          overall metrics (gene-weighted over parts), sha256 of every file
     weights_part<k>.pt   {"state_dict", "shape": [n_in, n_out, layers, units], "dropout"}
                          (``weights_all.pt`` for a single network trained on all targets)
-    landmarks.tsv        ensembl, entrez, symbol, probe       (L rows, network input order)
-    targets.tsv          ensembl, entrez, symbol, part        (T rows, output order: parts concatenated)
+    landmarks.tsv        id, ensembl, entrez, symbol, probe        (L rows, network input order)
+    targets.tsv          id, ensembl, entrez, symbol, probe, part  (T rows, output order: parts concatenated)
+                         [+ any further per-target columns, carried into every inferred output]
     stats.npz            landmark_mean, landmark_std (L,); target_mean, target_std (T,): GEO statistics;
                          epsilon, standardize; gene_quantiles (L+T,): the dataset's GEO reference;
                          landmark_quantiles (L,): mean sorted GEO landmark profile (for --quantile-normalize);
@@ -31,6 +32,14 @@ declared shape.  Any violation is one error naming the bundle, with the fix
 not name are ignored (never read; logged).  The checksums detect damaged or
 modified files; they do not authenticate a bundle against someone who can
 rewrite bundle.json too.
+
+Gene tables: ``id`` is the neutral unique id of a gene (its Ensembl id in a
+gene-level model, the probe id in the genome-wide model whose targets are
+HG-U133A probes); Ensembl, Entrez, symbol and probe ids each have their own
+column ('' where none).  Bundles exported before ``id`` existed (their unique
+id in ``ensembl``, probe ids too) still load: :func:`upgrade_gene_table`.
+``bundle.json`` may carry ``training_data`` (what the networks were trained on,
+:func:`training_data_record`); a bundle without it loads with that unknown.
 
 Inputs are standardised as ``(x - mean) / (std + epsilon)`` and outputs
 mapped back with ``y * (std + epsilon) + mean``, so both sides of the model
@@ -57,7 +66,7 @@ from . import __version__
 from .acquire import sha256_file
 from .dataset import EVAL_SPLITS, ProcessedDataset
 from .errors import ConfigError, InputError
-from .genes import clean_entrez
+from .genes import ALL_PROBES, clean_entrez
 from .io import atomic_dir, refuse_overwriting_inputs, save_torch, write_json
 from .models import DGEX
 from .runs import check_dataset, load_runs
@@ -67,8 +76,11 @@ log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = 1
 BUNDLE_KIND = "dgex-model-bundle"
-LANDMARK_COLUMNS = ["ensembl", "entrez", "symbol", "probe"]
-TARGET_COLUMNS = ["ensembl", "entrez", "symbol", "part"]
+#: Columns of landmarks.tsv and targets.tsv (targets.tsv may hold further per-target columns after these).
+LANDMARK_COLUMNS = ["id", "ensembl", "entrez", "symbol", "probe"]
+TARGET_COLUMNS = ["id", "ensembl", "entrez", "symbol", "probe", "part"]
+#: Gene-table columns as CMap names them in GCTX row metadata (``pr_`` = row; ``ensembl_id`` as in CMap's geneinfo).
+CMAP_NAMES = {"entrez": "pr_gene_id", "symbol": "pr_gene_symbol", "ensembl": "pr_ensembl_id", "probe": "pr_probe_id"}
 #: Extensions that promise a file or an archive: a bundle folder is not named so.
 FILE_SUFFIXES = {".zip", ".tar", ".tgz", ".gz", ".bz2", ".xz", ".pt", ".pth", ".ckpt", ".json", ".h5", ".gctx", ".csv"}
 
@@ -239,6 +251,99 @@ def _landmark_probes(ensembl: pd.Series) -> pd.Series:
     return ensembl.map(first).fillna("")
 
 
+# --------------------------------------------------------------------------- #
+# gene tables and what a bundle was trained on
+# --------------------------------------------------------------------------- #
+def _looks_like_probes(ids: pd.Series) -> bool:
+    """Whether every id is an HG-U133A probe id (the unique ids of the genome-wide model's targets)."""
+    from .genes import probe_annotation
+
+    ids = ids[ids != ""]
+    return bool(len(ids)) and bool(ids.str.endswith("_at").any()) and bool(ids.isin(probe_annotation().index).all())
+
+
+def upgrade_gene_table(table: pd.DataFrame, probe_ids: bool | None = None) -> pd.DataFrame:
+    """A gene table keyed by ``ensembl`` (a dataset's, or a bundle's from before ``id``) with ``id`` and ``probe``.
+
+    ``id`` takes the unique id; where it is a probe id (``probe_ids``; ``None``:
+    when every id is an HG-U133A probe) it moves to ``probe`` and ``ensembl`` is
+    left empty, so no probe id sits in a column named ``ensembl``.  A table that
+    has ``id`` already is returned unchanged (a copy).  Rows: genes, unchanged.
+    """
+    table = table.copy()
+    if "id" in table.columns:
+        return table
+    ids = table["ensembl"].astype(str)
+    table.insert(0, "id", ids.values)
+    if "probe" not in table.columns:
+        table["probe"] = ""
+    if probe_ids is None:
+        probe_ids = _looks_like_probes(ids)
+    if probe_ids:
+        table["probe"] = ids.values
+        table["ensembl"] = ""
+    return table
+
+
+def cmap_gene_table(table: pd.DataFrame) -> pd.DataFrame:
+    """A bundle gene table with CMap's row-metadata names (:data:`CMAP_NAMES`), ``id`` first, other columns kept."""
+    out = table.rename(columns=CMAP_NAMES)
+    first = ["id", *CMAP_NAMES.values()]
+    return out[[c for c in first if c in out.columns] + [c for c in out.columns if c not in first]]
+
+
+#: How a bundle exported before dgex recorded its training data describes it.
+UNKNOWN_TRAINING = {
+    "synthetic": None,
+    "description": "unknown: the bundle was exported before dgex recorded what a model was trained on",
+}
+
+
+def _input_source(path: Path) -> str:
+    """'synthetic' for a file written by `dgex demo-data` (named in the demo.json beside it), else 'file' / 'unknown'."""
+    meta = path.parent / "demo.json"
+    try:
+        demo = json.loads(meta.read_text()) if meta.is_file() else None
+    except (OSError, ValueError):
+        demo = None
+    by_demo = isinstance(demo, dict) and demo.get("generator") == "dgex.demo.generate"
+    if by_demo and path.name in (demo.get("files") or {}).values():
+        return "synthetic"
+    return "file" if path.exists() else "unknown"
+
+
+def training_data_record(dataset, params: dict) -> dict:
+    """What the networks of a bundle were trained on, for bundle.json's ``training_data``.
+
+    ``params``: the processed dataset's recorded preprocess parameters.  Each
+    raw input (GEO training data, 1000G, GTEx) is ``synthetic`` when written by
+    `dgex demo-data` (the demo.json beside it names it), ``file`` when it exists
+    and is not, ``unknown`` when it is no longer there; ``synthetic`` is the
+    GEO training input's verdict (``None``: cannot tell).
+    """
+    inputs = {
+        role: {"path": str(params[role]), "source": _input_source(Path(str(params[role])))}
+        for role in ("geo", "g1000", "gtex")
+        if params.get(role)
+    }
+    geo = inputs.get("geo", {}).get("source", "unknown")
+    synthetic = {"synthetic": True, "file": False}.get(geo)
+    if synthetic:
+        text = "synthetic demo data generated by `dgex demo-data`: its predictions mean nothing for real samples"
+    elif synthetic is False:
+        text = f"GEO expression profiles from {inputs['geo']['path']}"
+    else:
+        text = "unknown: the GEO input the dataset was built from is no longer where preprocess read it"
+    return {
+        "synthetic": synthetic,
+        "description": text,
+        "dataset": str(dataset),
+        "landmarks": str(params.get("landmarks", "")),
+        "targets": str(params.get("targets", "")),
+        "inputs": inputs,
+    }
+
+
 def _weighted_metrics(parts: list[dict]) -> dict:
     """Overall MAE per split over all targets: the parts' MAEs weighted by their gene counts."""
     out = {}
@@ -316,7 +421,9 @@ def export_bundle(
 
     lm = genes.landmarks[["ensembl", "entrez", "symbol"]].copy()
     lm["probe"] = _landmark_probes(lm["ensembl"]).values
+    lm = upgrade_gene_table(lm, probe_ids=False)
     tg = genes.targets.iloc[tg_index][["ensembl", "entrez", "symbol", "part"]].copy()
+    tg = upgrade_gene_table(tg, probe_ids=str(ds_params.get("targets")) == ALL_PROBES)
     stats = {
         "landmark_mean": mean[:L],
         "landmark_std": std[:L],
@@ -346,6 +453,7 @@ def export_bundle(
             "training": cfg,
             "grid_choice": pick,
             "metrics": _weighted_metrics(part_info),
+            "training_data": training_data_record(dataset, ds_params),
             "dataset": {
                 "path": str(dataset),
                 "standardize": standardize,
@@ -384,8 +492,10 @@ def write_bundle(
     """Write a bundle folder atomically (temporary folder renamed into place); returns ``bundle.json``'s content.
 
     ``networks``: ``[(part, DGEX)]`` in output order (part ``None`` = one network
-    for all targets); ``landmarks`` (L rows: ensembl, entrez, symbol, probe) and
-    ``targets`` (T rows: ensembl, entrez, symbol, part) in network order;
+    for all targets); ``landmarks`` (L rows: :data:`LANDMARK_COLUMNS`) and
+    ``targets`` (T rows: :data:`TARGET_COLUMNS`, then any further per-target
+    columns, written as they are) in network order; tables without ``id`` are
+    completed by :func:`upgrade_gene_table`;
     ``stats``: the arrays of ``stats.npz`` (see the module docstring);
     ``part_info``: extra per-part fields; ``extra``: extra top-level fields.
     """
@@ -422,14 +532,14 @@ def write_bundle(
                 }
             )
             start += model.n_out
-        lm = landmarks.copy()
-        if "probe" not in lm.columns:
-            lm["probe"] = ""
+        lm = upgrade_gene_table(landmarks, probe_ids=False)
         lm[LANDMARK_COLUMNS].to_csv(tmp / "landmarks.tsv", sep="\t", index=False)
-        tg = targets.copy()
+        tg = upgrade_gene_table(targets)
         if [p for p, _ in networks] == [None]:
             tg["part"] = "all"
-        tg[TARGET_COLUMNS].to_csv(tmp / "targets.tsv", sep="\t", index=False)
+        # per-target columns beyond the format's (e.g. reliability metrics) follow it: outputs carry them all
+        extra_cols = [c for c in tg.columns if c not in TARGET_COLUMNS]
+        tg[TARGET_COLUMNS + extra_cols].to_csv(tmp / "targets.tsv", sep="\t", index=False)
         arrays = {k: np.asarray(v) for k, v in stats.items()}
         arrays["epsilon"] = np.float64(stats["epsilon"])
         np.savez(tmp / "stats.npz", **arrays)
@@ -488,6 +598,58 @@ class Bundle:
     @property
     def epsilon(self) -> float:
         return float(self.stats["epsilon"])
+
+    @property
+    def target_table(self) -> pd.DataFrame:
+        """The per-target table ``(n_targets, n_columns)`` in output order, with CMap's column names.
+
+        ``id`` (the neutral unique id), ``pr_gene_id`` (Entrez), ``pr_gene_symbol``,
+        ``pr_ensembl_id``, ``pr_probe_id``, ``part``, then every further column of
+        targets.tsv: inferred outputs carry all of its columns as row metadata.
+        """
+        return cmap_gene_table(self.targets).reset_index(drop=True)
+
+    @property
+    def landmark_table(self) -> pd.DataFrame:
+        """The landmark table ``(n_landmarks, n_columns)`` in input order, named as :attr:`target_table`."""
+        return cmap_gene_table(self.landmarks).reset_index(drop=True)
+
+    @property
+    def training_data(self) -> dict:
+        """bundle.json's ``training_data`` (:func:`training_data_record`); :data:`UNKNOWN_TRAINING` if absent."""
+        record = self.info.get("training_data")
+        return dict(record) if isinstance(record, dict) and "synthetic" in record else dict(UNKNOWN_TRAINING)
+
+    @property
+    def bundle_id(self) -> str:
+        """A content id of the model: the first 16 hex digits of the sha256 of its files' checksums (sorted)."""
+        import hashlib
+
+        files = json.dumps(sorted(self.info["files"].items()))
+        return hashlib.sha256(files.encode()).hexdigest()[:16]
+
+    def provenance(self) -> dict:
+        """Where predictions of this bundle come from: a flat dict of strings, for every inferred output.
+
+        Keys: bundle path, id and bundle.json sha256, selection, model kind and
+        architecture, the bundle's dgex version and creation time, and the
+        training data (``training_synthetic``: yes / no / unknown, ``training_data``).
+        """
+        arch = self.info["architecture"]
+        training = self.training_data
+        synthetic = training.get("synthetic")
+        return {
+            "bundle": str(self.path),
+            "bundle_id": self.bundle_id,
+            "bundle_sha256": sha256_file(self.path / "bundle.json"),
+            "selection": str(self.info.get("selection", "unknown")),
+            "model": f"D-GEX {arch['layers']}x{arch['units']} {arch['hidden_activation']}, dropout {arch['dropout']:g}, "
+            f"{arch['n_parts']} part(s), {arch['n_landmarks']} landmarks -> {arch['n_targets']} targets",
+            "bundle_dgex_version": str(self.info.get("dgex_version")),
+            "bundle_created": str(self.info.get("created")),
+            "training_synthetic": {True: "yes", False: "no"}.get(synthetic, "unknown"),
+            "training_data": str(training.get("description", "")),
+        }
 
     def to(self, device) -> Bundle:
         """Move the networks and statistics tensors to ``device``; returns self."""
@@ -693,11 +855,16 @@ def _read_tables(path: Path, arch: dict, parts: list) -> tuple[pd.DataFrame, pd.
             stats = {k: z[k] for k in z.files}
     except (OSError, ValueError, zipfile.BadZipFile, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise _corrupt(path, f"unreadable gene tables or stats.npz: {exc}") from None
-    for name, table, cols in (("landmarks.tsv", lm, LANDMARK_COLUMNS[:3]), ("targets.tsv", tg, TARGET_COLUMNS)):
-        if not set(cols) <= set(table.columns):
-            raise _corrupt(path, f"{name} lacks columns {sorted(set(cols) - set(table.columns))}")
-    if "probe" not in lm.columns:
-        lm["probe"] = ""
+    # tables written before the neutral id column (their unique id in ensembl) need only the old columns
+    old_cols = {
+        "landmarks.tsv": ["ensembl", "entrez", "symbol"],
+        "targets.tsv": ["ensembl", "entrez", "symbol", "part"],
+    }
+    for name, table, cols in (("landmarks.tsv", lm, LANDMARK_COLUMNS), ("targets.tsv", tg, TARGET_COLUMNS)):
+        need = cols if "id" in table.columns else old_cols[name]
+        if not set(need) <= set(table.columns):
+            raise _corrupt(path, f"{name} lacks columns {sorted(set(need) - set(table.columns))}")
+    lm, tg = upgrade_gene_table(lm, probe_ids=False), upgrade_gene_table(tg)
     wrong = [
         f"{k} has {n}"
         for k, n in (("landmarks.tsv", len(lm)), ("targets.tsv", len(tg)))
@@ -706,10 +873,10 @@ def _read_tables(path: Path, arch: dict, parts: list) -> tuple[pd.DataFrame, pd.
     if wrong:
         raise _disagree(path, f"the model maps {L} landmarks -> {T} targets but {'; '.join(wrong)}")
     for name, table in (("landmarks.tsv", lm), ("targets.tsv", tg)):
-        ids = table["ensembl"]
+        ids = table["id"]
         if (ids == "").any() or ids.duplicated().any():
             raise _corrupt(
-                path, f"{name} has empty or repeated ensembl ids (e.g. {ids[ids.duplicated() | (ids == '')].iloc[0]!r})"
+                path, f"{name} has empty or repeated ids (e.g. {ids[ids.duplicated() | (ids == '')].iloc[0]!r})"
             )
     _check_stats(path, stats, L, T)
     # each part's rows of targets.tsv carry its part number: the networks cannot be paired with the wrong genes

@@ -46,7 +46,7 @@ SOURCES = ("geo", "g1000", "gtex")  # the workflow's inputs (config key inputs.<
 PRECISIONS = ("32", "tf32", "bf16-mixed")  # the one definition (dgex.train uses it)
 OPTIMIZERS = ("sgd", "adamw")  # as dgex.training.plan.OPTIMIZERS (pinned by a test)
 SCOPES = ("unit", "matrix")  # dgex.interpret.SCOPES
-FORMATS = ("gctx", "csv", "tsv")  # dgex.infer.FORMATS
+FORMATS = ("gctx", "csv", "tsv", "h5ad")  # dgex.infer.FORMATS
 #: Seeds seed numpy and torch generators: integers in [0, 2**32).
 MAX_SEED = 2**32 - 1
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
@@ -579,7 +579,8 @@ class InferSettings(Settings):
     )
     output_format: str | None = setting(
         None,
-        "output format; the --output extension must agree with it: .gctx/.h5, .csv[.gz], .tsv/.txt[.gz]",
+        "output format; the --output extension must agree with it: .gctx/.h5, .csv[.gz], .tsv/.txt[.gz], "
+        ".h5ad (AnnData)",
         choices=FORMATS,
         flag="--format",
         shown_default="from the --output extension",
@@ -603,9 +604,14 @@ class InferSettings(Settings):
         "distribution differs from GEO's quantile-normalised log2 arrays (other platforms or "
         "normalisations), not for inputs already on the GEO scale",
     )
+    include_landmarks: bool = setting(
+        False,
+        "also write the input's measured landmark values (rows flagged pr_is_lm=1, pr_is_inferred=0; landmarks "
+        "filled by --impute-missing flagged pr_is_imputed=1), as CMap's inferred matrices do",
+    )
     device: str = setting("auto", "auto (GPU if present), cpu, cuda, cuda:N", **_DEVICE)
-    overwrite: bool = setting(False, "replace an existing output file")
-    force: bool = setting(False, "allow csv/tsv output above 20,000 samples")
+    overwrite: bool = setting(False, "replace an existing output file (and its provenance sidecar)")
+    force: bool = setting(False, "allow csv/tsv/h5ad output (built in memory) above 20,000 samples")
     progress: bool = setting(True, _PROGRESS)
 
 
