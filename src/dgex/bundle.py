@@ -631,6 +631,57 @@ def _export_linear(dataset, output: Path, run_dir: Path, selection: str, overwri
     return info
 
 
+def prefer_model(*, bundles, output) -> dict:
+    """Write which of ``bundles`` validation prefers to the JSON file ``output``; returns its content.
+
+    The criterion is the one that chose each model: the overall validation
+    MAE on the bundles' common selection split (mean over target genes of the
+    per-gene MAE, standardised units, from each bundle's reliability columns).
+    The lowest wins; a tie goes to the first bundle listed.
+    """
+    output = Path(output)
+    refuse_overwriting_inputs([output], {"--bundles": bundles})
+    loaded = [load_bundle(b) for b in bundles]
+    selections = {str(b.info.get("selection")) for b in loaded}
+    if len(selections) != 1:
+        raise InputError(
+            f"the bundles were selected on different splits ({', '.join(sorted(selections))}); "
+            f"compare bundles exported with the same --selection"
+        )
+    selection = selections.pop()
+    column = reliability_column("mae", selection)
+    lacking = [str(b.path) for b in loaded if column not in b.targets.columns]
+    if lacking:
+        raise InputError(f"{lacking[0]}: no per-target {selection} MAE (exported by an older dgex); re-export it")
+    candidates = [
+        {
+            "bundle": str(b.path),
+            "kind": b.kind,
+            "model": model_description(b.info),
+            "validation_mae": float(b.targets[column].mean()),
+        }
+        for b in loaded
+    ]
+    best = min(range(len(candidates)), key=lambda i: (candidates[i]["validation_mae"], i))
+    result = {
+        "selection": selection,
+        "criterion": f"lowest overall MAE on {selection}: mean over target genes of the per-gene MAE "
+        f"(standardised units), the validation error each model was chosen by",
+        "preferred": candidates[best]["bundle"],
+        "preferred_kind": candidates[best]["kind"],
+        "candidates": candidates,
+    }
+    write_json(output, result)
+    log.info(
+        "%s prefers %s (%s, validation MAE %.4f)",
+        selection,
+        result["preferred"],
+        candidates[best]["model"],
+        candidates[best]["validation_mae"],
+    )
+    return result
+
+
 def _check_output(output: Path, overwrite: bool) -> None:
     if output.suffix.lower() in FILE_SUFFIXES:
         raise ConfigError(

@@ -265,6 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="bundle folder to create")
     _add_settings(p, "export")
 
+    # ---------------------------------------------------------------- prefer-model
+    p = sub.add_parser(
+        "prefer-model",
+        help="say which of several model bundles validation prefers",
+        description="Compare model bundles exported with the same --selection (e.g. the chosen D-GEX and the "
+        "chosen LR-L2) by their overall validation MAE on that split and write the verdict as JSON.",
+    )
+    p.add_argument("--bundles", nargs="+", required=True, metavar="BUNDLE", help="model bundle folders")
+    p.add_argument("--output", required=True, help="JSON file to write (e.g. results/<name>/preferred_model.json)")
+
     # ---------------------------------------------------------------- infer
     p = sub.add_parser(
         "infer",
@@ -506,6 +516,7 @@ STAGE_FUNCTIONS = {
     "interpret s2": ("interpret", "interpret_s2"),
     "interpret s3": ("interpret", "interpret_s3"),
     "export": ("bundle", "export_bundle"),
+    "prefer-model": ("bundle", "prefer_model"),
     "infer": ("infer", "infer"),
 }
 
