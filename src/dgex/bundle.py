@@ -1,10 +1,10 @@
-"""Model bundles: one self-contained folder per trained D-GEX model, for inference on users' data.
+"""Model bundles: one self-contained folder per trained model (D-GEX or linear), for inference on users' data.
 
 ``dgex export`` gathers the part runs of one grid point (one network per
 target part) and the statistics of the processed dataset they were trained
 on into a folder that ``dgex infer`` (or :func:`dgex.infer.predict` on
-:func:`load_bundle`) needs nothing else to use.  Layout
-(:data:`BUNDLE_FORMAT` = 1)::
+:func:`load_bundle`) needs nothing else to use.  Layout of a D-GEX bundle
+(format version 1, ``kind`` ``dgex``)::
 
     bundle.json          format + version, dgex version, creation time, selection,
                          architecture, training config, per-part files/epochs/metrics,
@@ -19,6 +19,25 @@ on into a folder that ``dgex infer`` (or :func:`dgex.infer.predict` on
                          landmark_quantiles (L,): mean sorted GEO landmark profile (for --quantile-normalize);
                          probe_quantiles (P,) if GEO was quantile normalised in preprocess
 
+Format versions.  A reader refuses any version it does not know (one line:
+re-export, or use a newer dgex).  Format 2 adds a required ``kind``:
+``dgex`` (as format 1) or ``linear``; format 1 knew no kind (a ``kind`` there
+must be ``dgex``).  Each kind is written with the lowest version that
+describes it (:data:`FORMAT_OF_KIND`), so D-GEX bundles stay readable by a
+dgex that reads only format 1.  A linear bundle (``dgex export
+--baseline-run``) holds, besides bundle.json (:data:`LINEAR_INFO_KEYS`, its
+architecture :data:`LINEAR_ARCHITECTURE_KEYS`, no ``parts``) and the same
+gene tables (``part`` ``all``) and stats.npz::
+
+    linear.npz           weight (L, T), bias (T,) float: standardised landmarks z -> z @ weight + bias,
+                         standardised targets (a baseline's coefficients_<selection>.npz)
+
+Per-target reliability: targets.tsv may carry :data:`RELIABILITY_COLUMNS`
+(``<mae|r|rho>_<split>``: each target's metrics on every split its model was
+scored on, from the runs' per_gene.csv for the bundle's selection); they are
+read as numbers (an empty cell is NaN), flow into every inferred output, and
+:func:`well_inferred` flags targets by a criterion on them.
+
 What a bundle must hold comes from the format, never from the bundle itself:
 :func:`load_bundle` requires every key of :data:`INFO_KEYS`,
 :data:`ARCHITECTURE_KEYS` and :data:`PART_KEYS` with its type, parts numbered
@@ -27,7 +46,9 @@ shape follow from the part number and the architecture, a checksum in
 ``files`` for every file of :func:`bundle_files` and no other entry there, the
 arrays of :data:`STATS_ARRAYS` (finite, of the model's sizes), gene tables
 whose ``part`` column matches each part's target range, and weights of the
-declared shape.  Any violation is one error naming the bundle, with the fix
+declared shape (for a linear bundle: :data:`LINEAR_INFO_KEYS`, a checksum for
+every file of :data:`TABLE_FILES` and :data:`LINEAR_FILE`, and finite weights
+of the architecture's shape).  Any violation is one error naming the bundle, with the fix
 "re-export it with `dgex export`".  Files in the folder that the format does
 not name are ignored (never read; logged).  The checksums detect damaged or
 modified files; they do not authenticate a bundle against someone who can
