@@ -24,6 +24,7 @@ from dgex.io import GCTXReader, write_gctx
 from dgex.metrics import read_per_gene
 from dgex.models import DGEX
 from helpers_dataset import write_toy_dataset
+from test_bundle_integrity import FIX, _refused  # the same one-line refusal as for D-GEX bundles
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +222,6 @@ def test_export_errors_are_one_line(linear, tmp_path):
 # --------------------------------------------------------------------------- #
 # integrity of linear bundles (as tests/test_bundle_integrity.py for D-GEX)
 # --------------------------------------------------------------------------- #
-FIX = "re-export it with `dgex export`"
 REQUIRED_LINEAR_TOP = {"format", "format_version", "kind", "dgex_version", "created", "architecture", "files"}
 REQUIRED_LINEAR_ARCH = {"n_landmarks", "n_targets", "method"}
 
@@ -241,15 +241,6 @@ def _save(b, info, rehash=False):
     if rehash:
         info["files"] = {n: hashlib.sha256((b / n).read_bytes()).hexdigest() for n in info["files"]}
     (b / "bundle.json").write_text(json.dumps(info))
-
-
-def _refused(b, *fragments):
-    with pytest.raises(InputError) as err:
-        load_bundle(b)
-    msg = str(err.value)
-    assert "\n" not in msg and msg.startswith(f"{b}: ") and msg.endswith(FIX), msg
-    for f in fragments:
-        assert f in msg, msg
 
 
 def _write_npz(b, **arrays):
@@ -394,3 +385,69 @@ def test_dgex_bundles_stay_format_1_and_old_ones_still_load(tmp_path, caplog):
     np.testing.assert_array_equal(predict(old, x), expected)
     with caplog.at_level(logging.INFO, logger="dgex.bundle"):
         assert "kind dgex: D-GEX 1x5 tanh" in old.describe() and "reliability: none" in old.describe()
+
+
+# --------------------------------------------------------------------------- #
+# the workflow: the chosen D-GEX and the chosen LR-L2 exported, and which one validation prefers
+# --------------------------------------------------------------------------- #
+def _workflow_config(tmp_path, **export):
+    import yaml
+
+    from conftest import REPO
+
+    cfg = yaml.safe_load((REPO / "config/test.yaml").read_text())
+    cfg.update(results_dir=str(tmp_path / "results"), resources_dir=str(tmp_path / "resources"))
+    cfg["grid"] = {"layers": [1], "units": [8], "dropout": [0.0]}
+    cfg["baselines"]["methods"] = ["lr", "ridge"]
+    cfg["report"] = {"figures": False}
+    cfg["interpret"] = {"s2": False, "s3": False}
+    cfg["export"] = {"enabled": True, "selection": "geo-va", **export}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _snakemake(*args):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", *map(str, args)], cwd=REPO, capture_output=True, text=True
+    )
+
+
+@pytest.mark.slow
+def test_workflow_exports_dgex_and_lr_l2_and_prefers_one(tmp_path):
+    path = _workflow_config(tmp_path, baselines=["ridge", "lr"])
+    res = _snakemake("--cores", "2", "--configfile", path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "results" / "test"
+    ridge = json.loads((run / "model_lr-l2" / "bundle.json").read_text())
+    assert ridge["kind"] == "linear" and ridge["architecture"]["method"] == "LR-L2"
+    with np.load(run / "model_lr-l2" / "linear.npz") as z:
+        W, _, _ = load_coefficients(run / "runs" / "baselines" / "ridge" / "coefficients_geo-va.npz")
+        np.testing.assert_array_equal(z["weight"], W)
+    assert json.loads((run / "model" / "bundle.json").read_text())["kind"] == "dgex"
+    # the preference, recomputed from the per-gene files of the runs behind each bundle
+    mae = {}
+    dgex = pd.concat([read_per_gene(p) for p in (run / "runs" / "dgex" / "1x8_d0").glob("part*/per_gene.csv")])
+    mae[str(run / "model")] = dgex.query("selected_by == 'geo-va' and split == 'geo-va'")["mae"].mean()
+    for folder, method in (("model_lr-l2", "ridge"), ("model_lr", "lr")):
+        pg = read_per_gene(run / "runs" / "baselines" / method / "per_gene.csv")
+        mae[str(run / folder)] = pg.query("selected_by == 'geo-va' and split == 'geo-va'")["mae"].mean()
+    pref = json.loads((run / "preferred_model.json").read_text())
+    assert pref["preferred"] == min(mae, key=mae.get)
+    assert [c["bundle"] for c in pref["candidates"]] == [str(run / m) for m in ("model", "model_lr-l2", "model_lr")]
+    assert {c["bundle"]: c["validation_mae"] for c in pref["candidates"]} == pytest.approx(mae, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_workflow_refuses_to_export_a_baseline_it_does_not_run(tmp_path):
+    path = _workflow_config(tmp_path, baselines=["lasso"])
+    res = _snakemake("-n", "--configfile", path)
+    assert res.returncode != 0
+    assert "export.baselines lists lasso but baselines.methods does not run it" in res.stdout + res.stderr
+    res = _snakemake("-n", "--configfile", _workflow_config(tmp_path, baselines=[]))
+    assert res.returncode == 0 and "export_linear" not in res.stdout and "prefer_model" not in res.stdout
