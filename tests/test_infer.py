@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import assert_one_line_error, run_dgex  # noqa: E402
-from dgex.bundle import BUNDLE_FORMAT, export_bundle, load_bundle  # noqa: E402
+from dgex.bundle import BUNDLE_FORMAT, FORMAT_OF_KIND, export_bundle, load_bundle  # noqa: E402
 from dgex.checkpoints import load_weights  # noqa: E402
 from dgex.dataset import ProcessedDataset  # noqa: E402
 from dgex.errors import ConfigError, InputError  # noqa: E402
@@ -135,7 +135,7 @@ def test_export_bundle_contents(toy):
         "weights_part1.pt",
     ]
     info = json.loads((b / "bundle.json").read_text())
-    assert info["format_version"] == BUNDLE_FORMAT and info["selection"] == "geo-va"
+    assert info["format_version"] == FORMAT_OF_KIND["dgex"] == 1 and info["selection"] == "geo-va"
     assert info["architecture"] == {
         "n_landmarks": 20,
         "n_targets": 16,

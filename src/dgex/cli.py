@@ -290,8 +290,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="an aggregate folder (`dgex aggregate`): export its grid point chosen on validation "
         "(GEO-va for --selection geo-va, 1000G-va for 1000g-va), as Table 1/2 do",
     )
+    src.add_argument(
+        "--baseline-run",
+        metavar="RUN_DIR",
+        help="a `dgex baseline` folder (e.g. runs/baselines/ridge): export its linear model chosen by "
+        "--selection as a linear bundle (kind linear: linear.npz instead of networks)",
+    )
     _add_paths(p, output="bundle folder to create")
     _add_settings(p, "export")
+
+    # ---------------------------------------------------------------- prefer-model
+    p = sub.add_parser(
+        "prefer-model",
+        help="say which of several model bundles validation prefers",
+        description="Compare model bundles exported with the same --selection (e.g. the chosen D-GEX and the "
+        "chosen LR-L2) by their overall validation MAE on that split and write the verdict as JSON.",
+    )
+    p.add_argument("--bundles", nargs="+", required=True, metavar="BUNDLE", help="model bundle folders")
+    p.add_argument("--output", required=True, help="JSON file to write (e.g. results/<name>/preferred_model.json)")
 
     # ---------------------------------------------------------------- infer
     p = sub.add_parser(
@@ -358,7 +374,10 @@ EXAMPLES = {
       --output my_model
   # explicit part runs of one grid point (one folder per target part)
   dgex export --dataset results/real/data/dataset.h5 \\
-      --runs results/real/runs/dgex/3x9000_d0.1/part0 results/real/runs/dgex/3x9000_d0.1/part1 --output my_model""",
+      --runs results/real/runs/dgex/3x9000_d0.1/part0 results/real/runs/dgex/3x9000_d0.1/part1 --output my_model
+  # the LR-L2 (ridge) model chosen on GEO-va, as a linear bundle for the same `dgex infer`
+  dgex export --dataset results/real/data/dataset.h5 --baseline-run results/real/runs/baselines/ridge \\
+      --output my_linear_model""",
     "gpus": """\
   dgex gpus                      # which GPUs are visible and which a dgex job holds
   DGEX_GPUS=0,1 dgex gpus        # only the GPUs dgex may use""",
@@ -538,6 +557,7 @@ STAGE_FUNCTIONS = {
     "interpret s2": ("interpret", "interpret_s2"),
     "interpret s3": ("interpret", "interpret_s3"),
     "export": ("bundle", "export_bundle"),
+    "prefer-model": ("bundle", "prefer_model"),
     "infer": ("infer", "infer"),
 }
 

@@ -55,6 +55,7 @@ import pandas as pd
 import torch
 
 from .bundle import Bundle, load_bundle
+from .bundle import well_inferred as well_inferred_flags
 from .devices import pick_device
 from .errors import ConfigError, InputError
 from .genes import clean_entrez
@@ -70,7 +71,7 @@ from .io import (
     open_matrix,
     refuse_overwriting_inputs,
 )
-from .settings import InferSettings
+from .settings import WELL_INFERRED, InferSettings
 
 log = logging.getLogger(__name__)
 
@@ -586,6 +587,17 @@ def _created() -> str:
 SYNTHETIC_WARNING = "the model was trained on synthetic demo data: its predictions mean nothing for real samples"
 
 
+def _flag_well_inferred(row_meta: pd.DataFrame, criterion: str, model) -> pd.DataFrame:
+    """``row_meta`` with the ``well_inferred`` flag (:func:`dgex.bundle.well_inferred`) when the bundle can tell."""
+    flags = well_inferred_flags(row_meta, criterion)
+    if flags is None:
+        if criterion.strip().lower() != "none":
+            log.info("%s carries no per-target reliability (exported before dgex had it): no well_inferred flag", model)
+        return row_meta
+    log.info("well_inferred (%s): %d of %d rows", criterion, int(flags.sum()), len(flags))
+    return row_meta.assign(well_inferred=flags)
+
+
 def _warn_about_training(bundle: Bundle, model) -> None:
     """One log line when the bundle was trained on synthetic data (warning) or does not say (info)."""
     synthetic = bundle.training_data.get("synthetic")
@@ -818,6 +830,7 @@ def infer(
     impute_missing: str = "none",
     quantile_normalize: bool = False,
     include_landmarks: bool = False,
+    well_inferred: str = WELL_INFERRED,
     device: str = "auto",
     overwrite: bool = False,
     force: bool = False,
@@ -839,6 +852,7 @@ def infer(
 
     t0 = time.time()
     bundle = load_bundle(model, device=pick_device(device))
+    log.info("%s: %s", model, bundle.describe())
     _warn_about_training(bundle, model)
     with open_matrix(input) as reader:
         mapping = map_landmarks(bundle, reader.row_ids, id_type, source=str(input))
@@ -848,6 +862,7 @@ def infer(
         options = {"quantile_normalize": bool(quantile_normalize), "include_landmarks": bool(include_landmarks)}
         prov = provenance(bundle, input, mapping, options)
         row_ids, row_meta = output_rows(bundle, mapping, include_landmarks)
+        row_meta = _flag_well_inferred(row_meta, well_inferred, model)
         col_ids, col_meta = reader.col_ids, _column_metadata(reader, prov)
         batch_size = min(batch_size or auto_batch_size(len(row_ids)), chunk_size, n)  # batches never span chunks
         predictor = _Predictor(bundle, mapping, quantile_normalize, include_landmarks)

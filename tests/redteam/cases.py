@@ -1538,7 +1538,7 @@ add("infer", "model-empty-folder", "missing-file", "error", lambda c: (c.p("mode
 add("infer", "model-is-a-file", "wrong-format", "error", lambda c: inf(c, None, model=c.f("ds.h5")), msg=("ds.h5",), outputs=IN_OUT)  # fmt: skip
 add("infer", "bundle-json-garbage", "corrupt-file", "error", lambda c: inf(c, None, model=bundle_variant(c, lambda m, i: None) and garbage(c.p("model", "bundle.json"), 300) and c.p("model")), msg=("bundle.json",), outputs=IN_OUT)  # fmt: skip
 add("infer", "bundle-json-is-a-list", "corrupt-file", "error", lambda c: inf(c, None, model=(bundle_variant(c, lambda m, i: None), c.p("model", "bundle.json").write_text("[]"), c.p("model"))[2]), msg=("bundle",), outputs=IN_OUT)  # fmt: skip
-add("infer", "bundle-format-version-2", "wrong-format", "error", lambda c: inf(c, None, model=bundle_variant(c, _info_set(format_version=2))), msg=("version",), outputs=IN_OUT)  # fmt: skip
+add("infer", "bundle-format-version-3", "wrong-format", "error", lambda c: inf(c, None, model=bundle_variant(c, _info_set(format_version=3))), msg=("version",), outputs=IN_OUT)  # fmt: skip
 add("infer", "bundle-weights-bitflip", "tampered-bundle", "error", lambda c: inf(c, None, model=bundle_variant(c, lambda m, i: _bitflip(m / "weights_part0.pt"))), msg=("model",), outputs=IN_OUT)  # fmt: skip
 add("infer", "bundle-weights-tampered", "tampered-bundle", "error", lambda c: inf(c, None, model=bundle_variant(c, lambda m, i: _tamper_weights(m))), msg=("checksum",), outputs=IN_OUT)  # fmt: skip
 add("infer", "bundle-weights-truncated", "truncated-file", "error", lambda c: inf(c, None, model=bundle_variant(c, lambda m, i: truncate_copy(m / "weights_part1.pt", m / "weights_part1.pt", 0.5))), msg=("weights_part1.pt",), outputs=IN_OUT)  # fmt: skip
