@@ -35,6 +35,7 @@ include: "workflow/rules/baselines.smk"
 include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/export.smk"
 include: "workflow/rules/interpret.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:

@@ -467,4 +467,3 @@ def collect_test_sets(*, scores, output) -> dict:
     doc = {"test_sets": entries}
     write_json(output, doc)
     return doc
-

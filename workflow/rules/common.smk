@@ -282,6 +282,39 @@ def figure_outputs():
 
 
 # --------------------------------------------------------------------------- #
+# test sets (config test_sets): scored by every model
+# --------------------------------------------------------------------------- #
+def test_set_names():
+    return [t["name"] for t in config.get("test_sets") or []]
+
+
+def selections():
+    """Validation splits that select models: GEO-va, and 1000G-va when the 1000G input is given."""
+    return ["geo-va"] + (["1000g-va"] if input_cfg("g1000") else [])
+
+
+def baseline_coefficients():
+    """The fitted linear map of every baseline for each selection (scored on the test sets)."""
+    return [
+        out("runs", "baselines", m, f"coefficients_{sel}.npz")
+        for m in config["baselines"]["methods"]
+        for sel in selections()
+    ]
+
+
+def test_set_outputs():
+    """Every scored test set's table and figure, and the index the report reads (none without test_sets)."""
+    names = test_set_names()
+    if not names:
+        return []
+    files = [out("tables", "test_sets.json")]
+    for name in names:
+        files += [out("tables", f"test_set_{name}.{ext}") for ext in ("csv", "md")]
+        files += [out("figures", f"test_set_{name}_scatter.{ext}") for ext in ("png", "pdf")]
+    return files
+
+
+# --------------------------------------------------------------------------- #
 # model bundle, interpretation (S2, S3)
 # --------------------------------------------------------------------------- #
 def _nearest_dropout(target=0.1):
@@ -327,13 +360,13 @@ def interpret_outputs():
 
 
 def all_outputs():
-    """Final targets of the workflow: tables, figures, model bundle, S2/S3 (and everything they need)."""
+    """Final targets of the workflow: tables, figures, model bundle, S2/S3, test sets (and what they need)."""
     targets = list(table_outputs().values())
     if config["report"]["figures"]:
         targets += list(figure_outputs().values())
     if config["export"]["enabled"]:
         targets.append(out("model", "bundle.json"))
-    return targets + interpret_outputs()
+    return targets + interpret_outputs() + test_set_outputs()
 
 
 # Checked at start, before any job is planned (after every helper above is defined).
