@@ -1,6 +1,14 @@
 # Stage score-test-set: every D-GEX grid point and baseline scored on each prepared test set (config test_sets).
 
 
+# Checked at start: every test-set table and figure compares with LR-L2.
+if test_set_names() and "ridge" not in config["baselines"]["methods"]:
+    raise ValueError(
+        "invalid config: test_sets are compared with LR-L2 but baselines.methods has no ridge; "
+        "add ridge to baselines.methods or drop test_sets"
+    )
+
+
 wildcard_constraints:
     test_set=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
 
