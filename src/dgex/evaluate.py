@@ -51,10 +51,10 @@ from .aggregate import load_aggregate
 from .checkpoints import load_weights
 from .dataset import SELECTIONS, ProcessedDataset
 from .errors import InputError
-from .figures import COLORS
+from .figures import gene_scatter
 from .io import atomic_path, staged_files, write_json, write_text
 from .metrics import PER_GENE_COLUMNS, bootstrap_ci, compare, overall, per_gene_frame
-from .plotting import MAE_UNIT, pyplot, save_figure
+from .plotting import pyplot, save_figure
 from .runs import check_dataset, load_runs, read_baseline_run, read_dgex_run
 from .settings import ScoreSettings
 from .tables import arch_name, choose, fmt
@@ -295,15 +295,7 @@ def scatter_figure(panels: list[dict], name: str, out: Path, file_name: str) -> 
     parts = []
     for ax, p, letter in zip(axes[0], panels, "abcd"):
         x, y = np.asarray(p["x"]), np.asarray(p["y"])
-        ax.scatter(x, y, s=4, alpha=0.4, linewidths=0, color=COLORS["D-GEX"], rasterized=True)
-        pad = 0.02 * (max(x.max(), y.max()) - min(x.min(), y.min())) or 0.01
-        lim = [min(x.min(), y.min()) - pad, max(x.max(), y.max()) + pad]
-        ax.plot(lim, lim, color="black", lw=0.8)
-        ax.set_xlim(lim)
-        ax.set_ylim(lim)
-        ax.set_aspect("equal")
-        ax.set_xlabel(f"{REFERENCE} per-gene MAE ({MAE_UNIT})")
-        ax.set_ylabel(f"{p['model']} per-gene MAE ({MAE_UNIT})")
+        gene_scatter(ax, x, y, REFERENCE, p["model"])
         win = float(np.mean(y < x))
         ax.set_title(f"({letter}) selected by {p['selection']}: D-GEX lower\non {100 * win:.1f}% of genes")
         parts.append(f"({letter}) {p['model']} selected by {p['selection']}, lower MAE on {100 * win:.1f}% of genes")
