@@ -302,3 +302,42 @@ def test_run_of_another_dataset_is_refused(world, tmp_path):
             baseline_runs=world["base"],
         )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        ("nan", "NaN/infinite targets"),
+        ("no_targets", "no targets"),
+        ("fingerprint", "not a dataset's SHA-256"),
+        ("shape", "2 landmarks"),
+    ],
+)
+def test_a_damaged_test_set_is_one_line(world, tmp_path, damage, words):
+    x, y = split(world, "geo-te")
+    ts = write_test_set(tmp_path / "ts" / "data.h5", x[:, :2] if damage == "shape" else x, y, world["fp"])
+    with h5py.File(ts, "a") as h5:
+        if damage == "nan":
+            h5["targets"][5, 3] = np.nan
+        elif damage == "no_targets":
+            del h5["targets"]
+        elif damage == "fingerprint":
+            h5.attrs["dataset_fingerprint"] = "unknown"
+    out = tmp_path / "out"
+    with pytest.raises(InputError) as exc:  # the CLI's one-line form: test_fingerprint_mismatch_is_one_line...
+        score_test_set(
+            test_set=ts,
+            dataset=world["toy"]["path"],
+            aggregate=world["root"] / "agg",
+            output_dir=out,
+            dgex_runs=world["dgex"],
+            baseline_runs=world["base"],
+        )
+    assert words in str(exc.value) and str(ts) in str(exc.value), str(exc.value)
+    assert not out.exists()
+
+
+def test_collect_refuses_a_missing_score_file(tmp_path):
+    with pytest.raises(InputError, match="run `dgex score-test-set` first"):
+        collect_test_sets(scores=[tmp_path / "nope" / "score.json"], output=tmp_path / "t.json")
+    assert not (tmp_path / "t.json").exists()
