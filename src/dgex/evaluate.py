@@ -254,16 +254,20 @@ def comparison_sentence(table: pd.DataFrame, selection: str) -> str:
     best = rows[rows["best_dgex"]]
     if best.empty or not (rows["method"] == REFERENCE).any():
         return f"selected by {selection}: no D-GEX and LR-L2 pair to compare"
-    b = best.iloc[0]
+    b, r = best.iloc[0], rows[rows["method"] == REFERENCE].iloc[0]
+
+    def mae(row) -> str:
+        return f"MAE {fmt(row['mae_mean'])} [{fmt(row['mae_ci_low'])}, {fmt(row['mae_ci_high'])}]"
+
     return (
-        f"{b['model']} vs {REFERENCE} (selected by {selection}): lower MAE on "
+        f"{b['model']} ({mae(b)}) vs {REFERENCE} ({mae(r)}), selected by {selection}: lower MAE on "
         f"{_pct(b['lower_mae_vs_lr_l2'])} of genes, Wilcoxon p = {_p(b['wilcoxon_p_vs_lr_l2'])}"
     )
 
 
-def table_markdown(table: pd.DataFrame, name: str, n_boot: int, seed: int, caption: str) -> str:
+def table_markdown(table: pd.DataFrame, n_boot: int, seed: int, caption: str) -> str:
     lines = [
-        f"**Test set {name}.** {caption} MAE mean ± std over genes (standardised units), 95% percentile bootstrap "
+        f"**{caption}** MAE mean ± std over genes (standardised units), 95% percentile bootstrap "
         f"CI of the mean MAE from {n_boot} resamples of the test samples (seed {seed}); "
         f"the share of genes with a lower MAE and the two-sided Wilcoxon signed-rank p of the per-gene MAEs "
         f"against {REFERENCE} and against the best D-GEX (chosen on validation, ★).",
@@ -421,7 +425,7 @@ def score_test_set(
             per_gene[PER_GENE_COLUMNS + ARCH].to_csv(tmp, index=False, float_format="%.8g")
         with atomic_path(tables / f"{table_name}.csv") as tmp:
             table.to_csv(tmp, index=False, float_format="%.6g")
-        write_text(tables / f"{table_name}.md", table_markdown(table, name, n_boot, seed, caption))
+        write_text(tables / f"{table_name}.md", table_markdown(table, n_boot, seed, caption))
         files, fig_caption = scatter_figure(panels, name, figures, fig_name)
         info = {
             "name": name,
