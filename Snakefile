@@ -42,3 +42,4 @@ rule all:
     default_target: True
     input:
         all_outputs(),
+        test_set_outputs(),

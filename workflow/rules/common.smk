@@ -360,13 +360,13 @@ def interpret_outputs():
 
 
 def all_outputs():
-    """Final targets of the workflow: tables, figures, model bundle, S2/S3, test sets (and what they need)."""
+    """Final targets of the workflow: tables, figures, model bundle, S2/S3 (and everything they need)."""
     targets = list(table_outputs().values())
     if config["report"]["figures"]:
         targets += list(figure_outputs().values())
     if config["export"]["enabled"]:
         targets.append(out("model", "bundle.json"))
-    return targets + interpret_outputs() + test_set_outputs()
+    return targets + interpret_outputs()
 
 
 # Checked at start, before any job is planned (after every helper above is defined).
