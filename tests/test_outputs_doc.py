@@ -213,10 +213,10 @@ def _pipeline(root: Path) -> dict:
     aggregate(dgex_runs=dgex_dirs, baseline_runs=base_dirs, output_dir=agg)
     make_tables(aggregate=agg, output_dir=res / "tables", n_boot=20)
     make_figures(aggregate=agg, output_dir=res / "figures")
+    _score_test_set(root, res, ds, agg, dgex_dirs)
     interpret_s2(dataset=ds, runs=dgex_dirs, output_dir=res / "interpret" / "s2", device="cpu", progress=False)
     interpret_s3(runs=dgex_dirs, output_dir=res / "interpret" / "s3", dataset=ds, progress=False)
     export_bundle(dataset=ds, output=res / "model", grid_aggregate=agg, progress=False)
-    _score_test_set(root, res, ds, agg, dgex_dirs)
     # variants: optional columns and keys
     make_tables(aggregate=agg, output_dir=root / "tables_paper", paper_reference=True, n_boot=20)
     aggregate(dgex_runs=dgex_dirs[:1], baseline_runs=base_dirs, output_dir=root / "agg_gap", allow_incomplete=True)
