@@ -198,7 +198,13 @@ def test_outputs_with_cross_platform_task(toy, tmp_path):
         run["tasks"]["1000g-va"]["tuning_mae"], rel=1e-6
     )
     assert out["metrics"] == metrics
-    assert sorted(p.name for p in out_dir.iterdir()) == ["metrics.json", "per_gene.csv", "run.json"]
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        "coefficients_1000g-va.npz",
+        "coefficients_geo-va.npz",
+        "metrics.json",
+        "per_gene.csv",
+        "run.json",
+    ]
 
 
 def test_outputs_without_rnaseq(toy_geo_only, tmp_path):

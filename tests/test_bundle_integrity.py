@@ -382,10 +382,10 @@ def test_weights_file_that_is_not_a_dict(bundle):
 @pytest.mark.parametrize("table", ["landmarks.tsv", "targets.tsv"])
 def test_repeated_gene_ids(bundle, table):
     df = pd.read_csv(bundle / table, sep="\t", dtype=str, keep_default_na=False)
-    df.loc[2, "ensembl"] = df.loc[1, "ensembl"]
+    df.loc[2, "id"] = df.loc[1, "id"]
     df.to_csv(bundle / table, sep="\t", index=False)
     _rehash(bundle)
-    _refused(bundle, f"{table} has empty or repeated ensembl ids")
+    _refused(bundle, f"{table} has empty or repeated ids")
 
 
 # --------------------------------------------------------------------------- through the CLI

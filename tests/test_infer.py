@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import assert_one_line_error, run_dgex  # noqa: E402
-from dgex.bundle import BUNDLE_FORMAT, export_bundle, load_bundle  # noqa: E402
+from dgex.bundle import BUNDLE_FORMAT, FORMAT_OF_KIND, export_bundle, load_bundle  # noqa: E402
 from dgex.checkpoints import load_weights  # noqa: E402
 from dgex.dataset import ProcessedDataset  # noqa: E402
 from dgex.errors import ConfigError, InputError  # noqa: E402
@@ -135,7 +135,7 @@ def test_export_bundle_contents(toy):
         "weights_part1.pt",
     ]
     info = json.loads((b / "bundle.json").read_text())
-    assert info["format_version"] == BUNDLE_FORMAT and info["selection"] == "geo-va"
+    assert info["format_version"] == FORMAT_OF_KIND["dgex"] == 1 and info["selection"] == "geo-va"
     assert info["architecture"] == {
         "n_landmarks": 20,
         "n_targets": 16,
@@ -237,8 +237,8 @@ def test_roundtrip_cli_reproduces_networks(toy, tmp_path):
     np.testing.assert_allclose(data, toy["expected"], rtol=1e-5, atol=1e-5)
     assert rows == toy["genes"].targets["ensembl"].tolist()
     assert cols == list(toy["ids"])
-    assert row_meta["symbol"].tolist() == toy["genes"].targets["symbol"].tolist()
-    assert row_meta["entrez"].tolist() == toy["genes"].targets["entrez"].tolist()
+    assert row_meta["pr_gene_symbol"].tolist() == toy["genes"].targets["symbol"].tolist()
+    assert row_meta["pr_gene_id"].tolist() == toy["genes"].targets["entrez"].tolist()
     # an existing output is refused without --overwrite, and kept intact
     before = out.read_bytes()
     res = run_dgex("infer", "--model", toy["bundle"], "--input", toy["gctx"], "--output", out)
@@ -283,9 +283,9 @@ def test_text_inputs_and_outputs(toy, tmp_path):
     write_gct(gct, toy["x"], toy["genes"].landmarks["ensembl"], toy["ids"])
     out = tmp_path / "pred.csv"
     infer(model=toy["bundle"], input=gct, output=out, progress=False)
-    df = pd.read_csv(out, dtype={"entrez": str})
-    assert list(df.columns[:4]) == ["ensembl", "symbol", "entrez", "part"]
-    assert df["ensembl"].tolist() == toy["genes"].targets["ensembl"].tolist()
+    df = pd.read_csv(out, dtype={"pr_gene_id": str})
+    assert list(df.columns[:6]) == ["id", "pr_gene_id", "pr_gene_symbol", "pr_ensembl_id", "pr_probe_id", "part"]
+    assert df["id"].tolist() == toy["genes"].targets["ensembl"].tolist()
     # GCT text keeps 6 significant digits of the inputs
     np.testing.assert_allclose(df[list(toy["ids"])].to_numpy().T, toy["expected"], rtol=1e-4, atol=1e-4)
 
@@ -479,7 +479,8 @@ def test_real_l1000_file(tmp_path):
     assert data.shape == (377, len(targets)) and np.isfinite(data).all()
     assert rows == targets["ensembl"].tolist() and cols == l1000_cols
     with GCTXReader(out) as r:
-        assert len(r.col_meta().columns) == n_col_meta  # the samples' metadata travel along
+        own = [c for c in r.col_meta().columns if not c.startswith("dgex_")]  # dgex_*: provenance
+        assert len(own) == n_col_meta  # the samples' metadata travel along
     # Entrez ids from the file's own row metadata give the same predictions as its probe ids
     with GCTXReader(L1000_FILE) as r:
         x, entrez = r.read(), r.row_meta()["pr_gene_id"].astype(str).tolist()

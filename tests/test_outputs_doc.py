@@ -23,7 +23,7 @@ import torch
 
 from dgex.aggregate import aggregate
 from dgex.baselines import run_baseline
-from dgex.bundle import export_bundle
+from dgex.bundle import export_bundle, prefer_model
 from dgex.demo import generate
 from dgex.figures import make_figures
 from dgex.infer import infer
@@ -217,6 +217,8 @@ def _pipeline(root: Path) -> dict:
     interpret_s2(dataset=ds, runs=dgex_dirs, output_dir=res / "interpret" / "s2", device="cpu", progress=False)
     interpret_s3(runs=dgex_dirs, output_dir=res / "interpret" / "s3", dataset=ds, progress=False)
     export_bundle(dataset=ds, output=res / "model", grid_aggregate=agg, progress=False)
+    export_bundle(dataset=ds, output=res / "model_lr", baseline_run=base_dirs[0], progress=False)
+    prefer_model(bundles=[res / "model", res / "model_lr"], output=res / "preferred_model.json")
     # variants: optional columns and keys
     make_tables(aggregate=agg, output_dir=root / "tables_paper", paper_reference=True, n_boot=20)
     aggregate(dgex_runs=dgex_dirs[:1], baseline_runs=base_dirs, output_dir=root / "agg_gap", allow_incomplete=True)

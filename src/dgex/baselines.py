@@ -43,7 +43,13 @@ are fitted from the same training statistics, accumulated once in row blocks
 
 Outputs in ``OUTPUT_DIR``: ``per_gene.csv``, ``metrics.json`` (overall errors
 per selected_by x split, with and without the targets that are also
-landmarks) and ``run.json`` (chosen values, validation curves, timings).
+landmarks), ``run.json`` (chosen values, validation curves, timings) and, for
+each selection in ``run.json``'s ``tasks``, ``coefficients_<selection>.npz``:
+the chosen model as ``weight`` float32 ``(n_landmarks, n_targets)``, ``bias``
+float32 ``(n_targets,)`` and ``value`` (the chosen hyper-parameter, NaN for
+LR), mapping the dataset's standardised landmarks to its standardised targets
+(``yhat = x @ weight + bias``, the space of ``per_gene.csv``'s metrics;
+:func:`load_coefficients` reads it back).
 Everything is computed before the first file is written, and each file is
 written atomically.
 """
@@ -54,6 +60,7 @@ import logging
 import math
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +70,7 @@ from scipy import linalg, sparse
 from . import __version__
 from .dataset import EVAL_SPLITS, SELECTIONS, ProcessedDataset
 from .errors import ConfigError, InputError
-from .io import refuse_overwriting_inputs, staged_files, write_json
+from .io import atomic_path, refuse_overwriting_inputs, staged_files, write_json
 from .metrics import overall, per_gene_frame, per_gene_mae, write_per_gene
 from .settings import BaselineSettings
 
@@ -432,6 +439,40 @@ def check_grid(method: str, grid, n_train: int, n_landmarks: int) -> list:
     return sorted(set(values))
 
 
+def coefficients_name(selection: str) -> str:
+    """File name of the coefficients a baseline chose by ``selection`` (``geo-va`` or ``1000g-va``)."""
+    return f"coefficients_{selection}.npz"
+
+
+def write_coefficients(path, W, b, value) -> None:
+    """Write one chosen linear map atomically: ``weight`` ``(L, T)`` and ``bias`` ``(T,)`` float32, ``value``."""
+    W = W.toarray() if sparse.issparse(W) else np.asarray(W)  # KNN-GE: sparse averaging matrix
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a name
+        np.savez(
+            fh,
+            weight=W.astype(np.float32),
+            bias=np.asarray(b).astype(np.float32),
+            value=np.float64(np.nan if value is None else value),
+        )
+
+
+def load_coefficients(path) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(weight (L, T), bias (T,), value)`` of a ``coefficients_<selection>.npz`` (:func:`write_coefficients`)."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            W, b, value = z["weight"], z["bias"], float(z["value"])
+    except FileNotFoundError:
+        raise InputError(f"{path}: baseline coefficients not found; rerun `dgex baseline`") from None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{path}: unreadable baseline coefficients ({exc}); rerun `dgex baseline`") from None
+    if W.ndim != 2 or b.shape != (W.shape[1],) or not (np.isfinite(W).all() and np.isfinite(b).all()):
+        raise InputError(
+            f"{path}: weight {W.shape} and bias {b.shape} are not a finite (L, T) and (T,) pair; rerun `dgex baseline`"
+        )
+    return W, b, value
+
+
 def _num(value) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
@@ -463,9 +504,8 @@ def run_baseline(
     if n_jobs == 0:
         raise ConfigError("--n-jobs must be >= 1 (or negative for all cores but |n|-1), got 0")
     output_dir = Path(output_dir)
-    refuse_overwriting_inputs(
-        [output_dir / f for f in ("per_gene.csv", "metrics.json", "run.json")], {"--dataset": dataset}, "--output-dir"
-    )
+    outputs = ["per_gene.csv", "metrics.json", "run.json", *(coefficients_name(s) for s in SELECTIONS)]
+    refuse_overwriting_inputs([output_dir / f for f in outputs], {"--dataset": dataset}, "--output-dir")
 
     with ProcessedDataset(dataset) as ds:
         for need in ("geo-tr", "geo-va"):
@@ -555,6 +595,9 @@ def run_baseline(
     with staged_files(output_dir) as stage:  # all outputs or none; run.json marks a complete run
         write_per_gene(stage / "per_gene.csv", per_gene)
         write_json(stage / "metrics.json", {"method": name, "metrics": metrics})
+        for sel, i in chosen.items():
+            W, b = family.weights(i)
+            write_coefficients(stage / coefficients_name(sel), W, b, family.grid[i])
         write_json(stage / "run.json", summary)
     log.info("%s: wrote %s in %.1f s", name, output_dir, timings["total"])
     return {**summary, "metrics": metrics}

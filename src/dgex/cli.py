@@ -13,8 +13,10 @@ import importlib
 import logging
 import os
 import queue
+import shutil
 import signal
 import sys
+import textwrap
 import threading
 import weakref
 
@@ -279,8 +281,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="an aggregate folder (`dgex aggregate`): export its grid point chosen on validation "
         "(GEO-va for --selection geo-va, 1000G-va for 1000g-va), as Table 1/2 do",
     )
+    src.add_argument(
+        "--baseline-run",
+        metavar="RUN_DIR",
+        help="a `dgex baseline` folder (e.g. runs/baselines/ridge): export its linear model chosen by "
+        "--selection as a linear bundle (kind linear: linear.npz instead of networks)",
+    )
     p.add_argument("--output", required=True, help="bundle folder to create")
     _add_settings(p, "export")
+
+    # ---------------------------------------------------------------- prefer-model
+    p = sub.add_parser(
+        "prefer-model",
+        help="say which of several model bundles validation prefers",
+        description="Compare model bundles exported with the same --selection (e.g. the chosen D-GEX and the "
+        "chosen LR-L2) by their overall validation MAE on that split and write the verdict as JSON.",
+    )
+    p.add_argument("--bundles", nargs="+", required=True, metavar="BUNDLE", help="model bundle folders")
+    p.add_argument("--output", required=True, help="JSON file to write (e.g. results/<name>/preferred_model.json)")
 
     # ---------------------------------------------------------------- infer
     p = sub.add_parser(
@@ -289,7 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Map the input's rows (genes) onto the model's landmarks, standardise with the "
         "bundle's GEO statistics, predict every target part and write target expression "
         "(log2, GEO scale) for every input sample. GCTX input is streamed in chunks of "
-        "samples and GCTX output written incrementally, so memory stays flat.",
+        "samples and GCTX output written incrementally, so memory stays flat. Rows carry CMap's "
+        "metadata (pr_gene_id, pr_gene_symbol, pr_ensembl_id, pr_probe_id, pr_is_lm, ...); every output "
+        "records its provenance (bundle id and sha256, model, training data, dgex version) and warns when "
+        "the model was trained on synthetic demo data.",
     )
     p.add_argument("--model", required=True, help="model bundle folder written by `dgex export`")
     p.add_argument(
@@ -298,7 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="genes x samples log2 expression: .gctx (streamed), .gct, .tsv or .csv (rows: landmark genes)",
     )
     p.add_argument(
-        "--output", required=True, help="predictions: .gctx (any size), .csv/.tsv (small inputs; .gz to compress)"
+        "--output",
+        required=True,
+        help="predictions: .gctx (any size), .h5ad (AnnData), .csv/.tsv (small inputs; .gz to compress; "
+        "provenance in OUTPUT.provenance.json)",
     )
     _add_settings(p, "infer")
 
@@ -311,7 +335,74 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--lock-dir", default=None, help="lease folder (default as for `dgex train`)")
 
+    for name, text in EXAMPLES.items():
+        if name in sub.choices:
+            _add_examples(sub.choices[name], text)
+    _group_commands(parser, sub)
     return parser
+
+
+#: Commands people run themselves; every other command is a step of the Snakemake workflow.
+USER_COMMANDS = ("infer", "export", "gpus", "report")
+
+#: The examples shown at the end of each user command's ``--help``.
+EXAMPLES = {
+    "infer": """\
+  # predictions for L1000 level-3 profiles (rows: probe ids, Entrez ids, symbols or Ensembl ids)
+  dgex infer --model results/l1000/model --input my_l1000_level3.gctx --output predicted.gctx
+  # keep the measured landmarks beside the inferred genes (flagged pr_is_lm=1), as CMap's matrices do
+  dgex infer --model results/l1000/model --input my.gctx --output all_genes.gctx --include-landmarks
+  # RNA-seq log2(TPM + 1) of another platform, 20 missing landmarks filled with the GEO mean, for Python users
+  dgex infer --model results/real/model --input rnaseq.tsv --output predicted.h5ad \\
+      --quantile-normalize --impute-missing mean
+  # a small table for a spreadsheet (provenance in predicted.csv.gz.provenance.json)
+  dgex infer --model results/real/model --input my.gct --output predicted.csv.gz
+
+  The demo's bundle (results/demo/model) is trained on synthetic data: fine for trying the
+  command, meaningless for real samples (infer warns about it).""",
+    "export": """\
+  # the grid point chosen on GEO-va in an aggregate folder, as Table 1 does
+  dgex export --dataset results/real/data/dataset.h5 --grid-aggregate results/real/aggregate \\
+      --output my_model
+  # explicit part runs of one grid point (one folder per target part)
+  dgex export --dataset results/real/data/dataset.h5 \\
+      --runs results/real/runs/dgex/3x9000_d0.1/part0 results/real/runs/dgex/3x9000_d0.1/part1 --output my_model
+  # the LR-L2 (ridge) model chosen on GEO-va, as a linear bundle for the same `dgex infer`
+  dgex export --dataset results/real/data/dataset.h5 --baseline-run results/real/runs/baselines/ridge \\
+      --output my_linear_model""",
+    "gpus": """\
+  dgex gpus                      # which GPUs are visible and which a dgex job holds
+  DGEX_GPUS=0,1 dgex gpus        # only the GPUs dgex may use""",
+}
+
+
+def _add_examples(p: argparse.ArgumentParser, text: str) -> None:
+    """Show ``text`` as an Examples section under ``p``'s help, kept as written (the description is wrapped here)."""
+    width = max(40, min(100, shutil.get_terminal_size().columns) - 2)
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.description = textwrap.fill(p.description or "", width)
+    p.epilog = "examples:\n" + text
+
+
+def _group_commands(parser: argparse.ArgumentParser, sub) -> None:
+    """List the commands in ``dgex --help`` in two groups: user commands, then the workflow's steps."""
+    helps = {a.dest: a.help for a in sub._choices_actions}  # argparse keeps each command's help only here
+    sub._choices_actions[:] = []  # listed in the epilog instead, grouped
+    sub.help = "one of the commands below; `dgex COMMAND --help` tells more"
+    width = max(len(n) for n in helps) + 2
+
+    def listing(names) -> str:
+        return "\n".join(f"  {n:<{width}}{helps[n]}" for n in names)
+
+    user = [n for n in USER_COMMANDS if n in helps]
+    steps = [n for n in helps if n not in USER_COMMANDS]
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        f"user commands:\n{listing(user)}\n\n"
+        f"workflow steps (run for you by `snakemake`; by hand for single stages):\n{listing(steps)}\n\n"
+        f"examples:\n  dgex infer --model results/l1000/model --input my.gctx --output predicted.gctx\n"
+        f"  dgex infer --help"
+    )
 
 
 class Terminated(BaseException):
@@ -452,6 +543,7 @@ STAGE_FUNCTIONS = {
     "interpret s2": ("interpret", "interpret_s2"),
     "interpret s3": ("interpret", "interpret_s3"),
     "export": ("bundle", "export_bundle"),
+    "prefer-model": ("bundle", "prefer_model"),
     "infer": ("infer", "infer"),
 }
 

@@ -13,10 +13,22 @@ Per chunk: optional rank mapping onto the GEO landmark reference, per-gene
 standardisation with the GEO statistics of the bundle, one forward pass per
 target-part network (eval mode, no gradients, GPU if present), and the
 inverse standardisation of the targets, so predictions are on the GEO log2
-expression scale.  The GCTX output (rows = target genes with ensembl /
-symbol / entrez / part metadata, columns = the input's samples with their
-metadata) is written batch by batch in a background thread while the next
-batch is computed, and renamed into place only when complete.
+expression scale.  The GCTX output is written batch by batch in a background
+thread while the next batch is computed, and renamed into place only when
+complete; text and AnnData (.h5ad) outputs are built in memory.
+
+Every output follows CMap's GCTX conventions for rows: the row id is the
+model's neutral gene id (Ensembl id, or the probe id for probe targets), with
+``pr_gene_id`` (Entrez), ``pr_gene_symbol``, ``pr_ensembl_id``, ``pr_probe_id``,
+``part``, every further per-target column of the bundle, and the flags
+``pr_is_lm`` / ``pr_is_inferred`` / ``pr_is_imputed``; ``--include-landmarks``
+adds the input's measured landmarks as rows.  Provenance (bundle id and
+checksum, selection, model, dgex version, creation time, training data and a
+warning for models trained on synthetic demo data) is in every output: GCTX
+column-metadata fields ``dgex_*`` (cmapPy's and cmapR's parsers return them;
+HDF5 attributes they would not show), AnnData ``uns['dgex_provenance']``, and a
+JSON sidecar ``<output>.provenance.json`` beside text outputs (so the table
+itself stays a plain table for any CSV reader).
 
 When to use ``--quantile-normalize``: when the input's value distribution
 differs from GEO's quantile-normalised HG-U133A log2 scale (another platform
@@ -42,6 +54,7 @@ import pandas as pd
 import torch
 
 from .bundle import Bundle, load_bundle
+from .bundle import well_inferred as well_inferred_flags
 from .devices import pick_device
 from .errors import ConfigError, InputError
 from .genes import clean_entrez
@@ -57,19 +70,20 @@ from .io import (
     open_matrix,
     refuse_overwriting_inputs,
 )
-from .settings import InferSettings
+from .settings import WELL_INFERRED, InferSettings
 
 log = logging.getLogger(__name__)
 
 ID_TYPES = ("ensembl", "entrez", "symbol", "probe")
 #: Order in which id types win a tie in ``--id-type auto``.
 AUTO_ORDER = ("probe", "ensembl", "entrez", "symbol")
-FORMATS = ("gctx", "csv", "tsv")
+FORMATS = ("gctx", "csv", "tsv", "h5ad")
 #: Output name endings of each format (.txt is tab-separated text, as ``open_matrix`` reads it).
 EXTENSIONS = {
     "gctx": (".gctx", ".h5"),
     "csv": (".csv", ".csv.gz"),
     "tsv": (".tsv", ".tsv.gz", ".txt", ".txt.gz"),
+    "h5ad": (".h5ad",),
 }
 #: Extensions that promise some other file type: an output named so is refused even with --format.
 # fmt: off
@@ -79,7 +93,7 @@ PROMISING_SUFFIXES = {
     ".rds", ".rda", ".csv", ".tsv", ".txt",
 }
 # fmt: on
-#: Text outputs are built in memory: refuse more samples than this unless forced.
+#: Text and AnnData outputs are built in memory: refuse more samples than this unless forced.
 MAX_TEXT_SAMPLES = 20_000
 #: Fewer landmarks than this fraction is always an error, imputation or not.
 MIN_PRESENT_FRACTION = 0.5
@@ -210,7 +224,7 @@ def check_coverage(bundle: Bundle, mapping: LandmarkMapping, impute_missing: str
         return
     L = bundle.n_landmarks
     lm = bundle.landmarks
-    names = [s or e for s, e in zip(lm["symbol"].iloc[missing[:10]], lm["ensembl"].iloc[missing[:10]])]
+    names = [s or e for s, e in zip(lm["symbol"].iloc[missing[:10]], lm["id"].iloc[missing[:10]])]
     listed = ", ".join(names) + (", ..." if len(missing) > 10 else "")
     n_present = len(mapping.present)
     if n_present < MIN_PRESENT_FRACTION * L:
@@ -266,7 +280,7 @@ def predict(
     ``bundle.landmarks`` order -> numpy array ``(n_samples, n_targets)`` in
     ``bundle.targets`` order; or a DataFrame ``(n_samples, n_genes)`` whose
     columns are gene ids (any id type, see ``id_type``) -> DataFrame
-    ``(n_samples, n_targets)`` with the target Ensembl ids as columns.
+    ``(n_samples, n_targets)`` with the targets' ids (``bundle.targets["id"]``) as columns.
     """
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle, device=pick_device(device))
@@ -276,7 +290,7 @@ def predict(
         values = mapping.gather(x.to_numpy(dtype=np.float32))
         check_finite(values, [str(i) for i in x.index], "DataFrame")
         out = _predict_present(bundle, values, mapping.present, quantile_normalize, batch_size)
-        return pd.DataFrame(out, index=x.index, columns=pd.Index(bundle.targets["ensembl"], name="ensembl"))
+        return pd.DataFrame(out, index=x.index, columns=pd.Index(bundle.targets["id"], name="id"))
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != bundle.n_landmarks:
         raise InputError(
@@ -442,7 +456,7 @@ class _InputQuality:
         const = np.flatnonzero(self.hi - self.lo < CONSTANT_GENE_STD) if self.n >= 2 else np.array([], int)
         if len(const):
             lm = bundle.landmarks.iloc[mapping.present[const[:5]]]
-            names = [s or e for s, e in zip(lm["symbol"], lm["ensembl"])]
+            names = [s or e for s, e in zip(lm["symbol"], lm["id"])]
             log.warning(
                 "%s: %d of %d landmark genes have the same value in all %d samples (e.g. %s); predictions use "
                 "that value as given: if they were not measured, drop their rows and pass --impute-missing mean",
@@ -459,7 +473,11 @@ def _output_format(output: Path, fmt: str | None) -> str:
     if fmt is not None and fmt not in FORMATS:
         raise ConfigError(
             f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})"
-            + ("; parquet output is not offered: write .gctx (any size) or .csv/.tsv" if fmt == "parquet" else "")
+            + (
+                "; parquet output is not offered: write .gctx (any size), .h5ad or .csv/.tsv"
+                if fmt == "parquet"
+                else ""
+            )
         )
     name = output.name.lower()
     by_name = next((f for f, exts in EXTENSIONS.items() if name.endswith(exts)), None)
@@ -469,14 +487,14 @@ def _output_format(output: Path, fmt: str | None) -> str:
         if lower.endswith(".gz") and lower.removesuffix(".gz") in (".gctx", ".h5"):
             fix = f"GCTX is HDF5, written uncompressed: name it {output.name[: -len('.gz')]}"
         elif ".parquet" in lower:
-            fix = "parquet output is not offered: write .gctx (any size) or .csv/.tsv"
+            fix = "parquet output is not offered: write .gctx (any size), .h5ad or .csv/.tsv"
         else:
-            fix = "name it .gctx, .csv or .tsv (text optionally .gz)"
+            fix = "name it .gctx, .h5ad, .csv or .tsv (text optionally .gz)"
         raise ConfigError(f"{output}: the extension {suffix} promises a format that dgex infer does not write; {fix}")
     if fmt is None:
         if by_name is None:
             raise ConfigError(
-                f"{output}: cannot tell the output format from the extension; name it .gctx, .csv or .tsv, "
+                f"{output}: cannot tell the output format from the extension; name it .gctx, .h5ad, .csv or .tsv, "
                 f"or pass --format"
             )
         return by_name
@@ -494,6 +512,294 @@ def auto_batch_size(n_targets: int) -> int:
     return int(min(8192, max(256, BATCH_BYTES // (4 * max(1, n_targets)))))
 
 
+def sidecar_path(output: Path) -> Path:
+    """The provenance sidecar of a text output: ``<output>.provenance.json``."""
+    return output.with_name(output.name + ".provenance.json")
+
+
+# --------------------------------------------------------------------------- #
+# what an output holds besides the predictions: rows, provenance, column metadata
+# --------------------------------------------------------------------------- #
+def output_rows(bundle: Bundle, mapping: LandmarkMapping, include_landmarks: bool) -> tuple[np.ndarray, pd.DataFrame]:
+    """Row ids ``(n_rows,)`` and row metadata ``(n_rows, n_fields)`` of an inferred matrix.
+
+    Rows are the targets in output order (every column of
+    :attr:`~dgex.bundle.Bundle.target_table`), then with ``include_landmarks``
+    the landmarks in input order.  Flags: ``pr_is_lm`` (1: the input's measured
+    landmark value), ``pr_is_inferred`` (1: predicted by the model) and
+    ``pr_is_imputed`` (1: a landmark absent from the input, written as the GEO
+    training mean).  The row id is the table's neutral ``id``; a landmark row
+    whose id is also a target's gets ``<id>_measured`` so that row ids stay unique.
+    """
+    targets = bundle.target_table
+    flags = {"pr_is_lm": 0, "pr_is_inferred": 1, "pr_is_imputed": 0}
+    targets = targets.assign(**flags)
+    if not include_landmarks:
+        return targets["id"].to_numpy(dtype=object), targets.drop(columns="id")
+    lm = bundle.landmark_table
+    imputed = np.ones(len(lm), dtype=np.int64)
+    imputed[mapping.present] = 0
+    lm = lm.assign(pr_is_lm=1, pr_is_inferred=0, pr_is_imputed=imputed)
+    clash = lm["id"].isin(targets["id"])
+    lm.loc[clash, "id"] = lm.loc[clash, "id"] + "_measured"
+    rows = pd.concat([targets, lm], ignore_index=True)[targets.columns]
+    text = [c for c in rows.columns if rows[c].dtype == object]
+    rows[text] = rows[text].fillna("")  # landmarks have no part (nor per-target fields)
+    return rows["id"].to_numpy(dtype=object), rows.drop(columns="id")
+
+
+def provenance(bundle: Bundle, input: Path, mapping: LandmarkMapping, options: dict) -> dict:
+    """Provenance of one inferred output: the bundle's (:meth:`~dgex.bundle.Bundle.provenance`) and this run's.
+
+    All values are strings (they become GCTX column-metadata fields, AnnData
+    ``uns`` entries and the text sidecar's fields); ``warning`` is non-empty
+    when the model was trained on synthetic demo data.
+    """
+    from . import __version__
+
+    out = dict(bundle.provenance())
+    synthetic = out["training_synthetic"] == "yes"
+    out.update(
+        {
+            "dgex_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "input": str(input),
+            "id_type": mapping.id_type,
+            "landmarks_present": str(len(mapping.present)),
+            "landmarks_imputed": str(len(mapping.missing)),
+            **{k: str(v) for k, v in options.items()},
+            "warning": SYNTHETIC_WARNING if synthetic else "",
+        }
+    )
+    return out
+
+
+SYNTHETIC_WARNING = "the model was trained on synthetic demo data: its predictions mean nothing for real samples"
+
+
+def _flag_well_inferred(row_meta: pd.DataFrame, criterion: str, model) -> pd.DataFrame:
+    """``row_meta`` with the ``well_inferred`` flag (:func:`dgex.bundle.well_inferred`) when the bundle can tell."""
+    flags = well_inferred_flags(row_meta, criterion)
+    if flags is None:
+        if criterion.strip().lower() != "none":
+            log.info("%s carries no per-target reliability (exported before dgex had it): no well_inferred flag", model)
+        return row_meta
+    log.info("well_inferred (%s): %d of %d rows", criterion, int(flags.sum()), len(flags))
+    return row_meta.assign(well_inferred=flags)
+
+
+def _warn_about_training(bundle: Bundle, model) -> None:
+    """One log line when the bundle was trained on synthetic data (warning) or does not say (info)."""
+    synthetic = bundle.training_data.get("synthetic")
+    if synthetic is True:
+        log.warning("%s: %s", model, SYNTHETIC_WARNING)
+    elif synthetic is None:
+        log.info("%s records no training data (%s)", model, bundle.training_data.get("description", "unknown"))
+
+
+def _column_metadata(reader, prov: dict) -> pd.DataFrame:
+    """The input's column metadata ``(n_samples, n_fields)`` plus each provenance field as ``dgex_<key>``."""
+    try:
+        meta = reader.col_meta()
+    except Exception:  # the input's metadata are a courtesy: never fail a prediction on them
+        meta = None
+    n = reader.n_cols
+    meta = pd.DataFrame(index=range(n)) if meta is None else meta.reset_index(drop=True)
+    fields = pd.DataFrame({f"dgex_{k}": np.full(n, v, dtype=object) for k, v in prov.items()})
+    return pd.concat([meta.drop(columns=[c for c in fields.columns if c in meta.columns]), fields], axis=1)
+
+
+# --------------------------------------------------------------------------- #
+# where predictions go
+# --------------------------------------------------------------------------- #
+class _Collected:
+    """Batches kept in memory for the formats written in one go at the end (text, AnnData)."""
+
+    def __init__(self, n_rows: int):
+        self.n_rows = n_rows
+        self.blocks: list[np.ndarray] = []
+
+    def matrix(self) -> np.ndarray:
+        """All samples ``(n_samples, n_rows)``."""
+        return np.concatenate(self.blocks)
+
+
+def _open_sink(fmt, output, row_ids, row_meta, col_ids, col_meta, batch_size):
+    """``(writer, sink)``: a GCTX written in a thread batch by batch, or ``(None, _Collected)``."""
+    if fmt != "gctx":
+        return None, _Collected(len(row_ids))
+    writer = GCTXWriter(output, row_ids, col_ids, row_meta=row_meta, col_meta=col_meta)
+    return writer, _BufferedWriter(writer.write, (batch_size, len(row_ids)))
+
+
+def _write_table(path: Path, fmt: str, y: np.ndarray, col_ids, row_ids, row_meta: pd.DataFrame, prov: dict) -> None:
+    """Genes x samples text: ``id``, the row metadata, then one column per sample; ``y`` ``(n_samples, n_rows)``.
+
+    The provenance goes to :func:`sidecar_path` (JSON), written first, so the
+    table itself stays a plain table any CSV reader takes; a failed table write
+    removes the sidecar again.
+    """
+    from .io import write_json
+
+    df = pd.concat(
+        [
+            pd.DataFrame({"id": row_ids}),
+            row_meta.reset_index(drop=True),
+            pd.DataFrame(y.T, columns=[str(c) for c in col_ids]),
+        ],
+        axis=1,
+    )
+    sidecar = sidecar_path(path)
+    write_json(sidecar, {"dgex_inferred_matrix": path.name, **prov})
+    ok = False
+    try:
+        with atomic_path(path) as tmp:
+            df.to_csv(
+                tmp,
+                sep="," if fmt == "csv" else "\t",
+                index=False,
+                float_format="%.6g",
+                compression="gzip" if path.name.lower().endswith(".gz") else None,
+            )
+        ok = True
+    finally:
+        if not ok:
+            sidecar.unlink(missing_ok=True)
+
+
+def _write_h5ad(path: Path, y: np.ndarray, col_ids, col_meta: pd.DataFrame, row_ids, row_meta, prov: dict) -> None:
+    """AnnData: ``X`` ``(n_samples, n_rows)``, obs = samples (input column metadata), var = genes (row
+    metadata), ``uns['dgex_provenance']``; written to a temporary file and renamed into place."""
+    import anndata
+
+    obs = col_meta[[c for c in col_meta.columns if not c.startswith("dgex_")]].copy()
+    obs.index = pd.Index([str(c) for c in col_ids], name="sample")
+    var = row_meta.copy()
+    var.index = pd.Index([str(r) for r in row_ids], name="id")
+    adata = anndata.AnnData(X=np.ascontiguousarray(y, dtype=np.float32), obs=obs, var=var)
+    adata.uns["dgex_provenance"] = dict(prov)
+    with atomic_path(path) as tmp:
+        adata.write_h5ad(tmp)
+
+
+# --------------------------------------------------------------------------- #
+# the stage
+# --------------------------------------------------------------------------- #
+def _check_request(output: Path, input: Path, model, fmt: str, overwrite: bool) -> None:
+    """Refuse outputs that cannot be written or would replace an input or an existing file."""
+    check_output_path(output)
+    refuse_overwriting_inputs([output], {"--input": input, "--model": model})
+    written = [output, sidecar_path(output)] if fmt in ("csv", "tsv") else [output]
+    for path in written:
+        if path.exists() and not overwrite:
+            raise InputError(f"{path} exists; pass --overwrite to replace it or choose another --output")
+
+
+def _check_samples(input: Path, n: int, fmt: str, force: bool) -> None:
+    if n == 0:
+        raise InputError(f"{input}: no samples (columns); pass a genes x samples matrix")
+    if fmt != "gctx" and n > MAX_TEXT_SAMPLES and not force:
+        raise InputError(
+            f"{input}: {n} samples is too many for {fmt} output (built in memory, "
+            f"> {MAX_TEXT_SAMPLES}); write .gctx, or pass --force"
+        )
+
+
+def _check_first_chunk(bundle: Bundle, x: np.ndarray, input: Path, quantile_normalize: bool) -> None:
+    """Scale checks on the first samples ``x`` ``(n, k)``: refuse linear or ratio data, hint at --quantile-normalize."""
+    check_scale(
+        x[:2000],
+        input,
+        linear_fix="log2(x + 1)-transform the input and retry",
+        ratio_fix="use expression values (e.g. L1000 level 3, not 4/5)",
+    )
+    ref_med = float(np.median(bundle.stats["landmark_quantiles"]))
+    med = float(np.median(x[:2000]))
+    if not quantile_normalize and abs(med - ref_med) > 2.0:
+        log.warning(
+            "median landmark value %.2f of %s differs from the GEO reference's %.2f: consider --quantile-normalize",
+            med,
+            input,
+            ref_med,
+        )
+
+
+class _Predictor:
+    """Fills output rows for batches of present landmarks: targets first, then (optionally) the landmarks.
+
+    ``x`` ``(n, k)`` holds the input's present landmarks (``mapping.present`` order);
+    the filled block is ``(n, n_targets [+ n_landmarks])``.
+    """
+
+    def __init__(self, bundle: Bundle, mapping: LandmarkMapping, quantile_normalize: bool, include_landmarks: bool):
+        self.bundle, self.mapping, self.include_landmarks = bundle, mapping, include_landmarks
+        dev = bundle.device
+        self.present_t = (
+            None if len(mapping.present) == bundle.n_landmarks else torch.as_tensor(mapping.present, device=dev)
+        )
+        self.ref = _reference_for(bundle, len(mapping.present)) if quantile_normalize else None
+        self.lm_mean = np.asarray(bundle.stats["landmark_mean"], dtype=np.float32)
+        self.n_rows = bundle.n_targets + (bundle.n_landmarks if include_landmarks else 0)
+
+    def fill(self, x: np.ndarray, out: np.ndarray) -> None:
+        """Write the rows of the ``len(x)`` samples into ``out`` ``(len(x), n_rows)``."""
+        bundle, T = self.bundle, self.bundle.n_targets
+        xb = x
+        if self.ref is not None:
+            from .preprocess import quantile_map  # imports scikit-learn: only when needed
+
+            xb = quantile_map(x, self.ref).astype(np.float32)
+        xt = torch.as_tensor(np.ascontiguousarray(xb), device=bundle.device)
+        host = torch.from_numpy(out)
+        if bundle.device.type == "cpu":
+            bundle.predict_tensor(xt, self.present_t, out=host[:, :T])
+        else:
+            host[:, :T].copy_(bundle.predict_tensor(xt, self.present_t))
+        if self.include_landmarks:  # the measured values as given (before any quantile mapping)
+            lm = out[:, T:]
+            lm[:] = self.lm_mean
+            lm[:, self.mapping.present] = x
+
+
+def _predict_all(reader, mapping, predictor, sink, input, chunk_size, batch_size, quality, progress) -> None:
+    """Read the input chunk by chunk (one ahead, in a thread), predict batch by batch and hand batches to ``sink``."""
+    from tqdm.auto import tqdm
+
+    col_ids = reader.col_ids
+    chunks = ((start, stop, mapping.gather(block)) for start, stop, block in reader.iter_samples(chunk_size))
+    with tqdm(total=reader.n_cols, unit="profile", desc="infer", disable=not progress, dynamic_ncols=True) as bar:
+        for start, stop, x in _prefetch(chunks):  # x: (chunk, k) present landmarks
+            check_finite(x, col_ids[start:stop], input)
+            quality.update(x, start)
+            if start == 0:
+                _check_first_chunk(predictor.bundle, x, input, predictor.ref is not None)
+            for s in range(0, len(x), batch_size):
+                xb = x[s : s + batch_size]
+                if isinstance(sink, _Collected):
+                    block = np.empty((len(xb), sink.n_rows), dtype=np.float32)
+                    predictor.fill(xb, block)
+                    sink.blocks.append(block)
+                    continue
+                buf = sink.buffer()
+                predictor.fill(xb, buf[: len(xb)])
+                sink.put(buf, len(xb))
+            bar.update(stop - start)
+
+
+def _close_gctx(writer, sink, ok: bool) -> None:
+    """Finish the GCTX thread and file: renamed into place when ``ok``, removed otherwise."""
+    if ok and sink is not None:
+        sink.close()
+        sink = None
+    if sink is not None:  # failed: stop the thread before the temporary file goes
+        try:  # noqa: SIM105 -- a plain try: dgex's signal deferral treats contextlib frames specially
+            sink.close()
+        except BaseException:
+            pass
+    if writer is not None:
+        writer.close(ok=ok)
+
+
 def infer(
     *,
     model,
@@ -505,6 +811,8 @@ def infer(
     batch_size: int | None = None,
     impute_missing: str = "none",
     quantile_normalize: bool = False,
+    include_landmarks: bool = False,
+    well_inferred: str = WELL_INFERRED,
     device: str = "auto",
     overwrite: bool = False,
     force: bool = False,
@@ -515,123 +823,50 @@ def infer(
     ``chunk_size`` samples are read at a time (one chunk ahead, in a thread)
     and ``batch_size`` (default: :func:`auto_batch_size`) predicted and
     written at a time (the writing in a thread), so memory does not grow with
-    the number of samples for GCTX input and output.  Returns a summary dict.
+    the number of samples for GCTX input and output.  ``include_landmarks``
+    adds the input's measured landmarks as flagged rows (:func:`output_rows`).
+    Every output records :func:`provenance`.  Returns a summary dict.
     """
-    from tqdm.auto import tqdm
-
     fmt = _output_format(Path(output), output_format)  # first: it explains what a wrong format means
     InferSettings.check(locals())
     output, input = Path(output), Path(input)
-    check_output_path(output)
-    refuse_overwriting_inputs([output], {"--input": input, "--model": model})
-    if output.exists() and not overwrite:
-        raise InputError(f"{output} exists; pass --overwrite to replace it or choose another --output")
+    _check_request(output, input, model, fmt, overwrite)
 
     t0 = time.time()
-    dev = pick_device(device)
-    bundle = load_bundle(model, device=dev)
-    batch_size = batch_size or auto_batch_size(bundle.n_targets)
+    bundle = load_bundle(model, device=pick_device(device))
+    log.info("%s: %s", model, bundle.describe())
+    _warn_about_training(bundle, model)
     with open_matrix(input) as reader:
         mapping = map_landmarks(bundle, reader.row_ids, id_type, source=str(input))
         check_coverage(bundle, mapping, impute_missing, source=str(input))
         n = reader.n_cols
-        if n == 0:
-            raise InputError(f"{input}: no samples (columns); pass a genes x samples matrix")
-        if fmt != "gctx" and n > MAX_TEXT_SAMPLES and not force:
-            raise InputError(
-                f"{input}: {n} samples is too many for {fmt} output (built in memory, "
-                f"> {MAX_TEXT_SAMPLES}); write .gctx, or pass --force"
-            )
-        col_ids = reader.col_ids
-        try:
-            col_meta = reader.col_meta()
-        except Exception:  # metadata are a courtesy: never fail a prediction on them
-            col_meta = None
-        tg = bundle.targets
-        row_meta = pd.DataFrame(
-            {
-                "ensembl": tg["ensembl"].values,
-                "symbol": tg["symbol"].values,
-                "entrez": tg["entrez"].values,
-                "part": tg["part"].values,
-            }
-        )
-        present_t = None if len(mapping.present) == bundle.n_landmarks else torch.as_tensor(mapping.present, device=dev)
-        ref = _reference_for(bundle, len(mapping.present)) if quantile_normalize else None
-        if ref is not None:
-            from .preprocess import quantile_map  # imports scikit-learn: only when needed
-        batch_size = min(batch_size, chunk_size, n)  # a batch never spans chunks: larger buffers would sit unused
-
-        collected: list[np.ndarray] = []
-        writer = sink = None
-        if fmt == "gctx":
-            writer = GCTXWriter(
-                output,
-                tg["ensembl"].values,
-                col_ids,
-                row_meta=row_meta,
-                col_meta=col_meta if col_meta is not None and len(col_meta.columns) else None,
-            )
-            sink = _BufferedWriter(writer.write, (batch_size, bundle.n_targets))
-        chunks = ((start, stop, mapping.gather(block)) for start, stop, block in reader.iter_samples(chunk_size))
+        _check_samples(input, n, fmt, force)
+        options = {"quantile_normalize": bool(quantile_normalize), "include_landmarks": bool(include_landmarks)}
+        prov = provenance(bundle, input, mapping, options)
+        row_ids, row_meta = output_rows(bundle, mapping, include_landmarks)
+        row_meta = _flag_well_inferred(row_meta, well_inferred, model)
+        col_ids, col_meta = reader.col_ids, _column_metadata(reader, prov)
+        batch_size = min(batch_size or auto_batch_size(bundle.n_targets), chunk_size, n)  # batches never span chunks
+        predictor = _Predictor(bundle, mapping, quantile_normalize, include_landmarks)
         quality = _InputQuality(len(mapping.present))
+        writer, sink = _open_sink(fmt, output, row_ids, row_meta, col_ids, col_meta, batch_size)
         ok = False
-        bar = tqdm(total=n, unit="profile", desc="infer", disable=not progress, dynamic_ncols=True)
         try:
-            for start, stop, x in _prefetch(chunks):  # x: (chunk, k) present landmarks
-                check_finite(x, col_ids[start:stop], input)
-                quality.update(x, start)
-                if start == 0:
-                    check_scale(
-                        x[:2000],
-                        input,
-                        linear_fix="log2(x + 1)-transform the input and retry",
-                        ratio_fix="use expression values (e.g. L1000 level 3, not 4/5)",
-                    )
-                    ref_med = float(np.median(bundle.stats["landmark_quantiles"]))
-                    med = float(np.median(x[:2000]))
-                    if ref is None and abs(med - ref_med) > 2.0:
-                        log.warning(
-                            "median landmark value %.2f of %s differs from the GEO reference's %.2f: "
-                            "consider --quantile-normalize",
-                            med,
-                            input,
-                            ref_med,
-                        )
-                for s in range(0, len(x), batch_size):
-                    xb = x[s : s + batch_size]
-                    k = len(xb)
-                    if ref is not None:
-                        xb = quantile_map(xb, ref).astype(np.float32)
-                    xt = torch.as_tensor(np.ascontiguousarray(xb), device=dev)
-                    if sink is None:
-                        collected.append(bundle.predict_tensor(xt, present_t).cpu().numpy())
-                        continue
-                    buf = sink.buffer()
-                    host = torch.from_numpy(buf[:k])
-                    if dev.type == "cpu":
-                        bundle.predict_tensor(xt, present_t, out=host)
-                    else:
-                        host.copy_(bundle.predict_tensor(xt, present_t))
-                    sink.put(buf, k)
-                bar.update(stop - start)
-            if sink is not None:
-                sink.close()
-                sink = None
+            _predict_all(reader, mapping, predictor, sink, input, chunk_size, batch_size, quality, progress)
             ok = True
         finally:
-            bar.close()
-            if sink is not None:  # failed: stop the thread before the temporary file goes
-                try:  # noqa: SIM105 -- a plain try: dgex's signal deferral treats contextlib frames specially
-                    sink.close()
-                except BaseException:
-                    pass
             if writer is not None:
-                writer.close(ok=ok)
-    if fmt != "gctx":
-        _write_table(output, fmt, np.concatenate(collected), col_ids, row_meta)
+                _close_gctx(writer, sink, ok)
+    if fmt in ("csv", "tsv"):
+        _write_table(output, fmt, sink.matrix(), col_ids, row_ids, row_meta, prov)
+    elif fmt == "h5ad":
+        _write_h5ad(output, sink.matrix(), col_ids, col_meta, row_ids, row_meta, prov)
     quality.warn(bundle, mapping, col_ids, input)
-    wall = time.time() - t0
+    return _summary(model, input, output, fmt, bundle, mapping, n, quantile_normalize, batch_size, time.time() - t0)
+
+
+def _summary(model, input, output, fmt, bundle, mapping, n, quantile_normalize, batch_size, wall) -> dict:
+    """The summary :func:`infer` returns, also logged as one line."""
     summary = {
         "model": str(model),
         "input": str(input),
@@ -643,7 +878,7 @@ def infer(
         "landmarks_imputed": int(len(mapping.missing)),
         "id_type": mapping.id_type,
         "quantile_normalize": bool(quantile_normalize),
-        "device": str(dev),
+        "device": str(bundle.device),
         "batch_size": int(batch_size),
         "seconds": round(wall, 3),
         "profiles_per_second": n / max(wall, 1e-9),
@@ -660,16 +895,3 @@ def infer(
         output,
     )
     return summary
-
-
-def _write_table(path: Path, fmt: str, y: np.ndarray, col_ids, row_meta: pd.DataFrame) -> None:
-    """Genes x samples table: ensembl, symbol, entrez, part, then one column per sample; ``y`` ``(n, T)``."""
-    df = pd.concat([row_meta.reset_index(drop=True), pd.DataFrame(y.T, columns=[str(c) for c in col_ids])], axis=1)
-    with atomic_path(path) as tmp:
-        df.to_csv(
-            tmp,
-            sep="," if fmt == "csv" else "\t",
-            index=False,
-            float_format="%.6g",
-            compression="gzip" if path.name.lower().endswith(".gz") else None,
-        )

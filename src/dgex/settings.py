@@ -46,7 +46,9 @@ SOURCES = ("geo", "g1000", "gtex")  # the workflow's inputs (config key inputs.<
 PRECISIONS = ("32", "tf32", "bf16-mixed")  # the one definition (dgex.train uses it)
 OPTIMIZERS = ("sgd", "adamw")  # as dgex.training.plan.OPTIMIZERS (pinned by a test)
 SCOPES = ("unit", "matrix")  # dgex.interpret.SCOPES
-FORMATS = ("gctx", "csv", "tsv")  # dgex.infer.FORMATS
+FORMATS = ("gctx", "csv", "tsv", "h5ad")  # dgex.infer.FORMATS
+#: Default criterion of infer's well_inferred flag (README, "Which inferred genes to trust").
+WELL_INFERRED = "r_geo_te>=0.5"
 #: Seeds seed numpy and torch generators: integers in [0, 2**32).
 MAX_SEED = 2**32 - 1
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
@@ -571,7 +573,11 @@ class S3Settings(Settings):
 @_settings("export")
 class ExportSettings(Settings):
     selection: str = setting(
-        "geo-va", "which best epoch to export: best_<selection>.pt", choices=SELECTIONS, config="export.selection"
+        "geo-va",
+        "which validation choice to export: a D-GEX run's best_<selection>.pt, a baseline's "
+        "coefficients_<selection>.npz",
+        choices=SELECTIONS,
+        config="export.selection",
     )
     overwrite: bool = setting(False, "replace an existing bundle folder")
     progress: bool = setting(True, _PROGRESS)
@@ -587,7 +593,8 @@ class InferSettings(Settings):
     )
     output_format: str | None = setting(
         None,
-        "output format; the --output extension must agree with it: .gctx/.h5, .csv[.gz], .tsv/.txt[.gz]",
+        "output format; the --output extension must agree with it: .gctx/.h5, .csv[.gz], .tsv/.txt[.gz], "
+        ".h5ad (AnnData)",
         choices=FORMATS,
         flag="--format",
         shown_default="from the --output extension",
@@ -611,9 +618,23 @@ class InferSettings(Settings):
         "distribution differs from GEO's quantile-normalised log2 arrays (other platforms or "
         "normalisations), not for inputs already on the GEO scale",
     )
+    include_landmarks: bool = setting(
+        False,
+        "also write the input's measured landmark values (rows flagged pr_is_lm=1, pr_is_inferred=0; landmarks "
+        "filled by --impute-missing flagged pr_is_imputed=1), as CMap's inferred matrices do",
+    )
+    well_inferred: str = setting(
+        WELL_INFERRED,
+        "criterion of the well_inferred row flag: a per-target reliability column the bundle carries "
+        "(<mae|r|rho>_<geo_va|geo_te|1000g_va|gtex_te>), >= or <=, a number; none = no flag. Default: Pearson r "
+        ">= 0.5 on the held-out GEO test split (see the README, 'Which inferred genes to trust')",
+        pattern=r"\s*(none|[a-z0-9_]+\s*(>=|<=)\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)\s*",
+        pattern_text="<column> >= <number>, <column> <= <number> or none (e.g. r_geo_te>=0.5)",
+        metavar="CRITERION",
+    )
     device: str = setting("auto", "auto (GPU if present), cpu, cuda, cuda:N", **_DEVICE)
-    overwrite: bool = setting(False, "replace an existing output file")
-    force: bool = setting(False, "allow csv/tsv output above 20,000 samples")
+    overwrite: bool = setting(False, "replace an existing output file (and its provenance sidecar)")
+    force: bool = setting(False, "allow csv/tsv/h5ad output (built in memory) above 20,000 samples")
     progress: bool = setting(True, _PROGRESS)
 
 

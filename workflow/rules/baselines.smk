@@ -12,6 +12,11 @@ rule baseline:
         run=out("runs", "baselines", "{method}", "run.json"),
         per_gene=out("runs", "baselines", "{method}", "per_gene.csv"),
         metrics=out("runs", "baselines", "{method}", "metrics.json"),
+        # the chosen linear map of each selection (standardised landmarks -> standardised targets)
+        coefficients=expand(
+            out("runs", "baselines", "{{method}}", "coefficients_{selection}.npz"),
+            selection=selections(),
+        ),
     log:
         out("logs", "baseline_{method}.log"),
     benchmark:

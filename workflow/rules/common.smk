@@ -123,6 +123,13 @@ def config_problems():
             "export.selection is 1000g-va but inputs.g1000 is not given, so there is no 1000G-va split to "
             "select by; set export.selection: geo-va or give inputs.g1000"
         )
+    not_run = [m for m in config["export"]["baselines"] if m not in config["baselines"]["methods"]]
+    if config["export"]["enabled"] and not_run:
+        problems.append(
+            f"export.baselines lists {', '.join(not_run)} but baselines.methods does not run "
+            f"{'it' if len(not_run) == 1 else 'them'}; add {'it' if len(not_run) == 1 else 'them'} to "
+            f"baselines.methods or remove {'it' if len(not_run) == 1 else 'them'} from export.baselines"
+        )
     split = config["interpret"]["s2_split"]
     if config["interpret"]["s2"] and split in missing and not input_cfg(missing[split]):
         problems.append(
@@ -202,6 +209,28 @@ def network_runs(point):
 def dgex_runs():
     """run.json of every training of the grid."""
     return [f for point in grid_points() for f in network_runs(point)]
+
+
+def selections():
+    """Validation sets the dataset will have to choose models by: GEO-va, and 1000G-va with inputs.g1000."""
+    return ["geo-va"] + (["1000g-va"] if input_cfg("g1000") else [])
+
+
+#: Baseline method -> folder suffix of its linear bundle (results/<name>/model_<suffix>/): the paper's names.
+LINEAR_BUNDLES = {"lr": "lr", "ridge": "lr-l2", "lasso": "lr-l1", "knn": "knn-ge"}
+
+
+def linear_method(suffix):
+    """The baseline method of a linear bundle folder suffix (lr-l2 -> ridge)."""
+    return {v: k for k, v in LINEAR_BUNDLES.items()}[suffix]
+
+
+def exported_bundles():
+    """bundle.json of every exported model: the chosen D-GEX first, then each export.baselines linear bundle."""
+    if not config["export"]["enabled"]:
+        return []
+    linear = [out(f"model_{LINEAR_BUNDLES[m]}", "bundle.json") for m in config["export"]["baselines"]]
+    return [out("model", "bundle.json")] + linear
 
 
 def baseline_runs():
@@ -364,8 +393,9 @@ def all_outputs():
     targets = list(table_outputs().values())
     if config["report"]["figures"]:
         targets += list(figure_outputs().values())
-    if config["export"]["enabled"]:
-        targets.append(out("model", "bundle.json"))
+    targets += exported_bundles()
+    if len(exported_bundles()) > 1:
+        targets.append(out("preferred_model.json"))
     return targets + interpret_outputs()
 
 
