@@ -49,22 +49,14 @@ def world(tmp_path_factory):
     torch.set_num_threads(n)
     base_dirs, coef = [], {}
     with ProcessedDataset(toy["path"]) as ds:
-        x_tr, y_tr = ds.X("geo-tr").astype(np.float64), ds.Y("geo-tr").astype(np.float64)
         fp = ds.fingerprint()["sha256"]
-    rng = np.random.default_rng(1)
     for method in ("lr", "ridge"):
         d = root / "baselines" / method
         run_baseline(method, toy["path"], d, progress=False, n_jobs=1)
         base_dirs.append(d)
-        # the contract's coefficients (written by `dgex baseline` itself once it keeps them): least squares
-        # on GEO-tr, perturbed per selection so that the two selections are different maps
-        A = np.hstack([x_tr, np.ones((len(x_tr), 1))])
-        sol = np.linalg.lstsq(A, y_tr, rcond=None)[0]
-        for sel in ("geo-va", "1000g-va"):
-            w = (sol[:-1] + rng.normal(scale=0.01, size=sol[:-1].shape)).astype(np.float32)
-            b = sol[-1].astype(np.float32)
-            np.savez(d / f"coefficients_{sel}.npz", weight=w, bias=b, value=np.nan)
-            coef[(method, sel)] = (w, b)
+        for sel in ("geo-va", "1000g-va"):  # contract A: the chosen map of each selection
+            with np.load(d / f"coefficients_{sel}.npz") as z:
+                coef[(method, sel)] = (z["weight"], z["bias"])
     aggregate(dgex_runs=dgex_dirs, baseline_runs=base_dirs, output_dir=root / "agg")
     return {"root": root, "toy": toy, "dgex": dgex_dirs, "base": base_dirs, "coef": coef, "fp": fp}
 
@@ -156,6 +148,22 @@ def test_baseline_metrics_are_numpys_on_x_w_plus_b(world, tmp_path):
         np.testing.assert_allclose(got["rho"], rho, rtol=1e-6)
 
 
+def test_baselines_on_their_own_geo_te_equal_the_runs_per_gene(world, tmp_path):
+    """The coefficients `dgex baseline` keeps reproduce the errors it wrote for GEO-te."""
+    x, y = split(world, "geo-te")
+    _, pg, _, _ = score(world, tmp_path, x, y)
+    for d in world["base"]:
+        own = read_per_gene(d / "per_gene.csv")
+        method = json.loads((d / "run.json").read_text())["method"]
+        for sel in ("geo-va", "1000g-va"):
+            want = own[(own["split"] == "geo-te") & (own["selected_by"] == sel)]
+            got = pg[(pg["method"] == method) & (pg["selected_by"] == sel)]
+            assert list(got["ensembl"]) == list(want["ensembl"]) and len(got) == 16
+            for col in ("mae", "r", "rho"):
+                # the run fits in float64, the kept coefficients are float32
+                np.testing.assert_allclose(got[col], want[col], rtol=1e-5, atol=1e-7, err_msg=f"{d} {sel} {col}")
+
+
 # --------------------------------------------------------------------------- known answers
 def _best_row(table, sel="geo-va"):
     return table[(table["selected_by"] == sel) & table["best_dgex"]].iloc[0]
@@ -172,8 +180,6 @@ def test_training_distribution_scores_like_geo_te_and_a_shifted_set_worse(world,
         m &= summary["split"] == "geo-te"
         if row["method"] == "D-GEX":
             m &= (summary["layers"] == row["layers"]) & (summary["dropout"] == row["dropout"])
-        if row["method"] in ("LR", "LR-L2"):
-            continue  # the test's coefficients are not the run's
         geo_te = float(summary.loc[m, "mae_mean"].iloc[0])
         half = (row["mae_ci_high"] - row["mae_ci_low"]) / 2
         assert abs(row["mae_mean"] - geo_te) < 2.5 * half, (row["model"], row["mae_mean"], geo_te, half)

@@ -48,6 +48,7 @@ import pandas as pd
 import torch
 
 from .aggregate import load_aggregate
+from .baselines import coefficients_name, load_coefficients
 from .checkpoints import load_weights
 from .dataset import SELECTIONS, ProcessedDataset
 from .errors import InputError
@@ -133,24 +134,15 @@ def read_test_set(path) -> dict:
     }
 
 
-def load_coefficients(run_dir, selection: str, n_landmarks: int, n_targets: int) -> tuple[np.ndarray, np.ndarray]:
-    """A baseline's linear map of one selection: ``weight`` ``(L, T)`` and ``bias`` ``(T,)``, float64."""
-    path = Path(run_dir) / f"coefficients_{selection}.npz"
-    fix = "rerun `dgex baseline` (it writes the coefficients)"
-    if not path.is_file():
-        raise InputError(f"{path}: baseline coefficients not found; {fix}")
-    try:
-        with np.load(path) as npz:
-            w, b = np.asarray(npz["weight"], np.float64), np.asarray(npz["bias"], np.float64)
-    except (OSError, ValueError, KeyError, EOFError) as exc:
-        raise InputError(f"{path}: unreadable baseline coefficients ({type(exc).__name__}: {exc}); {fix}") from None
-    if w.shape != (n_landmarks, n_targets) or b.shape != (n_targets,):
+def linear_map(run_dir, selection: str, n_landmarks: int, n_targets: int) -> tuple[np.ndarray, np.ndarray]:
+    """A baseline's linear map of one selection, checked against the dataset: ``weight`` ``(L, T)``, ``bias`` ``(T,)``."""
+    path = Path(run_dir) / coefficients_name(selection)
+    w, b, _ = load_coefficients(path)
+    if w.shape != (n_landmarks, n_targets):
         raise InputError(
-            f"{path}: weight {w.shape} and bias {b.shape} do not map the dataset's {n_landmarks} landmarks to "
-            f"{n_targets} targets; {fix} on this dataset"
+            f"{path}: weight {w.shape} does not map the dataset's {n_landmarks} landmarks to {n_targets} targets; "
+            f"rerun `dgex baseline` on this dataset"
         )
-    if not (np.isfinite(w).all() and np.isfinite(b).all()):
-        raise InputError(f"{path}: NaN/infinite coefficients; {fix}")
     return w, b
 
 
@@ -159,7 +151,7 @@ def load_coefficients(run_dir, selection: str, n_landmarks: int, n_targets: int)
 # --------------------------------------------------------------------------- #
 def predict_linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """``x @ weight + bias`` in float64: ``(n_samples, L) -> (n_samples, T)``."""
-    return np.asarray(x, np.float64) @ weight + bias
+    return np.asarray(x, np.float64) @ np.asarray(weight, np.float64) + np.asarray(bias, np.float64)
 
 
 def predict_dgex(parts: list[dict], x: np.ndarray, genes) -> np.ndarray:
@@ -379,7 +371,7 @@ def score_test_set(
         for d, info in sorted(base_infos.items()):
             if sel not in (info.get("tasks") or {}):
                 continue
-            w, b = load_coefficients(d, sel, L, T)
+            w, b = linear_map(d, sel, L, T)
             models.append({"method": info["method"], "arch": None, "yhat": predict_linear(x, w, b)})
         for m in models:
             yhat = m.pop("yhat")

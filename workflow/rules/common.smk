@@ -317,11 +317,6 @@ def test_set_names():
     return [t["name"] for t in config.get("test_sets") or []]
 
 
-def selections():
-    """Validation splits that select models: GEO-va, and 1000G-va when the 1000G input is given."""
-    return ["geo-va"] + (["1000g-va"] if input_cfg("g1000") else [])
-
-
 def baseline_coefficients():
     """The fitted linear map of every baseline for each selection (scored on the test sets)."""
     return [
