@@ -86,19 +86,16 @@ def split(world, name):
         return ds.X(name), ds.Y(name)
 
 
+def run_score(world, ts, out, **kw):
+    """score_test_set with the world's dataset, aggregate and runs (``kw`` replaces any of them)."""
+    args = dict(dataset=world["toy"]["path"], aggregate=world["root"] / "agg", dgex_runs=world["dgex"])
+    return score_test_set(test_set=ts, output_dir=out, **{**args, "baseline_runs": world["base"], **kw})
+
+
 def score(world, tmp_path, x, y, name="ts", fingerprint=None, **kw):
     ts = write_test_set(tmp_path / "in" / name / "data.h5", x, y, fingerprint or world["fp"], name=name)
     out = tmp_path / "out"
-    info = score_test_set(
-        test_set=ts,
-        dataset=world["toy"]["path"],
-        aggregate=world["root"] / "agg",
-        output_dir=out,
-        dgex_runs=world["dgex"],
-        baseline_runs=world["base"],
-        n_boot=kw.pop("n_boot", N_BOOT),
-        **kw,
-    )
+    info = run_score(world, ts, out, n_boot=kw.pop("n_boot", N_BOOT), **kw)
     pg = pd.read_csv(out / "test_sets" / name / "per_gene.csv", dtype={"ensembl": str})
     table = pd.read_csv(out / "tables" / f"test_set_{name}.csv")
     return info, pg, table, out
@@ -299,14 +296,7 @@ def test_run_of_another_dataset_is_refused(world, tmp_path):
     (d / "run.json").write_text(json.dumps(info))
     ts = write_test_set(tmp_path / "ts" / "data.h5", x, y, world["fp"])
     with pytest.raises(InputError, match="trained on another dataset"):
-        score_test_set(
-            test_set=ts,
-            dataset=world["toy"]["path"],
-            aggregate=world["root"] / "agg",
-            output_dir=tmp_path / "out",
-            dgex_runs=[d, *world["dgex"][1:]],
-            baseline_runs=world["base"],
-        )
+        run_score(world, ts, tmp_path / "out", dgex_runs=[d, *world["dgex"][1:]])
     assert not (tmp_path / "out").exists()
 
 
@@ -331,14 +321,7 @@ def test_a_damaged_test_set_is_one_line(world, tmp_path, damage, words):
             h5.attrs["dataset_fingerprint"] = "unknown"
     out = tmp_path / "out"
     with pytest.raises(InputError) as exc:  # the CLI's one-line form: test_fingerprint_mismatch_is_one_line...
-        score_test_set(
-            test_set=ts,
-            dataset=world["toy"]["path"],
-            aggregate=world["root"] / "agg",
-            output_dir=out,
-            dgex_runs=world["dgex"],
-            baseline_runs=world["base"],
-        )
+        run_score(world, ts, out)
     assert words in str(exc.value) and str(ts) in str(exc.value), str(exc.value)
     assert not out.exists()
 
