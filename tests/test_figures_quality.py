@@ -25,6 +25,7 @@ from matplotlib.collections import PathCollection
 from matplotlib.container import BarContainer
 from matplotlib.image import AxesImage
 
+import dgex.evaluate
 import dgex.figures
 import dgex.interpret
 from dgex.aggregate import aggregate
@@ -94,6 +95,7 @@ def drawn(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         _capture(mp, dgex.figures, figs)
         _capture(mp, dgex.interpret, figs)
+        _capture(mp, dgex.evaluate, figs)
         dgex_dirs, base_dirs, _ = make_grid(root / "runs")
         aggregate(dgex_runs=dgex_dirs, baseline_runs=base_dirs, output_dir=root / "agg")
         make_figures(aggregate=root / "agg", output_dir=root / "fig")
@@ -114,10 +116,19 @@ def drawn(tmp_path_factory):
         (root / "s2").mkdir()
         _figure_s2(r2, ["input", "hidden1"], "D-GEX-10%-25x1", "geo-tr", root / "s2")
         out["figure_s2"] = root / "s2"
+        # a test set's scatter from synthetic per-gene errors (its scoring is tested in test_evaluate.py)
+        lr = rng.uniform(0.3, 0.7, 300)
+        panels = [
+            {"selection": s, "model": "D-GEX-10% 2×40", "x": lr, "y": lr + rng.normal(0, 0.03, 300)}
+            for s in ("geo-va", "1000g-va")
+        ]
+        (root / "ts").mkdir()
+        dgex.evaluate.scatter_figure(panels, "demo", root / "ts", "test_set_demo_scatter")
+        out["test_set_demo_scatter"] = root / "ts"
     return {"figs": figs, "dirs": out, "s3": s3, "root": root}
 
 
-NAMES = ["figure1", "figure2", "figure3", "figure4", "figure5", "figure_s2", "figure_s3"]
+NAMES = ["figure1", "figure2", "figure3", "figure4", "figure5", "figure_s2", "figure_s3", "test_set_demo_scatter"]
 
 
 # --------------------------------------------------------------------------- files
@@ -322,6 +333,7 @@ def test_s3_map_is_not_blank_without_major_weights(tmp_path):
     rng = np.random.default_rng(3)
     with pytest.MonkeyPatch.context() as mp:
         _capture(mp, dgex.interpret, figs)
+        _capture(mp, dgex.evaluate, figs)
         run, w_in, _ = _write_s3_run(tmp_path / "part0", 0, rng, N_TARGETS, planted=False)
         assert not major_weights(w_in, 4, axis=0).any()  # uniform weights stay within sqrt(3) s.d.
         info = interpret_s3(runs=[run], output_dir=tmp_path / "s3", progress=False)

@@ -176,7 +176,7 @@ def pipeline(tmp_path_factory):
     torch.set_num_threads(1)  # tiny problems: a second thread only adds contention (S2's eigh: 5 s -> 0.7 s)
     try:
         with pytest.MonkeyPatch.context() as mp:
-            for module in ("dgex.figures", "dgex.interpret"):
+            for module in ("dgex.figures", "dgex.interpret", "dgex.evaluate"):
                 mp.setattr(f"{module}.save_figure", _placeholder_figure)
             yield _pipeline(tmp_path_factory.mktemp("outputs"))
     finally:
@@ -216,6 +216,7 @@ def _pipeline(root: Path) -> dict:
     aggregate(dgex_runs=dgex_dirs, baseline_runs=base_dirs, output_dir=agg)
     make_tables(aggregate=agg, output_dir=res / "tables", n_boot=20)
     make_figures(aggregate=agg, output_dir=res / "figures")
+    _score_test_set(root, res, ds, agg, dgex_dirs)
     interpret_s2(dataset=ds, runs=dgex_dirs, output_dir=res / "interpret" / "s2", device="cpu", progress=False)
     interpret_s3(runs=dgex_dirs, output_dir=res / "interpret" / "s3", dataset=ds, progress=False)
     export_bundle(dataset=ds, output=res / "model", grid_aggregate=agg, progress=False)
@@ -232,6 +233,34 @@ def _pipeline(root: Path) -> dict:
         infer(model=res / "model", input=demo / "geo.gctx", output=root / name, device="cpu", progress=False)
         predictions[name] = root / name
     return {"root": root, "res": res, "predictions": predictions}
+
+
+def _score_test_set(root: Path, res: Path, ds: Path, agg: Path, dgex_dirs: list) -> None:
+    """GEO-te as a prepared test set, scored by the D-GEX runs and LR-L2 (its coefficients: least squares)."""
+    import shutil
+
+    from dgex.dataset import ProcessedDataset, encode
+    from dgex.evaluate import collect_test_sets, score_test_set
+
+    ridge = root / "scoring" / "ridge"  # outside results/: the coefficient files are the baseline stage's
+    run_baseline("ridge", ds, ridge, progress=False)
+    with ProcessedDataset(ds) as d:
+        x, y, fp = d.X("geo-te"), d.Y("geo-te"), d.fingerprint()["sha256"]
+        x_tr, y_tr = d.X("geo-tr"), d.Y("geo-tr")
+    for sel in ("geo-va", "1000g-va"):
+        if not (ridge / f"coefficients_{sel}.npz").exists():
+            sol = np.linalg.lstsq(np.hstack([x_tr, np.ones((len(x_tr), 1))]), y_tr, rcond=None)[0]
+            np.savez(ridge / f"coefficients_{sel}.npz", weight=sol[:-1], bias=sol[-1], value=np.nan)
+    ts = root / "scoring" / "heldout.h5"
+    with h5py.File(ts, "w") as h5:
+        h5["landmarks"], h5["targets"], h5["sample_ids"] = x, y, encode([f"s{i}" for i in range(len(x))])
+        h5.attrs.update({"name": "heldout", "protocol": "own-statistics", "source": "geo-te", "filter": "{}"})
+        h5.attrs.update({"dataset_fingerprint": fp, "n_samples": len(x)})
+    score_test_set(
+        test_set=ts, dataset=ds, aggregate=agg, output_dir=res, dgex_runs=dgex_dirs, baseline_runs=[ridge], n_boot=20
+    )
+    collect_test_sets(scores=[res / "test_sets" / "heldout" / "score.json"], output=res / "tables" / "test_sets.json")
+    shutil.rmtree(root / "scoring")
 
 
 def test_every_file_written_has_a_heading(pipeline):

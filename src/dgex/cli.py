@@ -225,6 +225,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="HTML file to write (default: RESULTS_DIR/report.html)")
     p.add_argument("--name", default=None, help="run name shown in the title (default: the folder's name)")
 
+    # ---------------------------------------------------------------- score-test-set
+    p = sub.add_parser(
+        "score-test-set",
+        help="score every D-GEX and baseline on a prepared test set (per-gene file, table, figure)",
+        description="Predict a prepared test set's targets from its landmarks with every D-GEX grid point and "
+        "every baseline (both selections) and write test_sets/<set>/per_gene.csv and score.json, "
+        "tables/test_set_<set>.csv|md (MAE ± std, bootstrap CI over samples, win rate and Wilcoxon p against "
+        "LR-L2 and the best D-GEX) and figures/test_set_<set>_scatter.png|pdf under --output-dir.",
+    )
+    p.add_argument("--test-set", required=True, help="test_sets/<set>/data.h5 written by `dgex prepare-test-set`")
+    p.add_argument("--dataset", required=True, help="processed dataset the models were trained on")
+    p.add_argument("--aggregate", required=True, help="folder written by `dgex aggregate` (chooses the best D-GEX)")
+    p.add_argument("--dgex-runs", nargs="*", default=[], metavar="DIR", help="D-GEX run folders (every part)")
+    p.add_argument("--baseline-runs", nargs="*", default=[], metavar="DIR", help="baseline run folders")
+    p.add_argument("--name", default=None, help="test set name (default: the data.h5's name attribute)")
+    p.add_argument("--output-dir", required=True, help="results folder (results/<name>)")
+    _add_settings(p, "score-test-set")
+    p = sub.add_parser(
+        "collect-test-sets",
+        help="tables/test_sets.json: every scored test set for the report",
+        description="Gather the score.json of every test set (in the order given) into one JSON file.",
+    )
+    p.add_argument("scores", nargs="+", metavar="SCORE_JSON", help="test_sets/<set>/score.json files")
+    p.add_argument("--output", required=True, help="tables/test_sets.json")
+
     # ---------------------------------------------------------------- interpret
     p = sub.add_parser(
         "interpret",
@@ -554,6 +579,8 @@ STAGE_FUNCTIONS = {
     "tables": ("tables", "make_tables"),
     "figures": ("figures", "make_figures"),
     "report": ("report", "make_report"),
+    "score-test-set": ("evaluate", "score_test_set"),
+    "collect-test-sets": ("evaluate", "collect_test_sets"),
     "interpret s2": ("interpret", "interpret_s2"),
     "interpret s3": ("interpret", "interpret_s3"),
     "export": ("bundle", "export_bundle"),

@@ -142,6 +142,19 @@ def figure2(agg, out):
     return save_figure(fig, out, "figure2"), caption
 
 
+def gene_scatter(ax, x, y, x_name: str, y_name: str) -> None:
+    """Per-gene MAE of model ``y_name`` ``(n_genes,)`` against ``x_name``'s: points, diagonal, equal axes, units."""
+    ax.scatter(x, y, s=4, alpha=0.4, linewidths=0, color=COLORS["D-GEX"], rasterized=True)
+    pad = 0.02 * (max(x.max(), y.max()) - min(x.min(), y.min())) or 0.01  # 0.01: all errors equal
+    lim = [min(x.min(), y.min()) - pad, max(x.max(), y.max()) + pad]
+    ax.plot(lim, lim, color="black", lw=0.8)
+    ax.set_xlim(lim)
+    ax.set_ylim(lim)
+    ax.set_aspect("equal")
+    ax.set_xlabel(f"{x_name} per-gene MAE ({MAE_UNIT})")
+    ax.set_ylabel(f"{y_name} per-gene MAE ({MAE_UNIT})")
+
+
 def _scatter(agg, out, task: str, number: int):
     plt = pyplot()
     t = TASKS[task]
@@ -158,15 +171,7 @@ def _scatter(agg, out, task: str, number: int):
         x, y = base.loc[genes].to_numpy(), model.loc[genes].to_numpy()
         win = float(np.mean(y < x))
         wins[base_name] = win
-        ax.scatter(x, y, s=4, alpha=0.4, linewidths=0, color=COLORS["D-GEX"], rasterized=True)
-        pad = 0.02 * (max(x.max(), y.max()) - min(x.min(), y.min()))
-        lim = [min(x.min(), y.min()) - pad, max(x.max(), y.max()) + pad]
-        ax.plot(lim, lim, color="black", lw=0.8)
-        ax.set_xlim(lim)
-        ax.set_ylim(lim)
-        ax.set_aspect("equal")
-        ax.set_xlabel(f"{base_name} per-gene MAE ({MAE_UNIT})")
-        ax.set_ylabel(f"{arch_name(arch)} per-gene MAE ({MAE_UNIT})")
+        gene_scatter(ax, x, y, base_name, arch_name(arch))
         # the share of genes goes in the title, off the points
         ax.set_title(f"({letter}) vs {base_name}: D-GEX lower on {100 * win:.2f}% of genes\n(below the diagonal)")
     fig.suptitle(f"Per-gene errors on {t['title']} (models selected by {t['validation']})")

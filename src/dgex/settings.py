@@ -566,6 +566,14 @@ class TablesSettings(Settings):
     n_boot: int = setting(2000, "bootstrap resamples for the confidence intervals", min=1, flag="--bootstrap")
 
 
+@_settings("score-test-set")
+class ScoreSettings(Settings):
+    n_boot: int = setting(
+        2000, "bootstrap resamples of the test samples for the 95% CI of each mean MAE", min=1, flag="--bootstrap"
+    )
+    seed: int = setting(0, "seed of the bootstrap resamples", **_SEED)
+
+
 _SELECTION = "which checkpoint to load: best_<selection>.pt"
 
 

@@ -393,6 +393,34 @@ def figure_outputs():
 
 
 # --------------------------------------------------------------------------- #
+# test sets (config test_sets): scored by every model
+# --------------------------------------------------------------------------- #
+def test_set_names():
+    return [t["name"] for t in config.get("test_sets") or []]
+
+
+def baseline_coefficients():
+    """The fitted linear map of every baseline for each selection (scored on the test sets)."""
+    return [
+        out("runs", "baselines", m, f"coefficients_{sel}.npz")
+        for m in config["baselines"]["methods"]
+        for sel in selections()
+    ]
+
+
+def test_set_outputs():
+    """Every scored test set's table and figure, and the index the report reads (none without test_sets)."""
+    names = test_set_names()
+    if not names:
+        return []
+    files = [out("tables", "test_sets.json")]
+    for name in names:
+        files += [out("tables", f"test_set_{name}.{ext}") for ext in ("csv", "md")]
+        files += [out("figures", f"test_set_{name}_scatter.{ext}") for ext in ("png", "pdf")]
+    return files
+
+
+# --------------------------------------------------------------------------- #
 # model bundle, interpretation (S2, S3)
 # --------------------------------------------------------------------------- #
 def _nearest_dropout(target=0.1):
