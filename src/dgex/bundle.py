@@ -853,6 +853,7 @@ class LinearMap(torch.nn.Module):
             self.output.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor, buffers=None) -> torch.Tensor:
+        """Standardised targets ``(n_samples, n_targets)`` from standardised landmarks ``(n_samples, n_landmarks)``."""
         return self.output(x)
 
 

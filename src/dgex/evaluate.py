@@ -258,6 +258,7 @@ def comparison_sentence(table: pd.DataFrame, selection: str) -> str:
 
 
 def table_markdown(table: pd.DataFrame, n_boot: int, seed: int, caption: str) -> str:
+    """The test-set table as Markdown (``.3421 ± .0912`` style), headed by ``caption`` and the bootstrap settings."""
     lines = [
         f"**{caption}** MAE mean ± std over genes (standardised units), 95% percentile bootstrap "
         f"CI of the mean MAE from {n_boot} resamples of the test samples (seed {seed}); "

@@ -577,7 +577,7 @@ def provenance(bundle: Bundle, input: Path, mapping: LandmarkMapping, options: d
 
 
 def _created() -> str:
-    """This output's creation time, ISO 8601 with UTC offset; ``SOURCE_DATE_EPOCH`` (reproducible builds) fixes it."""
+    """Creation time of this output, ISO 8601 with UTC offset; ``SOURCE_DATE_EPOCH`` (reproducible builds) fixes it."""
     epoch = os.environ.get("SOURCE_DATE_EPOCH", "")
     if epoch.isdigit():  # reruns then write byte-identical files
         return time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime(int(epoch)))
@@ -678,8 +678,12 @@ def _write_table(path: Path, fmt: str, y: np.ndarray, col_ids, row_ids, row_meta
 
 
 def _write_h5ad(path: Path, y: np.ndarray, col_ids, col_meta: pd.DataFrame, row_ids, row_meta, prov: dict) -> None:
-    """AnnData: ``X`` ``(n_samples, n_rows)``, obs = samples (input column metadata), var = genes (row
-    metadata), ``uns['dgex_provenance']``; written to a temporary file and renamed into place."""
+    """Write an AnnData file: ``X`` ``(n_samples, n_rows)``, obs = samples, var = genes.
+
+    obs carries the input's column metadata, var the row metadata and
+    ``uns['dgex_provenance']`` the provenance; written to a temporary file and
+    renamed into place.
+    """
     import anndata
 
     obs = col_meta[[c for c in col_meta.columns if not c.startswith("dgex_")]].copy()

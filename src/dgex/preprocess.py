@@ -179,6 +179,7 @@ def filter_args(filt: dict[str, list[str]]) -> list[str] | None:
 
 
 def filter_text(filt: dict[str, list[str]]) -> str:
+    """The filter as one line of ``FIELD=V1,V2`` words (for logs and messages)."""
     return " ".join(filter_args(filt) or [])
 
 
@@ -226,6 +227,7 @@ class SampleSubset(Matrix):
         self.path, self.row_ids, self.col_ids = base.path, base.row_ids, base.col_ids[self.positions]
 
     def read(self, rows=None, start=0, stop=None):
+        """Kept samples ``start:stop`` as ``(n_samples, n_rows)`` float32 (``rows``: a subset of rows)."""
         pos = self.positions[start:stop]
         width = self.n_rows if rows is None else len(rows)
         blocks = [np.empty((0, width), dtype=np.float32)]
@@ -236,12 +238,15 @@ class SampleSubset(Matrix):
         return np.concatenate(blocks)
 
     def row_meta(self):
+        """Row metadata of the base matrix (rows are not filtered)."""
         return self.base.row_meta()
 
     def col_meta(self):
+        """Column metadata of the kept samples."""
         return self.base.col_meta().iloc[self.positions]
 
     def close(self):
+        """Close the base matrix."""
         self.base.close()
 
 

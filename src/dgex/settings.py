@@ -568,6 +568,8 @@ class TablesSettings(Settings):
 
 @_settings("score-test-set")
 class ScoreSettings(Settings):
+    """The settings of ``dgex score-test-set``: bootstrap resamples and their seed."""
+
     n_boot: int = setting(
         2000, "bootstrap resamples of the test samples for the 95% CI of each mean MAE", min=1, flag="--bootstrap"
     )
