@@ -167,8 +167,9 @@ def dgex_loop(x, y, layers, units, batch, device, precision, epochs, workdir: Pa
 def bare_epoch_seconds(
     data: dict, layers: int, units: int, batch: int, monitor_size: int, eval_batch: int, epochs: int
 ) -> tuple[float, float]:
-    """Wall and CPU seconds per epoch of a bare PyTorch loop doing `dgex train`'s work on the CPU, after one
-    warm-up epoch.
+    """Measure wall and CPU seconds per epoch of a bare PyTorch loop doing `dgex train`'s work on the CPU.
+
+    One warm-up epoch is left out.
 
     ``data``: ``{split: (X (n, n_in), Y (n, n_out))}`` with ``geo-tr``.  Per epoch: the seeded permutation,
     one gather of inputs and one of targets per batch, forward, loss, backward, the classical-momentum step;
@@ -213,7 +214,7 @@ def bare_epoch_seconds(
 def dgex_epoch_seconds(
     data: dict, layers: int, units: int, batch: int, monitor_size: int, workdir: Path
 ) -> tuple[float, float]:
-    """Wall and CPU seconds of one `dgex train` epoch, everything per epoch included.
+    """Measure wall and CPU seconds of one `dgex train` epoch, everything per epoch included.
 
     Wall: ``(fit(3 epochs) - fit(1 epoch)) / 2``; CPU: the same difference of this process's CPU time over
     the whole ``train()`` calls (what they do besides the epochs is the same for both and cancels).

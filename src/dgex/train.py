@@ -258,7 +258,7 @@ def lock_run_folder(run_dir: Path, dataset) -> int | None:
 
 
 def lease_gpu_for(device: str, gpu_lock_dir) -> GpuLease | None:
-    """A GPU lease for ``device`` "auto" or "cuda" (a specific ``cuda:N`` was chosen by the user: none).
+    """Lease a GPU for ``device`` "auto" or "cuda"; None for "cpu" or a ``cuda:N`` the user chose.
 
     Sets ``CUDA_VISIBLE_DEVICES`` before CUDA starts and logs the GPU (or SLURM's); the caller releases it.
     """
@@ -266,7 +266,7 @@ def lease_gpu_for(device: str, gpu_lock_dir) -> GpuLease | None:
 
 
 def select_device(device: str, precision: str) -> torch.device:
-    """The training device (after a GPU lease, if any) with torch's matmul precision set for ``precision``."""
+    """Pick the training device (after a GPU lease, if any) and set torch's matmul precision for ``precision``."""
     dev = pick_device(device)
     if precision == "tf32":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -278,7 +278,7 @@ def select_device(device: str, precision: str) -> torch.device:
 
 
 def read_inputs(dataset, part: int | None) -> RunInputs:
-    """The run's training and evaluation data, target genes and dataset fingerprint."""
+    """Read the run's training and evaluation data, target genes and dataset fingerprint."""
     with ProcessedDataset(dataset) as ds:
         if not ds.has("geo-tr") or not ds.has("geo-va"):
             raise InputError(f"{dataset}: needs geo-tr and geo-va splits; rerun `dgex preprocess`")
@@ -293,7 +293,7 @@ def read_inputs(dataset, part: int | None) -> RunInputs:
 def resume_point(
     run_dir: Path, cfg: TrainConfig, inputs: RunInputs, dataset, resume: bool, restart_incompatible: bool
 ) -> Path | None:
-    """The checkpoint to continue (``run_dir/last.ckpt``), or None to train from scratch.
+    """Return the checkpoint to continue (``run_dir/last.ckpt``), or None to train from scratch.
 
     A checkpoint that must not be continued raises :class:`CannotResume`, or with ``restart_incompatible``
     is logged and ignored.
@@ -338,12 +338,12 @@ class Callbacks:
     checkpoint: ResumableCheckpoint
 
     def all(self) -> list:
-        """The callbacks for ``pl.Trainer(callbacks=...)``."""
+        """Return the callbacks for ``pl.Trainer(callbacks=...)``."""
         return [self.lr_rule, self.best, self.checkpoint]
 
 
 def make_callbacks(run_dir: Path, cfg: TrainConfig, inputs: RunInputs) -> Callbacks:
-    """The history logger, the paper's rate rule, the best weights per selection split and ``last.ckpt``."""
+    """Build the history logger, the paper's rate rule, the best weights per selection split and ``last.ckpt``."""
     history = HistoryLogger(run_dir / "history.csv")
     best = BestWeights(
         run_dir,
@@ -361,7 +361,7 @@ def make_callbacks(run_dir: Path, cfg: TrainConfig, inputs: RunInputs) -> Callba
 
 
 def make_trainer(cfg: TrainConfig, dev: torch.device, callbacks: Callbacks, run_dir: Path, progress: bool):
-    """The Lightning ``Trainer``: one device, deterministic on the CPU, no sanity check, no model summary."""
+    """Build the Lightning ``Trainer``: one device, deterministic on the CPU, no sanity check, no model summary."""
     return pl.Trainer(
         max_epochs=cfg.epochs,
         accelerator="gpu" if dev.type == "cuda" else "cpu",
@@ -437,7 +437,7 @@ def run_summary(
     lease,
     wall: float,
 ) -> dict:
-    """The contents of ``run.json``: settings, dataset, network size, best epochs, device and speed.
+    """Collect the contents of ``run.json``: settings, dataset, network size, best epochs, device and speed.
 
     A run whose best geo-va MAE is far worse than the trivial predictor's (:func:`worse_than_trivial`) is
     logged and gets a ``warning``.
