@@ -33,12 +33,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from . import __version__
 from .checkpoints import CHECKPOINT_FORMAT, CannotResume, load_mapped, load_weights, read_checkpoint_state
 from .dataset import EVAL_SPLITS, SELECTIONS, ProcessedDataset, fingerprint_differences
-from .devices import lease_gpu, pick_device
+from .devices import GpuLease, lease_gpu, pick_device
 from .errors import ConfigError, DgexError, InputError
 from .io import refuse_overwriting_inputs, sweep_stale, write_json
 from .metrics import per_gene_frame, write_per_gene
@@ -221,6 +222,258 @@ def evaluate_selected(
 
 
 # --------------------------------------------------------------------------- #
+# the stage's steps, in the order train() takes them
+# --------------------------------------------------------------------------- #
+@dataclass
+class RunInputs:
+    """What one run reads from the processed dataset.
+
+    ``data``: ``{split: (X (n_samples, n_landmarks), Y (n_samples, n_targets))}`` with ``Y`` restricted to the
+    run's target part; ``targets``: the part's rows of the gene table; ``gene_ids``: ``{"landmarks",
+    "targets"}`` Ensembl ids in column order; ``fingerprint``: the dataset's content fingerprint.
+    """
+
+    data: dict[str, tuple[np.ndarray, np.ndarray]]
+    targets: pd.DataFrame
+    gene_ids: dict[str, list[str]]
+    fingerprint: dict
+
+    @property
+    def n_landmarks(self) -> int:
+        """Input genes of the network."""
+        return self.data["geo-tr"][0].shape[1]
+
+    @property
+    def n_targets(self) -> int:
+        """Output genes of the network (the run's target part)."""
+        return self.data["geo-tr"][1].shape[1]
+
+
+def lock_run_folder(run_dir: Path, dataset) -> int | None:
+    """Refuse a run folder whose files would overwrite ``dataset``, then lock it against a second writer.
+
+    Returns the lock's file descriptor, or None when the folder does not exist yet (it is locked once created).
+    """
+    refuse_overwriting_inputs([run_dir / name for name in RUN_FILES], {"--dataset": dataset}, "--output-dir")
+    return lock_run_dir(run_dir)  # before anything in the folder is removed
+
+
+def lease_gpu_for(device: str, gpu_lock_dir) -> GpuLease | None:
+    """Lease a GPU for ``device`` "auto" or "cuda"; None for "cpu" or a ``cuda:N`` the user chose.
+
+    Sets ``CUDA_VISIBLE_DEVICES`` before CUDA starts and logs the GPU (or SLURM's); the caller releases it.
+    """
+    return lease_gpu(gpu_lock_dir) if device in ("auto", "cuda") else None
+
+
+def select_device(device: str, precision: str) -> torch.device:
+    """Pick the training device (after a GPU lease, if any) and set torch's matmul precision for ``precision``."""
+    dev = pick_device(device)
+    if precision == "tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+    else:
+        torch.set_float32_matmul_precision("highest")
+    return dev
+
+
+def read_inputs(dataset, part: int | None) -> RunInputs:
+    """Read the run's training and evaluation data, target genes and dataset fingerprint."""
+    with ProcessedDataset(dataset) as ds:
+        if not ds.has("geo-tr") or not ds.has("geo-va"):
+            raise InputError(f"{dataset}: needs geo-tr and geo-va splits; rerun `dgex preprocess`")
+        data = load_training_data(ds, part)
+        genes = ds.genes()
+        fingerprint = ds.fingerprint()
+    targets = genes.targets if part is None else genes.targets[genes.targets["part"] == part].reset_index(drop=True)
+    gene_ids = {"landmarks": genes.landmarks["ensembl"].tolist(), "targets": targets["ensembl"].tolist()}
+    return RunInputs(data, targets, gene_ids, fingerprint)
+
+
+def resume_point(
+    run_dir: Path, cfg: TrainConfig, inputs: RunInputs, dataset, resume: bool, restart_incompatible: bool
+) -> Path | None:
+    """Return the checkpoint to continue (``run_dir/last.ckpt``), or None to train from scratch.
+
+    A checkpoint that must not be continued raises :class:`CannotResume`, or with ``restart_incompatible``
+    is logged and ignored.
+    """
+    last = run_dir / "last.ckpt"
+    if not resume:
+        return None
+    if not last.exists():
+        log.info("no checkpoint in %s: starting from scratch", run_dir)
+        return None
+    try:
+        state = read_checkpoint_state(last)
+        problem = resume_problem(state, cfg, inputs.gene_ids, inputs.fingerprint, dataset, run_dir)
+    except CannotResume as exc:
+        problem = exc
+    if problem is None:
+        return last
+    if restart_incompatible:
+        log.warning("cannot resume %s: %s; training from scratch", run_dir, problem.problem)
+        return None
+    raise CannotResume(f"cannot resume {run_dir}: {problem.problem}", f"{problem.fix} (or pass --restart-incompatible)")
+
+
+def prepare_run_dir(run_dir: Path, continuing: bool, run_lock: int | None) -> int:
+    """Empty ``run_dir`` of an earlier run's files unless ``continuing`` it, create it and hold its lock.
+
+    ``run_lock``: the lock taken before (None if the folder did not exist then); returns the lock held.
+    """
+    if not continuing:  # nothing of an earlier run may survive into this one
+        _clear_run(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return lock_run_dir(run_dir) if run_lock is None else run_lock
+
+
+@dataclass
+class Callbacks:
+    """The run's logger and callbacks, in the order Lightning must call them (the checkpoint last)."""
+
+    history: HistoryLogger
+    lr_rule: PaperLRDecay
+    best: BestWeights
+    checkpoint: ResumableCheckpoint
+
+    def all(self) -> list:
+        """Return the callbacks for ``pl.Trainer(callbacks=...)``."""
+        return [self.lr_rule, self.best, self.checkpoint]
+
+
+def make_callbacks(run_dir: Path, cfg: TrainConfig, inputs: RunInputs) -> Callbacks:
+    """Build the history logger, the paper's rate rule, the best weights per selection split and ``last.ckpt``."""
+    history = HistoryLogger(run_dir / "history.csv")
+    best = BestWeights(
+        run_dir,
+        [s for s in SELECTIONS if s in inputs.data],
+        {"config": asdict(cfg), "genes": inputs.gene_ids, "dataset_fingerprint": inputs.fingerprint["sha256"]},
+    )
+    # the checkpoint last: Lightning runs checkpoint callbacks after the others, so it records their state
+    checkpoint = ResumableCheckpoint(
+        run_dir,
+        cfg.checkpoint_interval,
+        {"config": cfg.resume_key(), "genes": inputs.gene_ids, "dataset": inputs.fingerprint},
+        history,
+    )
+    return Callbacks(history, PaperLRDecay(cfg.base_lr, cfg.lr_decay, cfg.lr_min), best, checkpoint)
+
+
+def make_trainer(cfg: TrainConfig, dev: torch.device, callbacks: Callbacks, run_dir: Path, progress: bool):
+    """Build the Lightning ``Trainer``: one device, deterministic on the CPU, no sanity check, no model summary."""
+    return pl.Trainer(
+        max_epochs=cfg.epochs,
+        accelerator="gpu" if dev.type == "cuda" else "cpu",
+        devices=1,
+        precision="bf16-mixed" if cfg.precision == "bf16-mixed" else "32-true",
+        deterministic=dev.type == "cpu",
+        logger=callbacks.history,
+        log_every_n_steps=1,  # nothing is logged per step; silences Lightning's 'fewer batches' warning
+        callbacks=callbacks.all(),
+        plugins=[AtomicCheckpointIO()],
+        enable_model_summary=False,
+        enable_progress_bar=progress,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        default_root_dir=str(run_dir),
+    )
+
+
+def fit(
+    trainer,
+    plan: TrainingPlan,
+    datamodule: DeviceData,
+    history: HistoryLogger,
+    continue_from: Path | None,
+    run_dir: Path,
+) -> float:
+    """Run ``trainer.fit`` (from ``continue_from`` if given) and write ``history.csv``; returns the wall seconds."""
+    t0 = time.time()
+    try:
+        trainer.fit(plan, datamodule=datamodule, ckpt_path=None if continue_from is None else str(continue_from))
+    except TrainingDiverged as exc:
+        raise TrainingDiverged(f"{exc} (the best checkpoints so far are kept in {run_dir})") from None
+    wall = time.time() - t0
+    if not history.rows:
+        raise DgexError(f"training of {run_dir} ran no epoch")
+    # a resume whose every epoch was already done runs none: the history comes from the checkpoint
+    history.write()
+    return wall
+
+
+def write_per_gene_errors(run_dir: Path, best: dict, inputs: RunInputs, dev: torch.device, chunk: int) -> None:
+    """``per_gene.csv``: every selected network's per-gene errors on every evaluation split."""
+    frames = evaluate_selected(run_dir, best, inputs.data, inputs.targets, inputs.gene_ids, dev, chunk)
+    write_per_gene(run_dir / "per_gene.csv", pd.concat(frames, ignore_index=True))
+
+
+def publish(run_dir: Path, summary: dict, keep_last: bool) -> None:
+    """Write ``run.json``, remove the resumable checkpoint unless ``keep_last``, and log the result."""
+    write_json(run_dir / "run.json", summary)
+    if not keep_last:
+        (run_dir / "last.ckpt").unlink(missing_ok=True)
+    cfg, best = summary["config"], summary["best"]["geo-va"]
+    log.info(
+        "trained %dx%d dropout %.2f part %s: best geo-va %.4f (epoch %s) in %.1f s",
+        cfg["layers"],
+        cfg["units"],
+        cfg["dropout"],
+        "all" if cfg["part"] is None else cfg["part"],
+        best["mae"],
+        best["epoch"],
+        summary["wall_seconds"],
+    )
+
+
+def run_summary(
+    run_dir: Path,
+    cfg: TrainConfig,
+    dataset,
+    inputs: RunInputs,
+    network: DGEX,
+    callbacks: Callbacks,
+    dev: torch.device,
+    lease,
+    wall: float,
+) -> dict:
+    """Collect the contents of ``run.json``: settings, dataset, network size, best epochs, device and speed.
+
+    A run whose best geo-va MAE is far worse than the trivial predictor's (:func:`worse_than_trivial`) is
+    logged and gets a ``warning``.
+    """
+    rows = callbacks.history.rows
+    n_tr = inputs.data["geo-tr"][0].shape[0]
+    train_seconds = sum(r["seconds"] for r in rows)
+    summary = {
+        "dgex_version": __version__,
+        "config": asdict(cfg),
+        "base_lr": cfg.base_lr,
+        "final_lr": callbacks.lr_rule.lr,
+        "dataset": str(dataset),
+        "dataset_fingerprint": inputs.fingerprint["sha256"],
+        "n_train": n_tr,
+        "n_landmarks": network.n_in,
+        "n_targets": network.n_out,
+        "parameters": network.n_parameters(),
+        "epochs": len(rows),
+        "best": callbacks.best.best,
+        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        "gpu_lease": None if lease is None else {"gpu": lease.gpu, "source": lease.source},
+        "wall_seconds": wall,
+        "profiles_per_second": n_tr * len(rows) / max(train_seconds, 1e-9),
+        "train_flops_per_sample": 3 * network.flops_per_sample(),
+    }
+    y_tr, y_va = inputs.data["geo-tr"][1], inputs.data["geo-va"][1]
+    warning = worse_than_trivial(callbacks.best.best["geo-va"]["mae"], y_tr, y_va, cfg.base_lr)
+    if warning:
+        log.warning("%s: %s", run_dir, warning)
+        summary["warning"] = warning  # only then: a normal run's run.json is unchanged
+    return summary
+
+
+# --------------------------------------------------------------------------- #
 # the stage
 # --------------------------------------------------------------------------- #
 def train(
@@ -257,6 +510,7 @@ def train(
     that must not be continued (see :func:`resume_problem`) raises
     :class:`CannotResume`, or with ``restart_incompatible`` is logged and the
     run starts from scratch.  Without ``resume`` the run always starts from scratch.
+    Returns the run's summary (the contents of ``run.json``).
     """
     cfg = TrainConfig(
         layers=layers,
@@ -279,61 +533,23 @@ def train(
     if restart_incompatible and not resume:
         raise ConfigError("--restart-incompatible only applies together with --resume")
     run_dir = Path(output_dir)
-    last = run_dir / "last.ckpt"
-    refuse_overwriting_inputs([run_dir / name for name in RUN_FILES], {"--dataset": dataset}, "--output-dir")
-    run_lock = lock_run_dir(run_dir)  # before anything in the folder is removed; None: no folder yet
+    run_lock = lock_run_folder(run_dir, dataset)
     lease = None
     try:
         remove_dead_temps(run_dir)
         if threads:
             torch.set_num_threads(int(threads))
-        if device in ("auto", "cuda"):  # a specific cuda:N was chosen by the user: no lease
-            # sets CUDA_VISIBLE_DEVICES before CUDA starts and logs the GPU (or SLURM's); held until train returns
-            lease = lease_gpu(gpu_lock_dir)
-        dev = pick_device(device)
-        if precision == "tf32":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-            torch.set_float32_matmul_precision("high")
-        else:
-            torch.set_float32_matmul_precision("highest")
-
-        with ProcessedDataset(dataset) as ds:
-            if not ds.has("geo-tr") or not ds.has("geo-va"):
-                raise InputError(f"{dataset}: needs geo-tr and geo-va splits; rerun `dgex preprocess`")
-            data = load_training_data(ds, part)
-            genes = ds.genes()
-            fingerprint = ds.fingerprint()
-        targets = genes.targets if part is None else genes.targets[genes.targets["part"] == part].reset_index(drop=True)
-        gene_ids = {"landmarks": genes.landmarks["ensembl"].tolist(), "targets": targets["ensembl"].tolist()}
-
-        continue_from = None
-        if resume and last.exists():
-            try:
-                problem = resume_problem(read_checkpoint_state(last), cfg, gene_ids, fingerprint, dataset, run_dir)
-            except CannotResume as exc:
-                problem = exc
-            if problem is None:
-                continue_from = last
-            elif restart_incompatible:
-                log.warning("cannot resume %s: %s; training from scratch", run_dir, problem.problem)
-            else:
-                raise CannotResume(
-                    f"cannot resume {run_dir}: {problem.problem}", f"{problem.fix} (or pass --restart-incompatible)"
-                )
-        elif resume:
-            log.info("no checkpoint in %s: starting from scratch", run_dir)
-        if continue_from is None:  # nothing of an earlier run may survive into this one
-            _clear_run(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if run_lock is None:
-            run_lock = lock_run_dir(run_dir)
+        lease = lease_gpu_for(device, gpu_lock_dir)
+        dev = select_device(device, precision)
+        inputs = read_inputs(dataset, part)
+        continue_from = resume_point(run_dir, cfg, inputs, dataset, resume, restart_incompatible)
+        run_lock = prepare_run_dir(run_dir, continue_from is not None, run_lock)
 
         pl.seed_everything(seed, workers=True, verbose=False)
         # the network first: its initialisation draws from the global generator just seeded
-        network = DGEX(data["geo-tr"][0].shape[1], data["geo-tr"][1].shape[1], layers, units, dropout)
+        network = DGEX(inputs.n_landmarks, inputs.n_targets, layers, units, dropout)
         datamodule = DeviceData(
-            data,
+            inputs.data,
             eval_splits=EVAL_SPLITS,
             batch_size=batch_size,
             eval_batch_size=cfg.eval_batch_size,
@@ -348,89 +564,12 @@ def train(
             weight_decay=weight_decay,
             eval_names=datamodule.eval_names,
         )
-        history = HistoryLogger(run_dir / "history.csv")
-        lr_rule = PaperLRDecay(cfg.base_lr, lr_decay, lr_min)
-        best = BestWeights(
-            run_dir,
-            [s for s in SELECTIONS if s in data],
-            {"config": asdict(cfg), "genes": gene_ids, "dataset_fingerprint": fingerprint["sha256"]},
-        )
-        # the checkpoint last: Lightning runs checkpoint callbacks after the others, so it records their state
-        checkpoint = ResumableCheckpoint(
-            run_dir,
-            checkpoint_interval,
-            {"config": cfg.resume_key(), "genes": gene_ids, "dataset": fingerprint},
-            history,
-        )
-        trainer = pl.Trainer(
-            max_epochs=epochs,
-            accelerator="gpu" if dev.type == "cuda" else "cpu",
-            devices=1,
-            precision="bf16-mixed" if precision == "bf16-mixed" else "32-true",
-            deterministic=dev.type == "cpu",
-            logger=history,
-            log_every_n_steps=1,  # nothing is logged per step; silences Lightning's 'fewer batches' warning
-            callbacks=[lr_rule, best, checkpoint],
-            plugins=[AtomicCheckpointIO()],
-            enable_model_summary=False,
-            enable_progress_bar=progress,
-            num_sanity_val_steps=0,
-            use_distributed_sampler=False,
-            default_root_dir=str(run_dir),
-        )
-        t0 = time.time()
-        try:
-            trainer.fit(plan, datamodule=datamodule, ckpt_path=None if continue_from is None else str(continue_from))
-        except TrainingDiverged as exc:
-            raise TrainingDiverged(f"{exc} (the best checkpoints so far are kept in {run_dir})") from None
-        wall = time.time() - t0
-        if not history.rows:
-            raise DgexError(f"training of {run_dir} ran no epoch")
-        # a resume whose every epoch was already done runs none: the history comes from the checkpoint
-        history.write()
-
-        frames = evaluate_selected(run_dir, best.best, data, targets, gene_ids, dev, cfg.eval_batch_size)
-        import pandas as pd
-
-        write_per_gene(run_dir / "per_gene.csv", pd.concat(frames, ignore_index=True))
-        n_tr = data["geo-tr"][0].shape[0]
-        train_seconds = sum(r["seconds"] for r in history.rows)
-        summary = {
-            "dgex_version": __version__,
-            "config": asdict(cfg),
-            "base_lr": cfg.base_lr,
-            "final_lr": lr_rule.lr,
-            "dataset": str(dataset),
-            "dataset_fingerprint": fingerprint["sha256"],
-            "n_train": n_tr,
-            "n_landmarks": network.n_in,
-            "n_targets": network.n_out,
-            "parameters": network.n_parameters(),
-            "epochs": len(history.rows),
-            "best": best.best,
-            "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
-            "gpu_lease": None if lease is None else {"gpu": lease.gpu, "source": lease.source},
-            "wall_seconds": wall,
-            "profiles_per_second": n_tr * len(history.rows) / max(train_seconds, 1e-9),
-            "train_flops_per_sample": 3 * network.flops_per_sample(),
-        }
-        warning = worse_than_trivial(best.best["geo-va"]["mae"], data["geo-tr"][1], data["geo-va"][1], cfg.base_lr)
-        if warning:
-            log.warning("%s: %s", run_dir, warning)
-            summary["warning"] = warning  # only then: a normal run's run.json is unchanged
-        write_json(run_dir / "run.json", summary)
-        if not keep_last:
-            last.unlink(missing_ok=True)
-        log.info(
-            "trained %dx%d dropout %.2f part %s: best geo-va %.4f (epoch %s) in %.1f s",
-            layers,
-            units,
-            dropout,
-            "all" if part is None else part,
-            best.best["geo-va"]["mae"],
-            best.best["geo-va"]["epoch"],
-            wall,
-        )
+        callbacks = make_callbacks(run_dir, cfg, inputs)
+        trainer = make_trainer(cfg, dev, callbacks, run_dir, progress)
+        wall = fit(trainer, plan, datamodule, callbacks.history, continue_from, run_dir)
+        write_per_gene_errors(run_dir, callbacks.best.best, inputs, dev, cfg.eval_batch_size)
+        summary = run_summary(run_dir, cfg, dataset, inputs, network, callbacks, dev, lease, wall)
+        publish(run_dir, summary, keep_last)
     finally:
         if lease is not None:  # a failed run must not keep the GPU from the next job
             lease.release()

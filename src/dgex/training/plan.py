@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import pytorch_lightning as pl
 import torch
@@ -100,6 +101,23 @@ class ClassicalMomentumSGD(torch.optim.Optimizer):
         return loss
 
 
+@dataclass
+class _EpochTotals:
+    """The epoch's batch-size-weighted loss sum and profile count.
+
+    Kept outside the ``LightningModule``: ``nn.Module.__setattr__`` would cost tens of microseconds
+    per batch for two counters.
+    """
+
+    loss_sum: torch.Tensor | None = None
+    n_seen: int = 0
+
+    def add(self, loss: torch.Tensor, n: int) -> None:
+        """Add one batch: its mean ``loss`` (a scalar tensor) over ``n`` profiles."""
+        self.loss_sum += loss * n
+        self.n_seen += n
+
+
 class TrainingPlan(pl.LightningModule):
     """Trains ``network`` with the paper's recipe; logs one row of metrics per epoch.
 
@@ -127,8 +145,7 @@ class TrainingPlan(pl.LightningModule):
         self.base_lr, self.momentum, self.optimizer_name, self.weight_decay = lr, momentum, optimizer, weight_decay
         self.eval_names = list(eval_names)
         self.automatic_optimization = False
-        self._loss_sum: torch.Tensor | None = None
-        self._n_seen = 0
+        self._epoch = _EpochTotals()
         self._epoch_start = 0.0
         self._errors: list[list[torch.Tensor]] = []
 
@@ -148,8 +165,7 @@ class TrainingPlan(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         """Reset the epoch's running training loss, profile count and wall clock."""
-        self._loss_sum = torch.zeros((), device=self.device)
-        self._n_seen = 0
+        self._epoch = _EpochTotals(torch.zeros((), device=self.device))
         self._epoch_start = time.time()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -160,8 +176,7 @@ class TrainingPlan(pl.LightningModule):
         optimizer.zero_grad()
         self.manual_backward(loss)
         optimizer.step()
-        self._loss_sum += loss.detach() * x.shape[0]
-        self._n_seen += x.shape[0]
+        self._epoch.add(loss.detach(), x.shape[0])
         return loss
 
     # -- the per-epoch evaluation
@@ -183,7 +198,7 @@ class TrainingPlan(pl.LightningModule):
         """
         if self.trainer.sanity_checking:
             return
-        train_loss = float(self._loss_sum) / self._n_seen
+        train_loss = float(self._epoch.loss_sum) / self._epoch.n_seen
         rate = self.trainer.optimizers[0].param_groups[0]["lr"]  # the base group's rate during this epoch
         if not math.isfinite(train_loss):
             raise TrainingDiverged(
