@@ -177,7 +177,8 @@ def test_every_table_figure_and_caption_is_in_the_page(run):
 def test_the_summary_describes_the_data_and_says_when_it_is_synthetic(run):
     (run / "data").mkdir()
     dataset = {
-        "inputs": {"geo": str(run / "demo" / "geo.gctx")},
+        # a GEO-only run (real.yaml) has no RNA-seq inputs: null in dataset.json
+        "inputs": {"geo": str(run / "demo" / "geo.gctx"), "1000g": None, "gtex": None},
         "geo_profiles_kept": 1234,
         "genes": {"landmarks": 943, "targets": 77, "parts": {"0": 40, "1": 37}},
         "splits": {"geo-tr": 1000, "geo-va": 117},

@@ -187,7 +187,7 @@ def _summary(run: Path, name: str, tables: dict) -> str:
         )
         rows.append(("splits", ", ".join(f"{k} {v}" for k, v in (info.get("splits") or {}).items())))
     demo_files = set((demo or {}).get("files", {}).values())
-    if info is not None and any(Path(p).name in demo_files for p in (info.get("inputs") or {}).values()):
+    if info is not None and any(Path(p).name in demo_files for p in (info.get("inputs") or {}).values() if p):
         rows.append(("data", "SYNTHETIC demo data (`dgex demo-data`): the numbers show the pipeline works, not D-GEX"))
     info = _read_json(run / "aggregate" / "aggregate.json", "rerun `dgex aggregate`", optional=True)
     if info is not None:
