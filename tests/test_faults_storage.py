@@ -710,7 +710,9 @@ def test_output_names_that_agree_are_written_as_promised(trained, tmp_path):
     a = pd.read_csv(tmp_path / "p.tsv.gz", sep="\t")  # really gzip, really tabs
     b = pd.read_csv(tmp_path / "p.txt", sep="\t")
     c = pd.read_csv(tmp_path / "preds", sep=",")
-    assert a.shape == b.shape == c.shape == (N_TARGETS, 9 + 400)  # id, 8 row-metadata columns, 400 samples
+    n_meta = a.shape[1] - 400  # id + the bundle's row metadata (CMap fields, flags, reliability), then 400 samples
+    assert a.shape == b.shape == c.shape == (N_TARGETS, n_meta + 400) and n_meta >= 9
+    assert list(a.columns) == list(b.columns) == list(c.columns) and a.columns[0] == "id"
 
 
 def test_preprocess_and_export_output_names(trained, tmp_path, capsys):

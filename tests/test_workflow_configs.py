@@ -270,7 +270,7 @@ def _reduced(name, tmp_path):
     # the deepest network at the widest width (S2's default) and a 1-layer one (S3's), one dropout rate
     grid.update(layers=sorted({1, max(grid["layers"])}), units=[max(grid["units"])], dropout=[0.1])
     cfg["train"].update(epochs=2, monitor_size=100, threads=1, device="cpu")
-    cfg.setdefault("baselines", {}).update(methods=["lr", "knn"], threads=1)  # test.yaml runs all four
+    cfg.setdefault("baselines", {}).update(methods=["lr", "ridge", "knn"], threads=1)  # test.yaml runs all four
     return cfg
 
 
