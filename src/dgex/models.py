@@ -1,6 +1,6 @@
 """The D-GEX network as a plain ``nn.Module`` (how it is trained: :mod:`dgex.training.plan`).
 
-Architecture (RECIPE.md, from the authors' code): landmark input -> 1..n fully
+Architecture (from the authors' code, GitHub uci-cbcl/D-GEX; README "Training"): landmark input -> 1..n fully
 connected tanh hidden layers of equal width -> linear output (one target part).
 Dropout is applied to the *inputs* of hidden layers 2..n and of the output
 layer, never to the landmark input.  Hidden weights are drawn from

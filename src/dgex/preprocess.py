@@ -1,6 +1,6 @@
 """Stage ``preprocess``: raw GEO / 1000G / GTEx inputs -> one processed dataset.
 
-The recipe (RECIPE.md, from the authors' reference code):
+The recipe (from the authors' reference code, GitHub uci-cbcl/D-GEX; README "Preprocessing"):
 
 1. GEO probe level -> gene level: a gene is the mean of its HG-U133A probes
    (optionally after quantile-normalising samples that are not yet normalised).

@@ -14,7 +14,7 @@ This module only wires the training layer together (README: "The training layer"
   the training device, evaluation sets as validation dataloaders);
 * the logger -- :class:`dgex.training.logger.HistoryLogger` (``history.csv``).
 
-The recipe itself is in RECIPE.md.  A resumable checkpoint ``last.ckpt`` (every
+The recipe itself is in README "Training".  A resumable checkpoint ``last.ckpt`` (every
 random generator state included) lets ``--resume`` continue bit-identically
 after a crash.  It records the dataset's content fingerprint and the
 hyper-parameters; a checkpoint that cannot be continued (unreadable, another

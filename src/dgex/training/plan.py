@@ -1,4 +1,4 @@
-"""The training plan: how one D-GEX network learns (RECIPE.md) and what is measured after every epoch.
+"""The training plan: how one D-GEX network learns (the paper's recipe, README "Training") and what is measured after every epoch.
 
 * loss: squared error summed over output genes, averaged over the batch;
 * optimiser: plain SGD with classical momentum (``v <- mu v - lr g; w <- w + v``,
