@@ -1617,7 +1617,10 @@ def pred_check(out="out/pred.gctx", X=None, present=None, transform=None, atol=1
         else:
             df = pd.read_csv(path, sep="," if ".csv" in path.suffixes else "\t", dtype={"id": str})
             rows = list(df["id"])
-            cols = [col for col in df.columns if col not in ("id", "part") and not col.startswith("pr_")]
+            # row metadata first (id, CMap fields, flags, the bundle's reliability columns), then one column per sample
+            cols = list(df.columns[-len(x) :]) if len(df.columns) > len(x) else []
+            if not cols or df.columns[0] != "id":
+                return f"text output columns {list(df.columns)[:5]}... are not id, row metadata, then the samples"
             data = df[cols].to_numpy(float).T
         if rows != tg:
             return "output rows are not the bundle's targets in order"

@@ -210,7 +210,7 @@ def config_problems():
             "export.selection is 1000g-va but inputs.g1000 is not given, so there is no 1000G-va split to "
             "select by; set export.selection: geo-va or give inputs.g1000"
         )
-    not_run = [m for m in config["export"]["baselines"] if m not in config["baselines"]["methods"]]
+    not_run = [m for m in export_baselines() if m not in config["baselines"]["methods"]]
     if config["export"]["enabled"] and not_run:
         problems.append(
             f"export.baselines lists {', '.join(not_run)} but baselines.methods does not run "
@@ -314,11 +314,19 @@ def linear_method(suffix):
     return {v: k for k, v in LINEAR_BUNDLES.items()}[suffix]
 
 
+def export_baselines():
+    """The baselines exported as linear bundles: export.baselines, or (null) LR-L2 when the grid runs ridge."""
+    listed = config["export"]["baselines"]
+    if listed is None:
+        return ["ridge"] if "ridge" in config["baselines"]["methods"] else []
+    return listed
+
+
 def exported_bundles():
     """bundle.json of every exported model: the chosen D-GEX first, then each export.baselines linear bundle."""
     if not config["export"]["enabled"]:
         return []
-    linear = [out(f"model_{LINEAR_BUNDLES[m]}", "bundle.json") for m in config["export"]["baselines"]]
+    linear = [out(f"model_{LINEAR_BUNDLES[m]}", "bundle.json") for m in export_baselines()]
     return [out("model", "bundle.json")] + linear
 
 
